@@ -628,6 +628,7 @@ def sample(
     model.forward_with_cfg mixes the two; the conditional half is returned.
     shape: per-sample (C, H, W); default (model.in_channels, model.input_size,
     model.input_size). noise: optional initial noise (B, C, H, W).
+    Put the model in eval mode first: in training mode DiT drops labels.
     """
     if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
         raise ValueError("y must be an int64 tensor of labels with shape (B,)")

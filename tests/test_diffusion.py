@@ -352,7 +352,7 @@ def test_sampling_is_deterministic_per_generator():
     run = lambda seed, fn, **k: fn(m, (2, 3, 4, 4), kw, generator=torch.Generator().manual_seed(seed), **k)
     a, b, c = run(1, d.p_sample_loop), run(1, d.p_sample_loop), run(2, d.p_sample_loop)
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.isfinite(a).all()
-    e1, e2 = run(5, d.ddim_sample_loop, eta=1.0), run(5, d.ddim_sample_loop, eta=1.0)
+    e1, e2 = run(5, d.ddim_sample_loop, eta=1.0), run(5, d.ddim_sample_loop, eta=1.0, progress=True)
     assert torch.equal(e1, e2)
     ys = torch.tensor([1, 2])
     s1 = sample(m, d, ys, cfg_scale=3.0, generator=torch.Generator().manual_seed(9))
