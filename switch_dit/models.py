@@ -266,6 +266,8 @@ class DiT(nn.Module):
             raise ValueError(f"routing must be 'none', 'dtr' or 'switch', got {routing!r}")
         if num_timesteps < 2:
             raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+        if hidden_size % 4 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos embedding) and of num_heads={num_heads}, got {hidden_size}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.routing = routing
