@@ -26,6 +26,8 @@ __all__ = [
     "assign",
     "jsd",
     "prior_loss",
+    "AsyncAssignment",
+    "prior_loss_matched",
 ]
 
 
@@ -149,3 +151,63 @@ def prior_loss(
     target = w_prior[timesteps][:, p][:, match]
     target = target / target.sum(-1, keepdim=True)
     return jsd(probs, target.to(probs.dtype)).mean()
+
+
+class AsyncAssignment:
+    """The matching of w_gate to w_prior, kept current without stalling the GPU.
+
+    The Hungarian solve needs the host. Calling ``assign`` on CUDA tensors every step
+    would wait for the whole queued step. Instead each call:
+      1. if the cost matrix copied to the host on an earlier call has arrived (a CUDA
+         event, polled without waiting), solves it and uploads the new permutation into
+         the same device tensor (so a captured CUDA graph sees it too);
+      2. starts an asynchronous device->host copy of the current cost matrix;
+      3. returns the device permutation of the newest solved map.
+    Only the very first call solves synchronously. The permutation lags the activation
+    map by a step or two, and equals the synchronous one (no shuffle) whenever the map
+    has not changed since it was solved; the paper reports that the maps settle within
+    ~500 iterations. On CPU tensors it solves directly.
+    """
+
+    def __init__(self) -> None:
+        self.perm: torch.Tensor | None = None
+        self._host_cost: torch.Tensor | None = None
+        self._host_perm: torch.Tensor | None = None
+        self._event = None
+        self._pending = False
+
+    def __call__(self, cost: torch.Tensor) -> torch.Tensor:
+        """cost: (U, U) matching cost -> (U,) int64 column matched to each row, on cost's device."""
+        cost = cost.detach()
+        if cost.device.type != "cuda":
+            return assign(cost).to(cost.device)
+        if self.perm is None or self.perm.shape[0] != cost.shape[0]:
+            self.perm = assign(cost).to(cost.device)  # first call: one synchronous solve
+            self._host_cost = torch.empty(cost.shape, dtype=torch.float32, pin_memory=True)
+            self._host_perm = torch.empty(cost.shape[0], dtype=torch.int64, pin_memory=True)
+            self._event = torch.cuda.Event()
+            self._pending = False
+            return self.perm
+        if self._pending and self._event.query():
+            self._host_perm.copy_(assign(self._host_cost))
+            self.perm.copy_(self._host_perm, non_blocking=True)
+            self._pending = False
+        if not self._pending:
+            self._host_cost.copy_(cost.float(), non_blocking=True)
+            self._event.record()
+            self._pending = True
+        return self.perm
+
+
+def prior_loss_matched(gate_probs: torch.Tensor, w_prior: torch.Tensor, timesteps: torch.Tensor, top_k: int, matcher: AsyncAssignment) -> torch.Tensor:
+    """``prior_loss`` without shuffling, the matching taken from ``matcher`` (no host sync on CUDA
+    after the first call). Same value as ``prior_loss(..., shuffle=False)`` once the matcher has
+    solved the current activation map."""
+    T, depth, num_experts = gate_probs.shape
+    if w_prior.shape != (T, depth * num_experts):
+        raise ValueError(f"w_prior must be (T={T}, N*M={depth * num_experts}), got {tuple(w_prior.shape)}")
+    w_prior = w_prior.to(device=gate_probs.device, dtype=torch.float32)
+    match = matcher(matching_cost(activation_map(gate_probs, top_k), w_prior))
+    target = w_prior[timesteps][:, match]
+    target = target / target.sum(-1, keepdim=True)
+    return jsd(gate_probs.flatten(1)[timesteps] / depth, target.to(gate_probs.dtype)).mean()

@@ -127,7 +127,7 @@ def test_model_prior_loss_uses_the_gate_table():
     table = m.gate_table()
     assert table.shape == (30, 3, 3)
     torch.testing.assert_close(table.sum(-1), torch.ones(30, 3, dtype=torch.float64))
-    want = prior.prior_loss(table, m.w_prior, t, 2, shuffle=False)
+    want = prior.prior_loss(table, m.w_prior, t, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(m.prior_loss(t, generator=torch.Generator().manual_seed(0)), want)
     m.prior_loss(t).backward()
     assert m.routers[0].f_gate[1].weight.grad.abs().sum() > 0
@@ -143,3 +143,30 @@ def test_bad_arguments():
         prior.prior_loss(_gate_probs(), prior.prior_table(10, 3, 3, 2), torch.tensor([0]), 2)
     with pytest.raises(ValueError, match="gate_probs"):
         prior.activation_map(torch.rand(4, 3), 2)
+
+
+def test_matched_prior_loss_equals_synchronous():
+    probs = _gate_probs(seed=3)
+    w_prior = prior.prior_table(20, 3, 3, 2)
+    t = torch.tensor([3, 3, 11, 19])
+    matcher = prior.AsyncAssignment()
+    for _ in range(2):
+        got = prior.prior_loss_matched(probs, w_prior, t, 2, matcher)
+        torch.testing.assert_close(got, prior.prior_loss(probs, w_prior, t, 2, shuffle=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_async_assignment_cuda_no_sync_after_first_call():
+    probs = _gate_probs(seed=4).cuda()
+    w_prior = prior.prior_table(20, 3, 3, 2).cuda()
+    t = torch.tensor([0, 5, 19], device="cuda")
+    matcher = prior.AsyncAssignment()
+    want = prior.prior_loss(probs, w_prior, t, 2, shuffle=False)
+    torch.testing.assert_close(prior.prior_loss_matched(probs, w_prior, t, 2, matcher), want)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            got = prior.prior_loss_matched(probs, w_prior, t, 2, matcher)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(got, want)
