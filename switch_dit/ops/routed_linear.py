@@ -1,0 +1,302 @@
+"""Routed expert linear: the SMoE mask of Switch-DiT and the general per-sample mixed linear.
+
+    mixed_linear(x, W, b, idx, c)[b] = x_b @ (sum_j c_bj W_idx[b,j]) + sum_j c_bj b_idx[b,j]
+    expert_mask(x, W, b, idx, g)     = 1 + mixed_linear(x, W, b, idx, g)            (= m)
+    expert_mask_and_apply(...)       = (m, x * m)                                    (= m, r0)
+
+Shapes: x (B, L, D_in); weight (M, D_in, D_out) stored (in, out); bias (M, D_out) or None;
+idx (B, k) int64/int32 with values in [0, M) and 1 <= k <= M; coef (B, k) float (any float
+dtype, may differ from x's: gate probabilities are often float32 under bf16 autocast).
+Outputs in x's dtype. expert_mask* need D_in == D_out.
+
+backend: "reference" (plain PyTorch, a per-slot loop of gathered bmm: the ground truth,
+any dtype, float64 and gradcheck included), "triton" (the fused kernels of
+switch_dit.kernels.routed_linear, fp16/bf16/fp32; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), None/"auto" (triton on CUDA tensors when Triton imports, else
+reference). The Triton path is one torch.library custom op per call (forward) and one for
+the backward, with fake implementations, so torch.compile(fullgraph=True) and CUDA graphs
+see through it. Under autocast, x, weight and bias are cast to the autocast dtype (like
+F.linear); coef keeps its dtype, gradients come back in each input's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from switch_dit import _checks
+
+__all__ = ["mixed_linear", "expert_mask", "expert_mask_and_apply", "mixed_linear_reference"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_kernels = None
+_kernels_error: Optional[BaseException] = None
+
+
+def _load_kernels():
+    """The Triton module, or None when Triton cannot be imported (reference fallback)."""
+    global _kernels, _kernels_error
+    if _kernels is None and _kernels_error is None:
+        try:
+            from switch_dit.kernels import routed_linear as k
+            _kernels = k
+        except Exception as err:  # no triton, or a triton that cannot initialise
+            _kernels_error = err
+    return _kernels
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def mixed_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
+                           add_one: bool = False) -> Tensor:
+    """The plain twin: one gathered bmm per slot j, exactly the formula; differentiable by autograd."""
+    y = None
+    for j in range(idx.shape[1]):
+        e = idx[:, j]
+        t = torch.bmm(x, weight[e])
+        if bias is not None:
+            t = t + bias[e][:, None, :]
+        t = coef[:, j, None, None].to(x.dtype) * t
+        y = t if y is None else y + t
+    if y is None:  # k = 0 cannot pass validation; kept total for direct callers
+        y = x.new_zeros(x.shape[0], x.shape[1], weight.shape[2])
+    return 1 + y if add_one else y
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _check_idx_values(idx: Tensor, num_experts: int) -> None:
+    # Value check on CPU only (on CUDA it would be a host sync per call); see _checks.
+    if _checks._should_check_values(idx) and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_idx values must be in [0, {num_experts}) (M = weight.shape[0]), "
+                             f"got range [{lo}, {hi}]")
+
+
+class _NoAutocast:
+    """Disable autocast inside an op body only when it is on (entering it costs time)."""
+
+    def __init__(self, device_type: str):
+        self.ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_guard(x: Tensor):
+    # Triton launches on the current device: make it x's.
+    return torch.cuda.device(x.device) if x.is_cuda else _Null()
+
+
+@torch.library.custom_op("switch_dit::mixed_linear", mutates_args=())
+def _mixed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
+                     add_one: bool) -> Tensor:
+    _check_idx_values(idx, weight.shape[0])
+    with _device_guard(x), _NoAutocast(x.device.type):
+        return _load_kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=add_one)
+
+
+@_mixed_linear_op.register_fake
+def _(x, weight, bias, idx, coef, add_one):
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[2]))
+
+
+@torch.library.custom_op("switch_dit::expert_mask_apply", mutates_args=())
+def _expert_mask_apply_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
+                          coef: Tensor) -> tuple[Tensor, Tensor]:
+    _check_idx_values(idx, weight.shape[0])
+    with _device_guard(x), _NoAutocast(x.device.type):
+        return _load_kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=True, apply=True)
+
+
+@_expert_mask_apply_op.register_fake
+def _(x, weight, bias, idx, coef):
+    shape = (x.shape[0], x.shape[1], weight.shape[2])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("switch_dit::mixed_linear_backward", mutates_args=())
+def _mixed_linear_backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, m: Optional[Tensor],
+                              weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
+                              need_dx: bool, need_dw: bool, need_db: bool, need_dc: bool
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _device_guard(x), _NoAutocast(x.device.type):
+        dx, dw, db, dc = _load_kernels().mixed_linear_backward(
+            grad_y, grad_r, x, m, weight, bias, idx, coef,
+            need_dx=need_dx, need_dw=need_dw, need_db=need_db and bias is not None, need_dc=need_dc)
+    # custom ops return tensors only: a fresh empty tensor stands for "not computed"
+    # (one each: returns may not alias each other).
+    return tuple(t if t is not None else x.new_empty((0,)) for t in (dx, dw, db, dc))
+
+
+@_mixed_linear_backward_op.register_fake
+def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, need_dc):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            weight.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
+            bias.new_empty(bias.shape) if need_db and bias is not None else x.new_empty((0,)),
+            coef.new_empty(coef.shape) if need_dc else x.new_empty((0,)))
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, idx, coef, _ = inputs
+    ctx.save_for_backward(x, weight, bias, idx, coef)
+
+
+def _backward_linear(ctx, grad):
+    x, weight, bias, idx, coef = ctx.saved_tensors
+    nx, nw, nb, _, nc, _ = ctx.needs_input_grad
+    dx, dw, db, dc = _mixed_linear_backward_op(grad, None, x, None, weight, bias, idx, coef, nx, nw,
+                                               nb and bias is not None, nc)
+    return (dx if nx else None, dw if nw else None, db if nb and bias is not None else None, None,
+            dc if nc else None, None)
+
+
+def _setup_apply(ctx, inputs, output):
+    x, weight, bias, idx, coef = inputs
+    ctx.save_for_backward(x, weight, bias, idx, coef, output[0])
+
+
+def _backward_apply(ctx, grad_m, grad_r):
+    x, weight, bias, idx, coef, m = ctx.saved_tensors
+    nx, nw, nb, _, nc = ctx.needs_input_grad
+    dx, dw, db, dc = _mixed_linear_backward_op(grad_m, grad_r, x, m, weight, bias, idx, coef, nx, nw,
+                                               nb and bias is not None, nc)
+    return (dx if nx else None, dw if nw else None, db if nb and bias is not None else None, None,
+            dc if nc else None)
+
+
+_mixed_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
+_expert_mask_apply_op.register_autograd(_backward_apply, setup_context=_setup_apply)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _validate(x, weight, bias, idx, coef, square: bool) -> None:
+    for name, t in (("x", x), ("weight", weight), ("topk_idx", idx), ("topk_w", coef)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() != 3 or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating (B, L, D_in) tensor, got {x.dtype} {tuple(x.shape)}")
+    B, L, D = x.shape
+    if weight.dim() != 3 or weight.shape[1] != D:
+        raise ValueError(f"weight must have shape (M, D_in={D}, D_out), got {tuple(weight.shape)}")
+    M, _, D_out = weight.shape
+    if square and D_out != D:
+        raise ValueError(f"weight must be square (M, {D}, {D}) for the expert mask, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (M, D_out):
+        raise ValueError(f"bias must have shape (M={M}, D_out={D_out}), got {tuple(bias.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != B:
+        raise ValueError(f"topk_idx must have shape (B={B}, k), got {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_idx must be int64 (or int32), got {idx.dtype}")
+    k = idx.shape[1]
+    if not 1 <= k <= M:
+        raise ValueError(f"topk_idx has k = {k} columns: need 1 <= k <= M = {M} (weight.shape[0])")
+    if tuple(coef.shape) != (B, k):
+        raise ValueError(f"topk_w must have shape (B={B}, k={k}) like topk_idx, got {tuple(coef.shape)}")
+    if not coef.dtype.is_floating_point:
+        raise ValueError(f"topk_w must be a floating tensor, got {coef.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("topk_idx", idx), ("topk_w", coef)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _choose_backend(backend, x: Tensor) -> str:
+    backend = _checks.check_backend(backend)
+    if backend == "auto":
+        if x.is_cuda and x.dtype in _TRITON_DTYPES and _load_kernels() is not None:
+            return "triton"
+        return "reference"
+    if backend == "triton":
+        k = _load_kernels()
+        if k is None:
+            raise RuntimeError(f"backend='triton' needs Triton, which failed to import: {_kernels_error}")
+        if x.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"backend='triton' supports x of dtype {_TRITON_DTYPES}, got {x.dtype}")
+        if not x.is_cuda and not k.INTERPRET:
+            raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}), or TRITON_INTERPRET=1 "
+                             "set before Triton is imported to run the kernels on CPU")
+    return backend
+
+
+def _autocast(x, weight, bias):
+    # Like F.linear under autocast; coef keeps its dtype (the kernel mixes it in fp32).
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+def _prepare(x, weight, bias, idx, coef, backend, square):
+    _validate(x, weight, bias, idx, coef, square)
+    x, weight, bias = _autocast(x, weight, bias)
+    return x, weight, bias, _choose_backend(backend, x)
+
+
+def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
+                 backend: Optional[str] = None) -> Tensor:
+    """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj].
+
+    x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
+    -> (B, L, D_out) in x's dtype. Differentiable in x, weight, bias and coef.
+    """
+    x, weight, bias, backend = _prepare(x, weight, bias, idx, coef, backend, square=False)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            _check_idx_values(idx, weight.shape[0])
+        return mixed_linear_reference(x, weight, bias, idx, coef)
+    return _mixed_linear_op(x, weight, bias, idx, coef, False)
+
+
+def expert_mask(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
+                backend: Optional[str] = None) -> Tensor:
+    """m = 1 + sum_j topk_w[b, j] (x_b @ weight[topk_idx[b, j]] + bias[topk_idx[b, j]]).
+
+    x (B, L, D), weight (M, D, D), bias (M, D) or None, topk_idx (B, k), topk_w (B, k)
+    -> m (B, L, D) in x's dtype.
+    """
+    x, weight, bias, backend = _prepare(x, weight, bias, topk_idx, topk_w, backend, square=True)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            _check_idx_values(topk_idx, weight.shape[0])
+        return mixed_linear_reference(x, weight, bias, topk_idx, topk_w, add_one=True)
+    return _mixed_linear_op(x, weight, bias, topk_idx, topk_w, True)
+
+
+def expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
+                          backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(m, r0 = x * m) in one pass; shapes as expert_mask. The block's fast path consumes both."""
+    x, weight, bias, backend = _prepare(x, weight, bias, topk_idx, topk_w, backend, square=True)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            _check_idx_values(topk_idx, weight.shape[0])
+        m = mixed_linear_reference(x, weight, bias, topk_idx, topk_w, add_one=True)
+        return m, x * m
+    return _expert_mask_apply_op(x, weight, bias, topk_idx, topk_w)
