@@ -34,6 +34,7 @@ __all__ = [
     "gated_residual_fwd",
     "gated_residual_bwd",
     "MAX_D",
+    "INTERPRET",
 ]
 
 # One program holds a whole row in registers; past this the row no longer fits.
@@ -274,8 +275,9 @@ def _gated_res_bwd_kernel(
 # ----------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# @triton.jit reads TRITON_INTERPRET when the module is imported: the kernels above are
+# interpreted (CPU tensors allowed) exactly when this is true.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,7 +296,7 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int]:
     """-> (BLOCK_D, ROWS, C, num_warps). Fixed heuristics, no autotuning: the kernels
     are memory-bound and the interpreter cannot autotune."""
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"Triton kernels need CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to run them on the CPU"
         )
@@ -302,13 +304,14 @@ def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int
         raise ValueError(f"hidden size D={D} exceeds the single-row kernels' limit {MAX_D}")
     block_d = triton.next_power_of_2(max(D, 1))
     num_warps = min(max(block_d // 256, 1), 8)
-    # ROWS rows per program: enough programs to fill the device, few enough partials.
+    # ROWS rows per program: about 8 programs per SM keep enough loads in flight for
+    # these memory-bound kernels; more rows per program mean fewer partial rows to sum.
     if x.device.type == "cuda":
-        target = 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        rows = max(1, (B * L) // max(target, 1))
-        rows = min(1 << (rows.bit_length() - 1), 32)
+        target = 8 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        rows = max(1, (B * L) // target)
+        rows = min(1 << (rows.bit_length() - 1), 16)
     else:
-        rows = 4
+        rows = 4  # interpreter: fixed, small, and L = 7, 33 still span several chunks
     rows = min(rows, triton.next_power_of_2(max(L, 1)))
     return block_d, rows, triton.cdiv(L, rows), num_warps
 

@@ -9,20 +9,23 @@ GPU tests (bf16, CUDA graphs) skip without CUDA.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
-import pytest
 import torch
-import torch.nn.functional as F
 
-from switch_dit.ops import norm_modulate as nm
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Must precede the first import of the kernels (@triton.jit reads it then).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from switch_dit.ops import norm_modulate as nm  # noqa: E402
 
 K = nm._K
-CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(K is None, reason="Triton not importable")
 needs_gpu = pytest.mark.skipif(not CUDA or K is None, reason="needs a CUDA GPU and Triton")
-# Kernels on the CPU only run under the interpreter.
-CPU_KERNELS = K is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Kernels take CPU tensors only when they were decorated under the interpreter.
+CPU_KERNELS = K is not None and K.INTERPRET
 DEV = "cuda" if CUDA else "cpu"
 KERNEL_DEV = "cuda" if CUDA else ("cpu" if CPU_KERNELS else None)
 needs_kernels = pytest.mark.skipif(KERNEL_DEV is None, reason="needs a GPU or TRITON_INTERPRET=1")
@@ -380,6 +383,30 @@ def test_torch_compile_fullgraph():
         assert rel(a, b) < F32_TOL
 
 
+@needs_kernels
+def test_bf16_autocast_block_matches_reference_block():
+    """Under autocast the linears give bf16, the residual stream stays float32; the fused
+    ops take the mixed dtypes as they come and agree with the reference block."""
+    ins, attn, mlp = _block_inputs(2, 5, 24, "random", torch.float32, KERNEL_DEV, seed=55)
+    with torch.autocast(KERNEL_DEV, dtype=torch.bfloat16):
+        got = _block_grads(nm.fused_block, ins, attn, mlp, 56, backend="triton")
+        want = _block_grads(nm.reference_block, ins, attn, mlp, 56)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        assert rel(a.float(), b.float()) < 3e-2
+
+
+@needs_kernels
+def test_mask_without_grad():
+    """A DTR mask is a constant: no dm is computed, the other gradients are unchanged."""
+    x, m, s, c = make_mln(2, 7, 40, "bcast", 57)
+    m = (m > 1).double()
+    fn = lambda x, s, c, be: mln(be)(x, m.float().to(x.device), s, c)  # noqa: E731
+    got = run(lambda *a: fn(*a, "triton"), leafs([x, s, c], torch.float32, KERNEL_DEV))
+    want = run(lambda *a: fn(*a, "reference"), leafs([x, s, c], torch.float64, "cpu"))
+    check_close([t.cpu() for t in got[0] + got[1]], want[0] + want[1], F32_TOL, ["r0", "h", "dx", "dshift", "dscale"])
+
+
 # ----------------------------------------------------------------------------------
 # Backend choice, edge shapes, bad input
 # ----------------------------------------------------------------------------------
@@ -448,7 +475,7 @@ def test_bad_inputs():
 
 @needs_triton
 def test_kernels_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(K, "INTERPRET", False)
     x, m, s, c = make_mln(1, 3, 8, "full", 90)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         K.mask_ln_modulate_fwd(x.float(), m.float(), s.float(), c.float(), 1e-6, True)
