@@ -171,7 +171,7 @@ def _mixed_wgrad_kernel(
             tl.store(dw_chunk + e0 * expert_size + tile_offs, zero, mask=tile_mask)
 
     b0 = pid_s * CHUNK
-    n_b = tl.minimum(B - b0, CHUNK)
+    n_b = tl.minimum(B - tl.program_id(1) * CHUNK, CHUNK)  # int32 loop bound
     for bi in range(0, n_b):
         b = b0 + bi
         x_b = x_ptr + b * s_xb

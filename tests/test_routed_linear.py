@@ -298,6 +298,11 @@ def test_autocast_dtypes():
     _, want = ref64(expert_mask_and_apply, x, w, b, idx, g, [torch.ones(2, 5, 16), 2 * r.detach().float()])
     for got, ref in zip((x1.grad, w1.grad, b1.grad, g1.grad), want):
         assert rel(got.cpu(), ref) < 3e-2
+    # inputs already in the autocast dtype next to float32 parameters (as F.linear accepts)
+    x2, w2 = leaves(x.to(dt), w)
+    with torch.autocast(DEV, dtype=dt):
+        expert_mask(x2, w2, None, idx, g, backend="triton").float().sum().backward()
+    assert x2.grad.dtype == dt and w2.grad.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- registration
@@ -403,7 +408,7 @@ def test_gpu_low_precision_vs_same_dtype_torch(D, dtype):
 
 
 @gpu
-def test_gpu_float32_bitwise_reproducible_and_64bit_offsets():
+def test_gpu_bitwise_reproducible_and_64bit_offsets():
     x, w, b, idx, g = _gpu_case(384, torch.bfloat16, B=16)
     go = [torch.randn(x.shape, device=DEV, dtype=x.dtype) for _ in range(2)]
     runs = [run_triton(expert_mask_and_apply, x, w, b, idx, g, go) for _ in range(3)]

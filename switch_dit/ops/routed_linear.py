@@ -217,13 +217,17 @@ def _validate(x, weight, bias, idx, coef, square: bool) -> None:
         raise ValueError(f"topk_w must have shape (B={B}, k={k}) like topk_idx, got {tuple(coef.shape)}")
     if not coef.dtype.is_floating_point:
         raise ValueError(f"topk_w must be a floating tensor, got {coef.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("topk_idx", idx), ("topk_w", coef)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_dtypes(x, weight, bias) -> None:
+    # After the autocast cast: under autocast, mixed input dtypes are fine (as for F.linear).
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("topk_idx", idx), ("topk_w", coef)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def _choose_backend(backend, x: Tensor) -> str:
@@ -247,7 +251,7 @@ def _choose_backend(backend, x: Tensor) -> str:
 def _autocast(x, weight, bias):
     # Like F.linear under autocast; coef keeps its dtype (the kernel mixes it in fp32).
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and x.dtype.is_floating_point:
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
@@ -257,6 +261,7 @@ def _autocast(x, weight, bias):
 def _prepare(x, weight, bias, idx, coef, backend, square):
     _validate(x, weight, bias, idx, coef, square)
     x, weight, bias = _autocast(x, weight, bias)
+    _check_dtypes(x, weight, bias)
     return x, weight, bias, _choose_backend(backend, x)
 
 
