@@ -26,7 +26,6 @@ needs_triton = pytest.mark.skipif(K is None, reason="Triton not importable")
 needs_gpu = pytest.mark.skipif(not CUDA or K is None, reason="needs a CUDA GPU and Triton")
 # Kernels take CPU tensors only when they were decorated under the interpreter.
 CPU_KERNELS = K is not None and K.INTERPRET
-DEV = "cuda" if CUDA else "cpu"
 KERNEL_DEV = "cuda" if CUDA else ("cpu" if CPU_KERNELS else None)
 needs_kernels = pytest.mark.skipif(KERNEL_DEV is None, reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -433,7 +432,8 @@ def test_empty_sequence(backend):
     dx, dm, ds, dc = torch.autograd.grad(h.sum() + r0.sum(), (x, m, s, c))
     assert dx.shape == x.shape and dm.shape == m.shape and torch.equal(ds, torch.zeros(2, 8, device=dev))
     z, y, g = leafs(make_gr(2, 0, 8, 71), torch.float32, dev)
-    assert torch.equal(torch.autograd.grad(nm.gated_residual(z, y, g, backend=backend).sum(), g)[0], torch.zeros(2, 8, device=dev))
+    dg = torch.autograd.grad(nm.gated_residual(z, y, g, backend=backend).sum(), g)[0]
+    assert torch.equal(dg, torch.zeros(2, 8, device=dev))
 
 
 def test_bad_inputs():

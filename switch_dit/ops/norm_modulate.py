@@ -435,7 +435,9 @@ def mask_ln_modulate(
         _check_tensor("m", m, 3)
         B, L, D = x.shape
         if tuple(m.shape) not in ((B, L, D), (B, 1, D)):
-            raise ValueError(f"m must have shape (B, L, D) = {(B, L, D)} or (B, 1, D) = {(B, 1, D)}, got {tuple(m.shape)}")
+            raise ValueError(
+                f"m must have shape (B, L, D) = {(B, L, D)} or (B, 1, D) = {(B, 1, D)}, got {tuple(m.shape)}"
+            )
         if m.device != x.device:
             raise ValueError(f"m is on {m.device} but x is on {x.device}")
     _check_vecs("x", x, [("shift", shift), ("scale", scale)])
@@ -487,7 +489,9 @@ def gated_residual(z: Tensor, y: Tensor, gate: Tensor, *, backend: Optional[str]
 Branch = Callable[[Tensor], Tensor]
 
 
-def reference_block(z: Tensor, m: Optional[Tensor], ada: Sequence[Tensor], attn: Branch, mlp: Branch, eps: float = _EPS) -> Tensor:
+def reference_block(
+    z: Tensor, m: Optional[Tensor], ada: Sequence[Tensor], attn: Branch, mlp: Branch, eps: float = _EPS
+) -> Tensor:
     """The masked adaLN-Zero block as written (DESIGN.md §1): z (B, L, D), m as in
     mask_ln_modulate, ada = (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) (B, D) each."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada
