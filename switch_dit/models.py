@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_backend, check_labels, check_timesteps
+from .ops import expert_mask
 
 __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 
@@ -152,11 +153,7 @@ class TimestepRouter(nn.Module):
 
     def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """m(z): z (B, L, D) -> (B, L, D)."""
-        m = 1.0
-        for j in range(topk_idx.shape[1]):
-            w, b = self.experts.w[topk_idx[:, j]], self.experts.b[topk_idx[:, j]]
-            m = m + topk_w[:, j, None, None].to(z.dtype) * (torch.bmm(z, w) + b[:, None, :])
-        return m
+        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
 
 
 def dtr_mask_table(num_timesteps: int, hidden_size: int, alpha: float = 4.0, beta: float = 0.8) -> torch.Tensor:
