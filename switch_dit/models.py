@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_backend, check_labels, check_timesteps
-from .ops import expert_mask
+from .ops import expert_mask, fused_block
 
 __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 
@@ -130,8 +130,9 @@ class TimestepRouter(nn.Module):
     mask: m(z) = 1 + sum_j g_j (z @ W_j + b_j), the same g for every token of a sample.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)
         if num_experts < 2:
             raise ValueError(f"num_experts must be >= 2, got {num_experts}")
         if not 1 <= top_k <= num_experts:
@@ -151,9 +152,9 @@ class TimestepRouter(nn.Module):
         idx = prior_lib.topk_indices(probs, self.top_k)
         return idx, probs.gather(-1, idx)
 
-    def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """m(z): z (B, L, D) -> (B, L, D)."""
-        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
+    def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """m(z): z (B, L, D), topk_idx / topk_w (B, k) -> (B, L, D)."""
+        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=self.backend)
 
 
 def dtr_mask_table(num_timesteps: int, hidden_size: int, alpha: float = 4.0, beta: float = 0.8) -> torch.Tensor:
@@ -199,10 +200,16 @@ class Mlp(nn.Module):
 
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block. With a mask m (Switch-DiT, DTR), the branches see
-    r = z * m and the skip z * (1 - m) is added at the end."""
+    r = z * m and the skip z * (1 - m) is added at the end.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    backend "reference" runs the block as written; "triton" (and "auto" on CUDA) runs it
+    through the fused ops by identity (b) of DESIGN.md §2: out = z + a + f, the mask only
+    shapes the branch inputs, and (1 - m) * z is never formed.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -210,7 +217,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        ada = self.adaLN_modulation(c).chunk(6, dim=1)
+        if _use_fused(self.backend, x):
+            return fused_block(x, mask, ada, self.attn, self.mlp, backend=self.backend)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada
         r = x if mask is None else x * mask
         r = r + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(r), shift_msa, scale_msa))
         r = r + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(r), shift_mlp, scale_mlp))
@@ -290,13 +300,22 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
 
         if routing == "switch":
-            self.routers = nn.ModuleList([TimestepRouter(hidden_size, num_experts, top_k) for _ in range(depth)])
+            self.routers = nn.ModuleList([TimestepRouter(hidden_size, num_experts, top_k, backend) for _ in range(depth)])
+            self._matcher = prior_lib.AsyncAssignment()
             self.register_buffer("w_prior", prior_lib.prior_table(num_timesteps, depth, num_experts, top_k), persistent=False)
         elif routing == "dtr":
             self.register_buffer("dtr_mask", dtr_mask_table(num_timesteps, hidden_size, dtr_alpha, dtr_beta), persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, backend) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def set_backend(self, backend: str) -> "DiT":
+        """Switch every block and router to ``backend`` ("auto", "reference" or "triton")."""
+        self.backend = check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, (DiTBlock, TimestepRouter)):
+                module.backend = self.backend
+        return self
 
     def initialize_weights(self) -> None:
         """DiT's initialisation; experts zero, so that m = 1 and Switch-DiT starts as DiT."""
@@ -349,9 +368,9 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, L, D)
         c = t_emb + self.y_embedder(y, self.training)  # (B, D)
         if self.routing == "switch":
-            for router, block in zip(self.routers, self.blocks):
-                idx, w = router.route(router.gate_probs(t_emb))
-                h = block(h, c, router(h, idx, w, self.backend))
+            topk_idx, topk_w = self.route(t_emb)  # (N, B, k) each
+            for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
+                h = block(h, c, router(h, topk_idx[i], topk_w[i]))
         elif self.routing == "dtr":
             mask = self.dtr_mask[t].unsqueeze(1).to(h.dtype)  # (B, 1, D)
             for block in self.blocks:
@@ -374,20 +393,46 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
+    def gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """Gate probabilities of every block: (B, D) timestep embeddings -> (B, N, M), at least float32.
+
+        The reference path runs each block's gate; the fused path runs all N gate linears
+        as one GEMM (they read the same input).
+        """
+        if self.routing != "switch":
+            raise ValueError(f"gate probabilities need a Switch-DiT model, this one has routing={self.routing!r}")
+        if not _use_fused(self.backend, t_emb):
+            return torch.stack([router.gate_probs(t_emb) for router in self.routers], dim=1)
+        weight = torch.cat([r.f_gate[1].weight for r in self.routers])  # (N*M, D)
+        bias = torch.cat([r.f_gate[1].bias for r in self.routers])
+        logits = F.linear(F.silu(t_emb), weight, bias).unflatten(-1, (self.depth, self.num_experts))
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+    def route(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts of every block for a batch: (N, B, k) int64 indices and (N, B, k) weights."""
+        probs = self.gate_probs(t_emb).transpose(0, 1)  # (N, B, M)
+        idx = prior_lib.topk_indices(probs, self.top_k)
+        return idx, probs.gather(-1, idx)
+
     def gate_table(self) -> torch.Tensor:
         """Gate probabilities of every block for every timestep: (T, N, M), at least float32."""
-        if self.routing != "switch":
-            raise ValueError(f"gate_table needs a Switch-DiT model, this one has routing={self.routing!r}")
         t_all = torch.arange(self.num_timesteps, device=self.pos_embed.device)
-        e_all = self.t_embedder(t_all)
-        return torch.stack([router.gate_probs(e_all) for router in self.routers], dim=1)
+        return self.gate_probs(self.t_embedder(t_all))
 
     def prior_loss(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Diffusion prior loss L_dp for a batch's timesteps (B,); a zero scalar for DiT and DTR."""
         if self.routing != "switch":
             return torch.zeros((), device=self.pos_embed.device)
         check_timesteps(t, self.num_timesteps)
+        if _use_fused(self.backend, t):
+            # No host sync: the Hungarian matching is solved off the critical path.
+            return prior_lib.prior_loss_matched(self.gate_table(), self.w_prior, t, self.top_k, self._matcher)
         return prior_lib.prior_loss(self.gate_table(), self.w_prior, t, self.top_k, generator=generator)
+
+
+def _use_fused(backend: str, x: torch.Tensor) -> bool:
+    """The fused path runs for backend "triton", and for "auto" on CUDA tensors."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 #################################################################################
