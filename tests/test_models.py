@@ -13,12 +13,12 @@ def tiny(name, **kw):
     return create(name, **{**TINY, **kw})
 
 
-def randomize(model, seed=0):
+def randomize(model, seed=0, std=0.3):
     """Give every zero-initialised layer random values, so outputs depend on everything."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return model
 
 
