@@ -121,7 +121,13 @@ def _extension_build():
             except Exception as exc:
                 _note(f"building switch_dit._C failed: {exc}")
             if any(s.endswith(".cu") for e in self.extensions for s in e.sources):
-                self.extensions = [cpu_extension()]
+                # Turn the extension into the CPU one in place: setuptools keeps private state
+                # on the object it finalised.
+                cpu = cpu_extension()
+                for e in self.extensions:
+                    for attr in ("sources", "include_dirs", "library_dirs", "libraries",
+                                 "extra_compile_args", "extra_link_args", "define_macros"):
+                        setattr(e, attr, getattr(cpu, attr))
                 _note("retrying with the CPU kernels only")
                 try:
                     return super().build_extensions()
