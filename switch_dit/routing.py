@@ -14,8 +14,6 @@ CUDA kernels). Where it is missing, ``torch.ops.switch_dit.routing_plan_torch`` 
 differentiable with respect to ``gate_probs``.
 """
 
-from __future__ import annotations
-
 import os
 from typing import NamedTuple
 
@@ -55,8 +53,8 @@ class RoutingPlan(NamedTuple):
               first token) per (block, rank in order, token block), row
               (n * P + r) * NLT + j, first token j * block_l. The size N*B*k*NLT is a bound
               known on the host, so kernels launch a fixed grid; it is reached exactly
-              unless samples were dropped (below). The slot of a tile is the s with
-              topk_idx[block, sample, s] == expert.
+              unless samples were dropped (below). A tile's pair is order[n, r] with
+              r = row // NLT % P, its slot that pair % k.
 
     A sample whose timestep is out of range (possible only on CUDA with the value check off)
     gets no expert: topk_idx -1, topk_w 0, position -1, and is left out of counts; the unused
@@ -84,7 +82,7 @@ def block_routing(routing: RoutingPlan, block: int) -> BlockRouting:
     the routed-linear kernels."""
     n = routing.topk_idx.shape[0]
     if not -n <= block < n:
-        raise IndexError(f"block must be in [0, {n}) for a plan of {n} blocks, got {block}")
+        raise IndexError(f"block must be in [-{n}, {n}) for a plan of {n} blocks, got {block}")
     return BlockRouting(routing.topk_idx[block], routing.topk_w[block])
 
 

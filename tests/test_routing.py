@@ -57,6 +57,14 @@ def assert_consistent(p: RoutingPlan, gate_probs, timesteps, k, seq_len, block_l
     assert torch.equal(tiles[..., routing.TILE_TOKEN], (torch.arange(nlt) * block_l).expand(N, P, nlt))
 
 
+def poison_allocator(like: RoutingPlan, device):
+    """Free garbage-filled tensors of the plan's sizes, so that an allocator that reuses
+    blocks hands them to the op: an element it forgets to write then shows."""
+    junk = [torch.full(x.shape, float("nan") if x.is_floating_point() else -77, dtype=x.dtype,
+                       device=device) for x in like]
+    del junk
+
+
 CASES = [  # N, T, M, B, k, seq_len, block_l
     (2, 10, 3, 7, 2, 10, 4),  # seq_len not a multiple of block_l
     (3, 50, 5, 1, 2, 16, 16),  # B = 1
@@ -75,8 +83,10 @@ def test_matches_reference(op, N, T, M, B, k, seq_len, block_l):
     g = gate_table(N, T, M, gen=gen)
     t = torch.randint(0, T, (B,), generator=gen)
     fn = EXT_OP if op == "ext" else TORCH_OP
+    want = reference_plan(g, t, k, seq_len, block_l)
+    poison_allocator(want, "cpu")
     got = RoutingPlan(*fn(g, t, k, seq_len, block_l, False))
-    assert_plan_equal(got, reference_plan(g, t, k, seq_len, block_l))
+    assert_plan_equal(got, want)
     assert_consistent(got, g, t, k, seq_len, block_l)
 
 
@@ -194,6 +204,26 @@ def test_bad_input_raises_naming_the_argument(path, monkeypatch):
         plan([[0.5, 0.5]], torch.zeros(1, dtype=torch.long), 1)
 
 
+def test_fallback_warning_names_the_reason(monkeypatch):
+    if not _extension.available():
+        pytest.skip("the extension-missing warning was given at import")
+    monkeypatch.setattr(routing, "_EXT_DEVICES", frozenset({"cuda"}))
+    monkeypatch.setattr(_extension, "_warned", False)
+    g, t = gate_table(1, 4, 2), torch.tensor([1, 3])
+    with pytest.warns(_extension.ExtensionFallbackWarning, match="no kernel for device 'cpu'"):
+        p = plan(g, t, 1)
+    assert_plan_equal(p, reference_plan(g, t, 1))
+
+
+def test_check_default_follows_the_project_switch(monkeypatch):
+    from switch_dit import _checks
+
+    monkeypatch.setattr(_checks, "_value_checks_on_device", True)
+    assert routing._default_check() is True
+    monkeypatch.setattr(_checks, "_value_checks_on_device", False)
+    assert routing._default_check() is False
+
+
 def test_device_mismatch_raises():
     g, t = gate_table(1, 4, 2), torch.zeros(2, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match="timesteps must be on the device of gate_probs"):
@@ -300,9 +330,20 @@ def test_cuda_matches_cpu(N, T, M, B, k, seq_len, block_l, dtype):
     g[:, ::3, 1] = g[:, ::3, 0]  # exact ties in a third of the rows
     t = torch.randint(0, T, (B,), generator=gen)
     want = reference_plan(g, t, k, seq_len, block_l)
-    got = plan(g.cuda(), t.cuda(), k, seq_len=seq_len, block_l=block_l)
+    g, t = g.cuda(), t.cuda()
+    poison_allocator(want, "cuda")
+    got = plan(g, t, k, seq_len=seq_len, block_l=block_l)
     assert got.tiles.is_cuda
     assert_plan_equal(got, want)
+
+
+@requires_cuda
+def test_cuda_opcheck():
+    if EXT_OP is None:
+        pytest.skip("switch_dit._C not built")
+    g = gate_table(3, 10, 4, device="cuda")
+    t = torch.randint(0, 10, (5,), device="cuda")
+    torch.library.opcheck(EXT_OP, (g, t, 2, 7, 4, False))
 
 
 @requires_cuda
