@@ -1,0 +1,7 @@
+"""Entry point of ``python -m benchmarks`` (see benchmarks/README.md)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""``python -m benchmarks``: run the suites, write the results file, regenerate the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUITES = ("ops", "block", "step")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="only the cases behind the issue targets (GPU)")
+    mode.add_argument("--smoke", action="store_true",
+                      help="CPU smoke run: tiny shapes, fp32, Triton interpreter; results go to a temp dir")
+    p.add_argument("--only", default=",".join(SUITES),
+                   help="comma-separated suites to run, of: ops, block, step (default: all)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model sizes for block/step, e.g. S/2,XL/2 (default: the mode's)")
+    p.add_argument("--out", default=None,
+                   help=f"results folder (default: {RESULTS_DIR.relative_to(Path.cwd()) if _under_cwd(RESULTS_DIR) else RESULTS_DIR}; "
+                        "a new temp dir with --smoke)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already 'ok' in today's results file for this device and run the rest")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which no new case starts (default 540 on a GPU, none with --smoke)")
+    p.add_argument("--repeats", type=int, default=None, help="timings per case (default 2 full, 1 quick/smoke)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default inductor; aot_eager with --smoke, where inductor's "
+                        "C++ compilation would take minutes: aot_eager still traces with dynamo and AOTAutograd)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--no-report", action="store_true", help="do not regenerate README.md and the chart")
+    p.add_argument("--list", action="store_true", help="print the cases that would run, and exit")
+    args = p.parse_args(argv)
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in args.only if x not in SUITES]
+    if bad:
+        p.error(f"--only: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
+    return args
+
+
+def _under_cwd(path: Path) -> bool:
+    try:
+        path.relative_to(Path.cwd())
+        return True
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if mode == "smoke":
+        # Must precede any import of a Triton kernel module: @triton.jit reads it then.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    import torch
+
+    from . import env
+    from .results import Results
+    from .runner import Context, run_cases
+    from .settings import settings_for
+    from .timing import Timer
+
+    if mode != "smoke" and not torch.cuda.is_available() and not args.list:
+        print("python -m benchmarks: no CUDA device here. Use --smoke for the CPU smoke run.", file=sys.stderr)
+        return 2
+    gpu = mode != "smoke" and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    s = settings_for(mode)
+    if args.models:
+        sizes = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        s.block_sizes = s.block_quick_sizes = s.step_sizes = s.step_quick_sizes = sizes
+    if args.repeats:
+        s.repeats = args.repeats
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if mode == "smoke" else "inductor"
+    _raise_compile_limits(torch)
+
+    if args.list:  # the plan only: nothing is built, so this works without a GPU
+        ctx_for_list = Context(device=device, timer=None, results=None, run_id=0, peaks={})
+        cases = _collect(s, ctx_for_list, args.only)
+        for c in cases:
+            print(f"{c.suite:6s} {c.bench:28s} {c.variant:18s} {c.dtype:22s} {','.join(c.modes):16s} {c.shape}")
+        print(f"{len(cases)} cases ({mode} mode)")
+        return 0
+
+    info = env.device_info(device)
+    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="switch-dit-bench-")) if mode == "smoke"
+                                               else RESULTS_DIR)
+    path = out_dir / f"{info['slug']}-{env.today()}.json"
+    timer = Timer(device, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cpu_warmup=s.cpu_warmup, cpu_iters=s.cpu_iters)
+    ctx = Context(device=device, timer=timer, results=None, run_id=0, peaks={}, smoke=mode == "smoke",
+                  repeats=s.repeats, resume=args.resume, compile_backend=args.compile_backend,
+                  compile_mode=args.compile_mode)
+    cases = _collect(s, ctx, args.only)
+
+    started = time.monotonic()
+    limit = args.time_limit if args.time_limit is not None else (None if mode == "smoke" else 540.0)
+    if limit is not None:
+        ctx.deadline = started + limit
+    measured = env.measure_peaks(device, seconds=0.3 if device.type == "cuda" else 0.05)
+    peaks = env.peaks_record(env.peaks_for(info["name"], measured))
+    results = Results(path, info, peaks)
+    ctx.results, ctx.peaks = results, peaks
+    ctx.run_id = results.start_run({
+        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "mode": mode,
+        "suites": args.only,
+        "started": env.now(),
+        "git": env.git_commit(),
+        "versions": env.versions(),
+        "timer": timer.method,
+        "measured_peaks": env.peaks_record(measured),
+        "settings": {
+            "op_dtype": str(s.op_dtype).replace("torch.", ""), "M": s.M, "k": s.k, "input_sets": s.input_sets,
+            "repeats": s.repeats, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        },
+    })
+    print(f"switch-dit benchmarks ({mode}) on {info['name']}: {len(cases)} cases -> {path}")
+    threads = torch.get_num_threads()
+    if mode == "smoke":
+        # Tiny CPU ops gain nothing from threads, and on a busy machine OpenMP's barriers
+        # turn microseconds into milliseconds; restored afterwards (main may run in-process).
+        torch.set_num_threads(1)
+    try:
+        run_cases(ctx, cases)
+    finally:
+        torch.set_num_threads(threads)
+    elapsed = time.monotonic() - started
+    results.update_run(ctx.run_id, finished=env.now(), elapsed_s=round(elapsed, 1), counts=dict(ctx.counts))
+    print(f"done in {elapsed:.0f} s: " + ", ".join(f"{v} {k}" for k, v in ctx.counts.items()))
+    if ctx.counts["skipped"] and any(r["reason"] and r["reason"].startswith("time limit") for r in results.rows):
+        print("some cases hit the time limit: run the same command again with --resume to finish them")
+
+    if not args.no_report:
+        from . import report
+
+        written = report.regenerate(out_dir)
+        print("report: " + ", ".join(str(p) for p in written))
+        print()
+        print(report.performance_section(out_dir))
+    return 0
+
+
+def _collect(s, ctx, suites) -> list:
+    """Every case of the chosen suites, the quick ones first; only those in quick and smoke mode."""
+    from . import suite_block, suite_ops, suite_step
+
+    makers = {"ops": suite_ops.cases, "block": suite_block.cases, "step": suite_step.cases}
+    all_cases = [c for name in SUITES if name in suites for c in makers[name](s, ctx)]
+    quick = [c for c in all_cases if c.quick]
+    if s.mode in ("quick", "smoke"):
+        return quick
+    return quick + [c for c in all_cases if not c.quick]
+
+
+def _raise_compile_limits(torch) -> None:
+    """Many shapes of one function are compiled in one process; the default limit of 8
+    recompiles would silently fall back to eager and time the wrong thing."""
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    if hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 512)

@@ -1,0 +1,277 @@
+"""The benchmark harness (benchmarks/): CPU smoke run end to end, results schema, report,
+FLOP counter and the official-algorithm baseline. Speed itself is measured on a GPU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks
+from benchmarks import cli, env, flops, report
+from benchmarks.adapters import Unavailable
+from benchmarks.official import official_expert_mask
+from benchmarks.results import Results, load, make_row, result_files, row_key, validate
+from benchmarks.runner import Case, Context, run_cases
+from benchmarks.timing import Timer
+
+KEPT = Path(benchmarks.__file__).parent / "results"
+# Variants the harness itself owns: these must run wherever the smoke mode runs.
+OWN_VARIANTS = {"reference", "reference+compile", "official", "dense_linear"}
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")} if folder.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One in-process smoke run shared by the tests below: (out folder, data, seconds)."""
+    out = tmp_path_factory.mktemp("bench")
+    before = _snapshot(KEPT)
+    t0 = time.perf_counter()
+    assert cli.main(["--smoke", "--out", str(out)]) == 0
+    seconds = time.perf_counter() - t0
+    assert _snapshot(KEPT) == before, "the smoke run must not write into benchmarks/results"
+    files = result_files(out)
+    assert len(files) == 1
+    return out, load(files[0]), seconds
+
+
+def test_smoke_results_follow_the_schema(smoke):
+    out, data, seconds = smoke
+    validate(data)
+    assert seconds < 120, f"smoke run took {seconds:.0f} s"
+    assert data["device"]["kind"] == "cpu"
+    run = data["runs"][-1]
+    assert run["mode"] == "smoke" and "--smoke" in run["command"]
+    assert run["versions"]["torch"] == torch.__version__
+    assert set(run["git"]) == {"commit", "dirty"}
+    rows = data["rows"]
+    assert {r["suite"] for r in rows} == {"ops", "block", "step"}
+    benches = {r["bench"] for r in rows}
+    assert {"routed_linear", "mask_ln_modulate", "gated_residual_ln_modulate", "routing_plan",
+            "Switch-DiT block", "DiT block", "train_step"} <= benches
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd", "step"}
+    assert {r["dtype"] for r in rows if r["suite"] == "step"} == {"bf16-autocast", "fp16-autocast+scaler"}
+    own = [r for r in rows if r["variant"] in OWN_VARIANTS]
+    failed = [(r["bench"], r["variant"], r["mode"], r["reason"]) for r in own if r["status"] != "ok"]
+    assert not failed, failed
+    # Every routed-linear baseline of the issue is in the same run.
+    variants = {r["variant"] for r in rows if r["bench"] == "routed_linear"}
+    assert {"fast", "reference", "reference+compile", "official", "dense_linear"} <= variants
+
+
+def test_smoke_rows_carry_timings_and_derived_figures(smoke):
+    _, data, _ = smoke
+    for r in data["rows"]:
+        if r["status"] != "ok":
+            assert r["reason"]
+            continue
+        ms = r["ms"]
+        assert 0 < ms["p20"] <= ms["median"] <= ms["p80"]
+        assert r["floor_ms"] > 0 and r["over_floor"] > 0
+        assert r["work"]["bytes"] > 0
+        if r["suite"] != "ops" or r["bench"] != "routing_plan":
+            assert r["work"]["flops"] > 0 and r["tflops"] > 0
+        if r["suite"] == "step":
+            assert r["extra"]["images_per_s"] > 0 and r["extra"]["mfu"] > 0
+            assert r["extra"]["first_step_s"] >= 0
+
+
+def test_smoke_report_table_chart_and_section(smoke):
+    out, data, _ = smoke
+    table = (out / report.TABLE).read_text()
+    for heading in ("# Benchmark results", "### Ops", "### Blocks", "### Training step"):
+        assert heading in table
+    assert data["device"]["name"] in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.skip("matplotlib not installed: no chart")
+    assert (out / report.CHART).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = report.performance_section(out)
+    assert section.startswith("## Performance") and "smoke" in section
+    # Regenerating from the kept file alone gives the same table.
+    assert report.regenerate(out)[0].read_text() == table
+
+
+def _gpu_results(tmp_path: Path) -> Path:
+    """A hand-made GPU results file with known times, to check the report's arithmetic."""
+    peaks = env.peaks_record(env.peaks_for("NVIDIA H100 80GB HBM3"))
+    res = Results(tmp_path / "nvidia-h100-80gb-hbm3-2026-01-01.json",
+                  {"name": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3", "kind": "cuda"}, peaks)
+    run = res.start_run({"command": "python -m benchmarks", "mode": "full", "started": "t", "timer": "do_bench",
+                         "git": {"commit": "abc", "dirty": False}, "versions": {"torch": "x"}})
+
+    def add(suite, bench, variant, mode, shape, dtype, median, **extra):
+        res.add(make_row(suite=suite, bench=bench, variant=variant, mode=mode, shape=shape, dtype=dtype,
+                         ms={"median": median, "p20": median * 0.99, "p80": median * 1.01},
+                         work={"flops": 1e12, "bytes": 1e9}, peaks=peaks, run=run, extra=extra))
+
+    op = {"B": 32, "L": 256, "D": 1152, "M": 3, "k": 2}
+    for variant, ms in (("fast", 1.1), ("dense_linear", 1.0), ("reference", 5.5), ("official", 11.0)):
+        add("ops", "routed_linear", variant, "fwd+bwd", op, "bf16", ms)
+    for fam, variant, ms in (("Switch-DiT", "fast", 8.0), ("Switch-DiT", "reference", 16.0), ("DiT", "reference", 10.0)):
+        add("block", f"{fam} block", variant, "fwd+bwd", {"model": f"{fam}-XL/2", "depth": 1, "B": 32}, "bf16-autocast", ms)
+    step = {"depth": 28, "B": 32}
+    add("step", "train_step", "fast+compile", "step", {"model": "Switch-DiT-XL/2", **step}, "bf16-autocast", 40.0, mfu=0.6)
+    add("step", "train_step", "reference+compile", "step", {"model": "Switch-DiT-XL/2", **step}, "bf16-autocast", 60.0, mfu=0.4)
+    res.add(make_row(suite="step", bench="train_step", variant="fast", mode="step",
+                     shape={"model": "Switch-DiT-XL/2", **step}, dtype="bf16-autocast", status="skipped",
+                     reason="time limit reached", peaks=peaks, run=run))
+    return tmp_path
+
+
+def test_report_targets_from_known_numbers(tmp_path):
+    folder = _gpu_results(tmp_path)
+    section = report.performance_section(folder)
+    assert "NVIDIA H100" in section and "smoke" not in section
+    assert "D=1152: 1.10x" in section  # fast / dense
+    assert "D=1152: 5.00x" in section  # reference / fast
+    assert "D=1152: 10.00x" in section  # official / fast
+    assert "XL/2: 0.80x" in section  # fast Switch block / reference DiT block
+    assert "XL/2: 2.00x" in section  # reference Switch block / fast
+    assert "| 1.50x |" in section  # XL step: reference+compile / fast+compile
+    assert "fast: 60.0%" in section
+    table = report.markdown(folder)
+    assert "### Skipped and failed" in table and "time limit reached" in table
+
+
+def test_results_merge_resume_and_failures(tmp_path):
+    """A second run on the same file keeps the first run's rows, replaces rows with the same
+    key, and --resume skips what is already ok; failures become rows, never crashes."""
+    info = {"name": "CPU test", "slug": "cpu-test", "kind": "cpu"}
+    peaks = env.peaks_record(env.CPU_PEAKS)
+    path = tmp_path / "cpu-test-2026-01-01.json"
+    calls = []
+
+    def case(variant, build):
+        return Case("ops", "toy", variant, {"n": 4}, "fp32", ("fwd", "bwd"), build,
+                    lambda mode: {"flops": 8.0, "bytes": 64.0})
+
+    def ok_build():
+        calls.append(1)
+        return lambda mode: (lambda: torch.ones(4).sum())
+
+    def unavailable():
+        raise Unavailable("not landed")
+
+    def broken():
+        raise RuntimeError("boom")
+
+    def make_ctx(resume, deadline=float("inf")):
+        res = Results(path, info, peaks)
+        run = res.start_run({"command": "t", "mode": "smoke", "started": "t", "timer": "perf_counter",
+                             "git": {}, "versions": {}})
+        return Context(device=torch.device("cpu"), timer=Timer(torch.device("cpu"), cpu_iters=2), results=res,
+                       run_id=run, peaks=peaks, resume=resume, deadline=deadline, log=lambda s: None)
+
+    ctx = make_ctx(resume=False)
+    run_cases(ctx, [case("a", ok_build), case("b", unavailable), case("c", broken)])
+    assert ctx.counts == {"ok": 2, "skipped": 2, "error": 2, "resumed": 0}
+    data = load(path)
+    by_variant = {(r["variant"], r["mode"]): r for r in data["rows"]}
+    assert by_variant[("b", "fwd")]["reason"] == "not landed"
+    assert "RuntimeError: boom" in by_variant[("c", "bwd")]["reason"]
+
+    ctx = make_ctx(resume=True)
+    run_cases(ctx, [case("a", ok_build), case("b", ok_build)])
+    assert len(calls) == 2  # "a" was resumed, "b" ran again
+    assert ctx.counts["resumed"] == 2
+    data = load(path)
+    assert len(data["runs"]) == 2 and len(data["rows"]) == 6
+    assert {r["status"] for r in data["rows"] if r["variant"] == "b"} == {"ok"}
+    assert len({row_key(r) for r in data["rows"]}) == 6
+
+    ctx = make_ctx(resume=False, deadline=time.monotonic() - 1)
+    run_cases(ctx, [case("d", ok_build)])
+    assert len(calls) == 2
+    assert all(r["reason"].startswith("time limit") for r in load(path)["rows"] if r["variant"] == "d")
+
+
+def test_validate_names_the_broken_field(smoke):
+    _, data, _ = smoke
+    bad = json.loads(json.dumps(data))
+    del bad["rows"][0]["ms"]
+    with pytest.raises(ValueError, match="'ms'"):
+        validate(bad)
+    bad = json.loads(json.dumps(data))
+    bad["rows"][0]["status"] = "fine"
+    with pytest.raises(ValueError, match="status"):
+        validate(bad)
+
+
+@pytest.mark.parametrize("name, gmacs", [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-XL/2", 118.64)])
+def test_flop_counter_matches_the_papers_dit_gflops(name, gmacs):
+    # The DiT / Switch-DiT papers' "GFLOPs" are multiply-adds (Table 2).
+    macs = sum(flops.model_macs(flops.ModelConfig.from_name(name)).values())
+    assert macs / 1e9 == pytest.approx(gmacs, rel=2e-3)
+
+
+def test_flop_counter_counts_k_experts_and_the_step():
+    dit = flops.ModelConfig.from_name("DiT-XL/2")
+    switch = flops.ModelConfig.from_name("Switch-DiT-XL/2")
+    extra = sum(flops.model_macs(switch).values()) - sum(flops.model_macs(dit).values())
+    D, L = 1152, 256
+    assert extra == 28 * (2 * L * D * D + D * 3)  # k = 2 expert linears and the gate per block
+    step = flops.train_step_flops(switch, 32)
+    assert step == 3 * (32 * flops.model_flops(switch) + flops.gate_table_flops(switch))
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DTR-S/4", "Switch-DiT-S/2"])
+def test_parameter_count_matches_the_model(name):
+    from switch_dit import models
+
+    model = models.create(name, hidden_size=64, num_heads=2, depth=2)
+    cfg = flops.ModelConfig.from_model(model)
+    assert flops.param_count(cfg) == models.count_params(model)["total"]
+
+
+def test_official_algorithm_equals_the_reference_router():
+    """The re-implemented official SMoE layer computes the model's m, gradients included,
+    also when an expert receives no sample."""
+    from switch_dit.ops import expert_mask
+
+    torch.manual_seed(0)
+    B, L, D, M, k = 5, 7, 12, 4, 2
+    w = torch.randn(M, D, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(M, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 2], [2, 0], [0, 1], [1, 2], [2, 1]])  # expert 3 gets nothing
+    g = torch.rand(B, k, dtype=torch.float64, requires_grad=True)
+    ref = expert_mask(x, w, b, idx, g, backend="reference")
+    got = official_expert_mask(x, w, b, idx, g)
+    torch.testing.assert_close(got, ref)
+    grad = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(ref, (x, w, b, g), grad), torch.autograd.grad(got, (x, w, b, g), grad)):
+        torch.testing.assert_close(c, a)
+
+
+@pytest.mark.parametrize("name, bf16", [
+    ("NVIDIA H100 80GB HBM3", 790e12), ("NVIDIA H200", 790e12), ("NVIDIA A100-SXM4-80GB", 280e12),
+])
+def test_peaks_are_looked_up_by_device_name(name, bf16):
+    assert env.peaks_for(name).flops["bf16"] == bf16
+    assert env.peaks_for("NVIDIA H100 80GB HBM3").bytes_per_s == 3.0e12
+    assert env.slugify(name).replace("-", "").isalnum()
+
+
+def test_cli_lists_the_gpu_plan_and_refuses_to_time_without_a_gpu(capsys):
+    assert cli.main(["--quick", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "Switch-DiT-XL/2" in listing and "routed_linear" in listing
+    if not torch.cuda.is_available():
+        assert cli.main(["--quick", "--only", "ops"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_host_sync_counter_sees_item():
+    from benchmarks.timing import count_host_syncs
+
+    x = torch.ones(4, device="cuda")
+    assert count_host_syncs(lambda: x.sum().item(), calls=3) == pytest.approx(1.0)
+    assert count_host_syncs(lambda: x * 2, calls=3) == 0
