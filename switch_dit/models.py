@@ -8,21 +8,35 @@ One class, ``DiT``, covers the three families; ``routing`` picks the block input
 Module and parameter names follow the public reference implementation, so its state
 dicts map onto ours with few renames (see ``switch_dit.interop``).
 
-Build models with ``create("Switch-DiT-S/2")``; every name is in ``MODEL_NAMES``.
+Build models with ``create("Switch-DiT-S/2")``; every name is in ``MODEL_NAMES``. The
+building blocks (embedders, SMoE router, block, final layer) live in ``switch_dit.layers``
+and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_backend, check_labels, check_timesteps
-from .ops import expert_mask, fused_block
+from .layers import (  # noqa: F401  the building blocks stay importable from here
+    Attention,
+    DiTBlock,
+    Experts,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    TimestepRouter,
+    _1d_sincos,
+    dtr_mask_table,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
+from .layers import use_fused as _use_fused
 
 __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 
@@ -30,215 +44,6 @@ __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 FAMILIES = {"DiT": "none", "DTR": "dtr", "Switch-DiT": "switch"}
 MODEL_NAMES = [f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in (2, 4, 8)]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: x (B, L, D), shift/scale (B, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-#################################################################################
-#                           Embedding layers                                    #
-#################################################################################
-
-
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H*W / p^2, D) by a conv with kernel = stride = p."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
-        self.patch_size = patch_size
-        self.grid_size = input_size // patch_size
-        self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimestepEmbedder(nn.Module):
-    """Timesteps (B,) -> (B, D): 256-dim sinusoidal features, then Linear-SiLU-Linear."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """(B,) -> (B, dim) float32: cos half first, then sin half."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Labels (B,) -> (B, D); the extra last row is the null class used by guidance."""
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return torch.where(drop, self.num_classes, labels)
-
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
-
-
-#################################################################################
-#                       Routing: SMoE (Switch-DiT) and DTR                      #
-#################################################################################
-
-
-class Experts(nn.Module):
-    """M linear maps D_in -> D_out, weights stored (M, D_in, D_out) as the reference does."""
-
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(num_experts, in_features, out_features))
-        self.b = nn.Parameter(torch.zeros(num_experts, out_features))
-
-
-class TimestepRouter(nn.Module):
-    """The SMoE layer of one Switch-DiT block.
-
-    gate: SiLU -> Linear(D, M) on the *timestep* embedding, softmax, top-k (the weights
-    are the top-k probabilities themselves, not renormalised).
-    mask: m(z) = 1 + sum_j g_j (z @ W_j + b_j), the same g for every token of a sample.
-    """
-
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, backend: str = "auto"):
-        super().__init__()
-        self.backend = check_backend(backend)
-        if num_experts < 2:
-            raise ValueError(f"num_experts must be >= 2, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.f_gate = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_experts, bias=True))
-        self.experts = Experts(num_experts, hidden_size, hidden_size)
-
-    def gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
-        """(B, D) timestep embeddings -> (B, M) softmax probabilities, at least float32."""
-        logits = self.f_gate(t_emb)
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-    def route(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M) -> top-k expert indices (B, k) int64 and weights (B, k), ties to the lower index."""
-        idx = prior_lib.topk_indices(probs, self.top_k)
-        return idx, probs.gather(-1, idx)
-
-    def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        """m(z): z (B, L, D), topk_idx / topk_w (B, k) -> (B, L, D)."""
-        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=self.backend)
-
-
-def dtr_mask_table(num_timesteps: int, hidden_size: int, alpha: float = 4.0, beta: float = 0.8) -> torch.Tensor:
-    """DTR's channel mask for every timestep: (T, D) float32 0/1, the same in every block."""
-    return prior_lib.window_table(num_timesteps, hidden_size, beta, alpha)
-
-
-#################################################################################
-#                                 Core DiT Model                                #
-#################################################################################
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias (timm's layout: one qkv linear, one proj)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU(tanh) -> Linear."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block. With a mask m (Switch-DiT, DTR), the branches see
-    r = z * m and the skip z * (1 - m) is added at the end.
-
-    backend "reference" runs the block as written; "triton" (and "auto" on CUDA) runs it
-    through the fused ops by identity (b) of DESIGN.md §2: out = z + a + f, the mask only
-    shapes the branch inputs, and (1 - m) * z is never formed.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):
-        super().__init__()
-        self.backend = check_backend(backend)
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        ada = self.adaLN_modulation(c).chunk(6, dim=1)
-        if _use_fused(self.backend, x):
-            return fused_block(x, mask, ada, self.attn, self.mlp, backend=self.backend)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada
-        r = x if mask is None else x * mask
-        r = r + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(r), shift_msa, scale_msa))
-        r = r + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(r), shift_mlp, scale_mlp))
-        return r if mask is None else r + (1 - mask) * x
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm, adaLN modulate, Linear(D, p*p*C_out)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -306,14 +111,14 @@ class DiT(nn.Module):
         elif routing == "dtr":
             self.register_buffer("dtr_mask", dtr_mask_table(num_timesteps, hidden_size, dtr_alpha, dtr_beta), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, backend) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
         self.initialize_weights()
 
     def set_backend(self, backend: str) -> "DiT":
-        """Switch every block and router to ``backend`` ("auto", "reference" or "triton")."""
+        """Switch every block, router and the final layer to ``backend`` ("auto", "reference" or "triton")."""
         self.backend = check_backend(backend)
         for module in self.modules():
-            if isinstance(module, (DiTBlock, TimestepRouter)):
+            if isinstance(module, (DiTBlock, TimestepRouter, FinalLayer)):
                 module.backend = self.backend
         return self
 
@@ -428,33 +233,6 @@ class DiT(nn.Module):
             # No host sync: the Hungarian matching is solved off the critical path.
             return prior_lib.prior_loss_matched(self.gate_table(), self.w_prior, t, self.top_k, self._matcher)
         return prior_lib.prior_loss(self.gate_table(), self.w_prior, t, self.top_k, generator=generator)
-
-
-def _use_fused(backend: str, x: torch.Tensor) -> bool:
-    """The fused path runs for backend "triton", and for "auto" on CUDA tensors."""
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
-
-
-#################################################################################
-#                   Sine/Cosine Positional Embedding Functions                  #
-#################################################################################
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """(grid_size**2, embed_dim) MAE-style 2-D sin-cos position embedding."""
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
-    emb_h = _1d_sincos(embed_dim // 2, grid[0])
-    emb_w = _1d_sincos(embed_dim // 2, grid[1])
-    return np.concatenate([emb_h, emb_w], axis=1)
-
-
-def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
 #################################################################################

@@ -1,0 +1,366 @@
+"""``switch_dit.accelerate(model)``: run a model built by the public reference code on our fast path.
+
+For users of the public Switch-DiT implementation (byeongjun-park/Switch-DiT, its
+``models/DiT/models.py`` and ``train.py``). One call, after the model is built and before
+``torch.compile``::
+
+    model = create_model(model_config=cfg.models, routing_config=cfg.routing)
+    switch_dit.accelerate(model)            # in place; returns the model
+    ema = deepcopy(model)                   # the EMA copy is accelerated too
+    model = DDP(model.to(device), ...)      # wrapping later is fine
+
+What changes: the *classes* of the model object, of its blocks and of its final layer are
+swapped, in place, for subclasses whose ``forward`` runs the fused ops. No parameter,
+buffer or submodule is added, replaced or renamed, so the parameters are the same tensor
+objects (optimizers, EMA updates, DDP wrappers built before or after keep working) and
+the state dict keys are unchanged. ``isinstance`` checks against the reference classes
+still hold; ``deepcopy`` and ``pickle`` give accelerated copies.
+
+Reference semantics kept:
+  - forward(x, t, y) -> out in eval mode; (out, w_JSD * L_dp) in training mode for
+    routing "DMoE", (out, 0) for the other routings (as the reference returns them).
+  - The embedders, attention, MLP and unpatchify run the model's own modules and code;
+    label dropout draws the same random numbers as the reference.
+  - SMoE: the gate is softmax(f_gate(e_t)) over the M experts of each block, top-k, the
+    gate weights are the top-k probabilities themselves (*not renormalised*), and
+    m = 1 + sum_j g_j (x W_j + b_j) with experts.w stored (M, D_in, D_out) (DESIGN.md §1).
+  - The block: r = x * m; r += g_a attn(mod(LN r)); r += g_m mlp(mod(LN r)); out = r + (1-m) x,
+    computed as out = x + a + f (identical up to rounding, DESIGN.md §2 (b)). DTR's mask is
+    each router's ``_unit_mapping[t]``.
+  - L_dp = JSD(p_tot(t_b) / N || matched w_prior[t_b] / (k N)), averaged over the batch,
+    through the model's own ``prior.compute_JSD_loss`` and ``prior._unit_mapping``.
+
+Differences (documented, by design):
+  - Routing without host syncs: all N gates are one GEMM, the k expert GEMMs are one
+    mixed-weight GEMM; the routers' own ``forward`` is not called (so their hooks do not
+    fire, and the attributes the reference sets during forward - ``active_task``,
+    ``expert_size``, ``batch_index``, ``batch_gates``, ``active_mask`` - are not updated).
+  - Ties in the top-k: the lower expert index wins (the reference's ``torch.topk`` leaves
+    the order of equal values unspecified). Exact ties do not occur with trained weights.
+  - The gate softmax runs in at least float32 (the reference runs it in the logits' dtype;
+    the same under autocast and for float32 models).
+  - In eval mode the timestep embedder runs on the batch's t only, not on all T timesteps
+    (the reference embeds all T every call): same values up to rounding.
+  - The prior's matching (``prior="matched"``, the default): the reference shuffles the
+    columns of both binary maps with ``torch.rand`` every step and solves the Hungarian
+    assignment on the host (a sync per step). We solve the *unshuffled* cost with the same
+    solver (scipy), deterministically; on CUDA the solve runs off the critical path
+    (``switch_dit.prior.AsyncAssignment``): the assignment lags the activation map by a
+    step or two (the paper reports the maps settle within ~500 iterations) and the first
+    call is one synchronous solve. Every optimal assignment has the same matching cost,
+    but when several are optimal (ties) the loss value can differ from the one the
+    reference's random shuffle picks on that step. ``prior="reference"`` calls the model's
+    own ``DiffusionPrior`` instead (random shuffle and a host solve every step, exactly
+    the reference's loss for the same random state).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import prior as prior_lib
+from ._checks import check_backend, check_timesteps
+from .layers import adaln_zero_block, ln_modulate, use_fused
+from .ops import expert_mask
+
+__all__ = ["accelerate", "PRIOR_MODES"]
+
+PRIOR_MODES = ("matched", "reference")
+_EXPECTED = (
+    "a DiT built by the Switch-DiT reference code (models/DiT/models.py): attributes x_embedder, "
+    "t_embedder, y_embedder, pos_embed, blocks (DiTBlocks with norm1, attn, norm2, mlp, "
+    "adaLN_modulation and forward(x, c, mask)), final_layer, unpatchify and routing_method; with "
+    "routing_method 'DMoE' also routers (TaskMoE: f_gate, experts.w (M, D, D), experts.b (M, D), k, "
+    "num_experts), prior (DiffusionPrior: _unit_mapping (T, N*M), compute_JSD_loss), the buffer "
+    "full_time (T,) and w_JSD; with 'DTR' routers (TaskRouter: _unit_mapping (T, D))"
+)
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto", prior: str = "matched") -> nn.Module:
+    """Patch a reference-code Switch-DiT / DTR / DiT in place to run the fused fast path.
+
+    model: the reference implementation's DiT (also inside DistributedDataParallel or
+    DataParallel: its ``.module`` is patched). backend: "auto" (fused ops on CUDA tensors,
+    plain PyTorch on CPU), "triton" (fused ops; CPU tensors need TRITON_INTERPRET=1) or
+    "reference" (plain PyTorch ops, still without host syncs in the routing). prior:
+    "matched" (deterministic, sync-free matching) or "reference" (the model's own
+    DiffusionPrior, random shuffle, host solve per step); see the module doc.
+    Calling it again changes backend / prior. Returns ``model``.
+    Raises TypeError / ValueError naming what was expected when ``model`` is not such a model.
+    """
+    backend = check_backend(backend)
+    if prior not in PRIOR_MODES:
+        raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
+    target = _unwrap(model)
+    routing = _check_reference_model(target, prior)
+    for block in target.blocks:
+        _patch(block, _AcceleratedBlock, backend)
+    _patch(target.final_layer, _AcceleratedFinalLayer, backend)
+    _patch(target, _AcceleratedDiT, backend)
+    target._switch_dit_prior = prior
+    target._switch_dit_routing = routing
+    if routing == "DMoE":
+        # One GEMM for every gate only when each f_gate is the reference's SiLU -> Linear.
+        target._switch_dit_one_gate_gemm = all(_is_silu_linear(r.f_gate) for r in target.routers)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate() expects {_EXPECTED}; got a {type(model).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return _unwrap(model.module)
+    if hasattr(model, "_orig_mod"):
+        raise TypeError("accelerate() must run before torch.compile: call switch_dit.accelerate(model), then compile it")
+    from .models import DiT as OwnDiT
+
+    if isinstance(model, OwnDiT):
+        raise TypeError("this is switch_dit's own DiT, which has the fast path built in: use model.set_backend(...) instead of accelerate()")
+    return model
+
+
+def _problem(msg: str):
+    return ValueError(f"accelerate() expects {_EXPECTED}.\nThis model does not fit: {msg}")
+
+
+def _linear(module, d_in: int, d_out: int) -> bool:
+    return isinstance(module, nn.Linear) and module.in_features == d_in and module.out_features == d_out
+
+
+def _is_silu_linear(seq) -> bool:
+    return isinstance(seq, nn.Sequential) and len(seq) == 2 and isinstance(seq[0], nn.SiLU) and isinstance(seq[1], nn.Linear)
+
+
+def _check_norm(norm, where: str, D: int) -> None:
+    if not isinstance(norm, nn.LayerNorm) or norm.elementwise_affine or tuple(norm.normalized_shape) != (D,):
+        raise _problem(f"{where} must be nn.LayerNorm({D}, elementwise_affine=False), got {norm!r}")
+
+
+def _check_reference_model(model: nn.Module, prior: str) -> str:
+    for name in ("x_embedder", "t_embedder", "y_embedder", "pos_embed", "blocks", "final_layer", "unpatchify", "routing_method"):
+        if not hasattr(model, name):
+            raise _problem(f"it has no attribute {name!r} ({type(model).__name__})")
+    blocks = model.blocks
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise _problem("blocks must be a non-empty nn.ModuleList")
+    D = model.pos_embed.shape[-1]
+    N = len(blocks)
+    for i, block in enumerate(blocks):
+        for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
+            if not isinstance(getattr(block, name, None), nn.Module):
+                raise _problem(f"blocks[{i}] has no submodule {name!r}")
+        _check_norm(block.norm1, f"blocks[{i}].norm1", D)
+        _check_norm(block.norm2, f"blocks[{i}].norm2", D)
+        if block.norm1.eps != block.norm2.eps:
+            raise _problem(f"blocks[{i}].norm1 and norm2 must share eps, got {block.norm1.eps} and {block.norm2.eps}")
+        if not (_is_silu_linear(block.adaLN_modulation) and _linear(block.adaLN_modulation[1], D, 6 * D)):
+            raise _problem(f"blocks[{i}].adaLN_modulation must be Sequential(SiLU, Linear({D}, {6 * D}))")
+    fl = model.final_layer
+    for name in ("norm_final", "linear", "adaLN_modulation"):
+        if not isinstance(getattr(fl, name, None), nn.Module):
+            raise _problem(f"final_layer has no submodule {name!r}")
+    _check_norm(fl.norm_final, "final_layer.norm_final", D)
+    if not (_is_silu_linear(fl.adaLN_modulation) and _linear(fl.adaLN_modulation[1], D, 2 * D)):
+        raise _problem(f"final_layer.adaLN_modulation must be Sequential(SiLU, Linear({D}, {2 * D}))")
+
+    routing = model.routing_method
+    if routing == "DMoE":
+        _check_dmoe(model, D, N, prior)
+    elif routing == "DTR":
+        routers = getattr(model, "routers", None)
+        if not isinstance(routers, nn.ModuleList) or len(routers) != N:
+            raise _problem(f"routing_method 'DTR' needs routers, an nn.ModuleList of {N} TaskRouters")
+        for i, r in enumerate(routers):
+            um = getattr(r, "_unit_mapping", None)
+            if not isinstance(um, torch.Tensor) or um.dim() != 2 or um.shape[1] != D:
+                raise _problem(f"routers[{i}]._unit_mapping must be a (T, {D}) tensor")
+    return routing
+
+
+def _check_dmoe(model: nn.Module, D: int, N: int, prior: str) -> None:
+    routers = getattr(model, "routers", None)
+    if not isinstance(routers, nn.ModuleList) or len(routers) != N:
+        raise _problem(f"routing_method 'DMoE' needs routers, an nn.ModuleList of {N} TaskMoE")
+    Ms, ks = set(), set()
+    for i, r in enumerate(routers):
+        experts = getattr(r, "experts", None)
+        w, b = getattr(experts, "w", None), getattr(experts, "b", None)
+        if not isinstance(getattr(r, "f_gate", None), nn.Module) or not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
+            raise _problem(f"routers[{i}] must have f_gate, experts.w and experts.b")
+        M, k = getattr(r, "num_experts", None), getattr(r, "k", None)
+        if not isinstance(M, int) or not isinstance(k, int) or not 1 <= k <= M:
+            raise _problem(f"routers[{i}] must have integers num_experts = M and 1 <= k <= M, got {M!r}, {k!r}")
+        if tuple(w.shape) != (M, D, D) or tuple(b.shape) != (M, D):
+            raise _problem(f"routers[{i}].experts.w must be (M, D, D) = {(M, D, D)} and experts.b (M, D) = {(M, D)}, got {tuple(w.shape)} and {tuple(b.shape)}")
+        Ms.add(M)
+        ks.add(k)
+    if len(Ms) > 1 or len(ks) > 1:
+        raise _problem(f"every router must have the same num_experts and k, got {sorted(Ms)} and {sorted(ks)}")
+    M = Ms.pop()
+    pr = getattr(model, "prior", None)
+    um = getattr(pr, "_unit_mapping", None)
+    full_time = getattr(model, "full_time", None)
+    if not isinstance(pr, nn.Module) or not callable(getattr(pr, "compute_JSD_loss", None)) or not isinstance(um, torch.Tensor):
+        raise _problem("routing_method 'DMoE' needs prior, a DiffusionPrior with _unit_mapping and compute_JSD_loss")
+    if not isinstance(full_time, torch.Tensor) or full_time.dim() != 1:
+        raise _problem("routing_method 'DMoE' needs the buffer full_time = arange(T)")
+    T = full_time.shape[0]
+    if tuple(um.shape) != (T, N * M):
+        raise _problem(f"prior._unit_mapping must be (T, N*M) = {(T, N * M)}, got {tuple(um.shape)}")
+    if getattr(pr, "depth", N) != N:
+        raise _problem(f"prior.depth must equal the number of blocks {N}, got {pr.depth}")
+    if not isinstance(getattr(model, "w_JSD", None), (int, float, torch.Tensor)):
+        raise _problem("routing_method 'DMoE' needs w_JSD, the weight of the prior loss")
+    if prior == "reference" and not callable(getattr(pr, "set_active_task", None)):
+        raise _problem("prior='reference' needs prior.set_active_task (the reference's DiffusionPrior)")
+
+
+# ---------------------------------------------------------------------------------------
+# Class swapping
+# ---------------------------------------------------------------------------------------
+
+_CLASSES: dict[tuple[type, type], type] = {}
+_TRANSIENT = ("_switch_dit_matcher",)  # never copied: holds CUDA events and pinned buffers
+
+
+def _patched_class(original: type, mixin: type) -> type:
+    """The subclass (mixin, original), one per pair, so every block shares a class."""
+    key = (mixin, original)
+    if key not in _CLASSES:
+        name = f"Accelerated{original.__name__}"
+        _CLASSES[key] = type(name, (mixin, original), {"_switch_dit_original": original, "__module__": original.__module__})
+    return _CLASSES[key]
+
+
+def _patch(module: nn.Module, mixin: type, backend: str) -> None:
+    if not isinstance(module, mixin):
+        module.__class__ = _patched_class(type(module), mixin)
+    module._switch_dit_backend = backend
+
+
+def _rebuild(mixin: type, original: type) -> nn.Module:
+    obj = original.__new__(original)
+    obj.__class__ = _patched_class(original, mixin)
+    return obj
+
+
+class _Patched:
+    """Base of the mixins: copies and pickles as (original class, mixin), so the dynamic
+    subclass never has to be importable by name."""
+
+    _switch_dit_original: type
+    _switch_dit_mixin: type
+
+    def __reduce_ex__(self, protocol):
+        state = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+        return (_rebuild, (type(self)._switch_dit_mixin, type(self)._switch_dit_original), state)
+
+
+class _AcceleratedBlock(_Patched):
+    """forward(x, c, mask=None) of the reference DiTBlock, through the fused block ops."""
+
+    def forward(self, x, c, mask=None):
+        backend = self._switch_dit_backend
+        if not use_fused(backend, x):
+            return super().forward(x, c, mask)  # the reference code itself
+        return adaln_zero_block(x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=backend)
+
+
+class _AcceleratedFinalLayer(_Patched):
+    """forward(x, c) of the reference FinalLayer with LayerNorm + modulate fused."""
+
+    def forward(self, x, c):
+        backend = self._switch_dit_backend
+        if not use_fused(backend, x):
+            return super().forward(x, c)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ln_modulate(x, shift, scale, eps=self.norm_final.eps, backend=backend))
+
+
+class _AcceleratedDiT(_Patched):
+    """forward(x, t, y) of the reference DiT with sync-free routing (see the module doc)."""
+
+    def forward(self, x, t, y):
+        routing = self._switch_dit_routing
+        dmoe = routing == "DMoE"
+        if routing in ("DMoE", "DTR"):
+            T = self.full_time.shape[0] if dmoe else self.routers[0]._unit_mapping.shape[0]
+            check_timesteps(t, T, batch=x.shape[0])
+        t_all = None
+        if dmoe and self.training:
+            # The prior needs every timestep's gate: embed all T once, the batch gathers rows.
+            t_all = self.t_embedder(self.full_time)  # (T, D)
+            t_emb = t_all[t]
+        else:
+            t_emb = self.t_embedder(t)  # (B, D)
+        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        c = t_emb + self.y_embedder(y, self.training)  # (B, D)
+        table = None
+        if dmoe:
+            if t_all is not None:
+                table = self._switch_dit_gate_probs(t_all)  # (T, N, M)
+                probs = table[t]
+            else:
+                probs = self._switch_dit_gate_probs(t_emb)  # (B, N, M)
+            k = self.routers[0].k
+            idx = prior_lib.topk_indices(probs, k)  # (B, N, k), ties to the lower index
+            w = probs.gather(-1, idx)  # not renormalised, as the reference
+            for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
+                m = expert_mask(h, router.experts.w, router.experts.b, idx[:, i], w[:, i], backend=self._switch_dit_backend)
+                h = block(h, c, m)
+        elif routing == "DTR":
+            for router, block in zip(self.routers, self.blocks):
+                h = block(h, c, router._unit_mapping[t].unsqueeze(1))  # (B, 1, D)
+        else:
+            for block in self.blocks:
+                h = block(h, c, None)
+        out = self.unpatchify(self.final_layer(h, c))
+        if not self.training:
+            return out
+        if not dmoe:
+            return out, 0
+        return out, self.w_JSD * self._switch_dit_prior_loss(table, t)
+
+    def _switch_dit_gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """(R, D) timestep embeddings -> (R, N, M) gate probabilities of every block, >= float32."""
+        if self._switch_dit_one_gate_gemm:
+            weight = torch.cat([r.f_gate[1].weight for r in self.routers])  # (N*M, D)
+            bias = [r.f_gate[1].bias for r in self.routers]
+            bias = None if any(b is None for b in bias) else torch.cat(bias)
+            logits = F.linear(F.silu(t_emb), weight, bias).unflatten(-1, (len(self.routers), -1))
+        else:
+            logits = torch.stack([r.f_gate(t_emb) for r in self.routers], dim=-2)
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+    def _switch_dit_prior_loss(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """L_dp from the (T, N, M) gate table and the batch's timesteps (B,)."""
+        N, k = table.shape[1], self.routers[0].k
+        w_gate = prior_lib.activation_map(table, k)  # (T, N*M) 0/1, block-major as the reference
+        probs = table.flatten(1)[t]  # (B, N*M)
+        if self._switch_dit_prior == "reference":
+            self.prior.set_active_task(t)
+            return self.prior(probs, w_gate)
+        w_prior = self.prior._unit_mapping.to(device=table.device, dtype=torch.float32)
+        match = self._switch_dit_matcher_get()(prior_lib.matching_cost(w_gate, w_prior))
+        target = w_prior[t][:, match]
+        target = target / target.sum(-1, keepdim=True)
+        return self.prior.compute_JSD_loss(probs / N, target.to(probs.dtype))
+
+    def _switch_dit_matcher_get(self) -> prior_lib.AsyncAssignment:
+        matcher: Optional[prior_lib.AsyncAssignment] = self.__dict__.get("_switch_dit_matcher")
+        if matcher is None:
+            matcher = self.__dict__["_switch_dit_matcher"] = prior_lib.AsyncAssignment()
+        return matcher
+
+
+for _mixin in (_AcceleratedBlock, _AcceleratedFinalLayer, _AcceleratedDiT):
+    _mixin._switch_dit_mixin = _mixin
