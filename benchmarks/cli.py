@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"results folder (default: {RESULTS_DIR.relative_to(Path.cwd()) if _under_cwd(RESULTS_DIR) else RESULTS_DIR}; "
                         "a new temp dir with --smoke)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows already 'ok' in today's results file for this device and run the rest")
+                   help="keep the rows already 'ok' in today's results file for this device (in --out, else "
+                        "in benchmarks/results) and run the rest")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new case starts (default 540 on a GPU, none with --smoke)")
     p.add_argument("--repeats", type=int, default=None, help="timings per case (default 2 full, 1 quick/smoke)")
@@ -96,6 +98,12 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="switch-dit-bench-")) if mode == "smoke"
                                                else RESULTS_DIR)
     path = out_dir / f"{info['slug']}-{env.today()}.json"
+    kept = RESULTS_DIR / path.name
+    if args.resume and not path.exists() and kept.exists():
+        # On a lent machine results go to $OUT; the rows already kept in the repository
+        # (copied back after an earlier call) seed the file, so --resume continues them.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, path)
     timer = Timer(device, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cpu_warmup=s.cpu_warmup, cpu_iters=s.cpu_iters)
     ctx = Context(device=device, timer=timer, results=None, run_id=0, peaks={}, smoke=mode == "smoke",
                   repeats=s.repeats, resume=args.resume, compile_backend=args.compile_backend,

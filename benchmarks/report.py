@@ -2,6 +2,7 @@
 
     python -m benchmarks.report [FOLDER]             # rewrite FOLDER/README.md and FOLDER/chart.png
     python -m benchmarks.report [FOLDER] --section   # also print the README performance section
+    python -m benchmarks.report --readme README.md   # and write it between the README's markers
 
 FOLDER defaults to benchmarks/results. Everything is derived from the JSON files there;
 nothing is measured here, so this runs anywhere (the chart needs matplotlib).
@@ -71,6 +72,14 @@ def _ms_cell(row):
     return f"{ms['median']:.4g} ({ms['p20']:.4g}–{ms['p80']:.4g})"
 
 
+def _rerun(row):
+    """Largest relative difference of a re-timing from the median: below it, differences are noise."""
+    if not row["reruns_ms"]:
+        return "–"
+    med = row["ms"]["median"]
+    return f"{100 * max(abs(r - med) for r in row['reruns_ms']) / med:.1f}%"
+
+
 def _shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if k not in ("model", "depth"))
 
@@ -89,7 +98,7 @@ def file_section(path: Path, data: dict) -> str:
     for run in data["runs"]:
         v, g, mp = run["versions"], run["git"], run.get("measured_peaks") or {}
         commit = (g.get("commit") or "?")[:10] + (" (dirty)" if g.get("dirty") else "")
-        meas = (f"{mp['flops']['bf16'] / 1e12:.0f} TFLOP/s, {mp['bytes_per_s'] / 1e12:.2f} TB/s"
+        meas = (f"{mp['flops']['bf16'] / 1e12:.3g} TFLOP/s, {mp['bytes_per_s'] / 1e12:.3g} TB/s"
                 if mp.get("flops") else "–")
         out.append(f"| {run['id']} | `{run['command']}` | {run['mode']} | {commit} | {v.get('torch')} | "
                    f"{v.get('triton')} | {v.get('cuda')} | {run['timer']} | {meas} |")
@@ -105,14 +114,15 @@ def _ops_table(rows) -> list[str]:
     out = ["### Ops", "",
            "Time in ms: median (p20–p80). *vs ref*: reference time / this time (higher is faster). "
            "*× floor*: time over max(FLOPs, bytes) at the peak rates. TFLOP/s counts the op's least work "
-           "(one dense GEMM for the routed linear).", "",
-           "| op | shape | dtype | mode | variant | ms | vs ref | × floor | TFLOP/s | GB/s | wall ms | syncs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(one dense GEMM for the routed linear). *rerun*: the second timing's distance from the median "
+           "(differences below it are noise). *wall ms*: back-to-back calls, host overhead included.", "",
+           "| op | shape | dtype | mode | variant | ms | rerun | vs ref | × floor | TFLOP/s | GB/s | wall ms | syncs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ops:
         ref = _find(rows, suite="ops", bench=r["bench"], variant="reference", mode=r["mode"],
                     dtype=r["dtype"], shape=r["shape"])
         out.append(f"| {r['bench']} | {_shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['variant']} | "
-                   f"{_ms_cell(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
+                   f"{_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
                    f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['wall_ms'], '.4g')} | "
                    f"{_fmt(r['host_syncs'], '.0f')} |")
     return out + [""]
@@ -125,15 +135,15 @@ def _block_table(rows) -> list[str]:
     out = ["### Blocks", "",
            "1-block models (embedders, one block, final layer). *vs ref*: the same family's reference "
            "time / this time; *vs DiT ref*: the reference dense DiT block's time / this time.", "",
-           "| block | model | dtype | mode | variant | ms | vs ref | vs DiT ref | × floor | peak MiB | syncs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| block | model | dtype | mode | variant | ms | rerun | vs ref | vs DiT ref | × floor | peak MiB | syncs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in blocks:
         ref = _find(rows, suite="block", bench=r["bench"], variant="reference", mode=r["mode"], dtype=r["dtype"],
                     shape={"model": r["shape"]["model"], "B": r["shape"]["B"]})
         dense = _find(rows, suite="block", bench="DiT block", variant="reference", mode=r["mode"], dtype=r["dtype"],
                       shape={"model": "DiT-" + r["shape"]["model"].rsplit("-", 1)[1], "B": r["shape"]["B"]})
         out.append(f"| {r['bench']} | {r['shape']['model']} B={r['shape']['B']} | {r['dtype']} | {r['mode']} | "
-                   f"{r['variant']} | {_ms_cell(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
+                   f"{r['variant']} | {_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
                    f"{_fmt(_ratio(_ms(dense), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
                    f"{_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(r['host_syncs'], '.0f')} |")
     return out + [""]
@@ -185,7 +195,7 @@ def markdown(folder: Path) -> str:
     files = [(p, load(p)) for p in result_files(folder)]
     out = ["# Benchmark results", "",
            "Generated by `python -m benchmarks.report` from every results file in this folder "
-           "(newest first); edit the JSON files, not this page. How to run: ../README.md.", ""]
+           "(newest first); it is rebuilt from them, so do not edit it by hand. How to run: ../README.md.", ""]
     if (Path(folder) / CHART).exists():
         out += [f"![benchmarks]({CHART})", ""]
     if not files:
@@ -209,15 +219,16 @@ def chart(folder: Path, path: Path) -> bool:
     except ImportError:
         print("chart skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return False
+    if not result_files(folder):
+        return False  # nothing to draw
     newest: dict = {}
     for p in result_files(folder):
         data = load(p)
         newest[data["device"]["slug"]] = data
-    devices = list(newest.values())[-3:] or [None]
+    devices = list(newest.values())[-3:]
     fig, axes = plt.subplots(len(devices), 3, figsize=(16, 4.2 * len(devices)), squeeze=False)
     for row_axes, data in zip(axes, devices):
-        rows = [] if data is None else _ok(data["rows"])
-        title = "no results" if data is None else data["device"]["name"]
+        rows, title = _ok(data["rows"]), data["device"]["name"]
         _bars(row_axes[0], [r for r in rows if r["bench"] == "routed_linear" and r["mode"] == "fwd+bwd"],
               lambda r: f"D={r['shape']['D']}", "ms", f"{title}\nrouted linear fwd+bwd (ms, log)", log=True)
         _bars(row_axes[1], [r for r in rows if r["suite"] == "block" and r["mode"] == "fwd+bwd"],
@@ -275,7 +286,8 @@ def performance_section(folder: Path = RESULTS_DIR) -> str:
     run = data["runs"][-1]
     v = run["versions"]
     commit = (run["git"].get("commit") or "?")[:10]
-    lines.append(f"Measured on {data['device']['name']} with `{run['command']}` (torch {v.get('torch')}, "
+    commands = ", ".join(dict.fromkeys(f"`{r['command']}`" for r in data["runs"]))
+    lines.append(f"Measured on {data['device']['name']} with {commands} (torch {v.get('torch')}, "
                  f"triton {v.get('triton')}, CUDA {v.get('cuda')}, commit {commit}); every figure, with its "
                  f"spread and baselines, is in benchmarks/results/ (`{path.name}`).")
     if data["device"]["kind"] != "cuda":
@@ -348,6 +360,26 @@ def _target_rows(rows):
                ", ".join(f"{v}: {n:.0f}" for v, n in syncs), "fast: 0")
 
 
+README_START = "<!-- benchmarks:start -->"
+README_END = "<!-- benchmarks:end -->"
+
+
+def update_readme(readme: Path, folder: Path = RESULTS_DIR) -> bool:
+    """Replace the text between the two markers of ``readme`` by the performance section.
+
+    Returns False (and changes nothing) when the markers are missing: put
+    ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->`` on lines of their own
+    where the section belongs.
+    """
+    text = Path(readme).read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(readme).write_text(f"{head}{README_START}\n{performance_section(folder)}{README_END}{tail}")
+    return True
+
+
 # ------------------------------------------------------------------ entry
 
 
@@ -367,6 +399,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", default=str(RESULTS_DIR))
     p.add_argument("--section", action="store_true", help="print the README performance section")
+    p.add_argument("--readme", default=None,
+                   help="also rewrite the performance section of this README between the markers "
+                        f"{README_START} and {README_END}")
     p.add_argument("--json", action="store_true", help="print a one-line summary of the folder's files as JSON")
     args = p.parse_args(argv)
     written = regenerate(Path(args.folder))
@@ -374,6 +409,11 @@ def main(argv=None) -> int:
     if args.section:
         print()
         print(performance_section(Path(args.folder)))
+    if args.readme:
+        if update_readme(Path(args.readme), Path(args.folder)):
+            print(f"updated the performance section of {args.readme}")
+        else:
+            print(f"{args.readme} has no {README_START} / {README_END} markers: nothing changed", file=sys.stderr)
     if args.json:
         print(json.dumps({p.name: len(load(p)["rows"]) for p in result_files(Path(args.folder))}))
     return 0

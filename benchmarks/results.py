@@ -136,8 +136,9 @@ def load(path: Path) -> dict:
 
 
 def result_files(folder: Path) -> list[Path]:
-    """Kept result files of a folder, oldest first (names end in the date)."""
-    return sorted(p for p in Path(folder).glob("*.json") if not p.name.startswith("."))
+    """Kept result files of a folder, oldest first by the date that ends their names."""
+    files = [p for p in Path(folder).glob("*.json") if not p.name.startswith(".")]
+    return sorted(files, key=lambda p: (p.stem[-10:], p.name))
 
 
 def validate(data: dict) -> None:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters, flops
-from .adapters import Unavailable
 from .modes import mode_runner
 from .official import official_expert_mask
 from .runner import Case, Context

@@ -141,6 +141,36 @@ def test_report_targets_from_known_numbers(tmp_path):
     assert "### Skipped and failed" in table and "time limit reached" in table
 
 
+def test_readme_section_is_written_between_markers(tmp_path):
+    folder = _gpu_results(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.README_START}\nold\n{report.README_END}\n\nafter\n")
+    assert report.update_readme(readme, folder)
+    text = readme.read_text()
+    assert "old" not in text and "## Performance" in text and text.endswith("after\n")
+    assert report.update_readme(readme, folder) and readme.read_text() == text  # idempotent
+    plain = tmp_path / "plain.md"
+    plain.write_text("# no markers\n")
+    assert not report.update_readme(plain, folder)
+
+
+def test_resume_continues_a_kept_file(smoke, tmp_path, monkeypatch):
+    """--resume seeds the output folder from benchmarks/results (how a lent machine, which
+    returns only $OUT, continues a file) and reruns only the rows that are not ok."""
+    out, data, _ = smoke
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    name = result_files(out)[0].name
+    (kept / name).write_text((out / name).read_text())
+    monkeypatch.setattr(cli, "RESULTS_DIR", kept)
+    new_out = tmp_path / "out"
+    assert cli.main(["--smoke", "--resume", "--out", str(new_out), "--no-report"]) == 0
+    resumed = load(new_out / name)
+    assert len(resumed["runs"]) == len(data["runs"]) + 1
+    assert resumed["runs"][-1]["counts"]["resumed"] == sum(r["status"] == "ok" for r in data["rows"])
+    assert len(resumed["rows"]) == len(data["rows"])
+
+
 def test_results_merge_resume_and_failures(tmp_path):
     """A second run on the same file keeps the first run's rows, replaces rows with the same
     key, and --resume skips what is already ok; failures become rows, never crashes."""
