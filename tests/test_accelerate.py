@@ -152,7 +152,7 @@ class TaskMoE(nn.Module):
         batch_index, batch_gates = pos.div(self.k, rounding_mode="trunc"), flat_g[pos]
         expert_size = (dense > 0).long().sum(0)
         out = self.experts(x[batch_index].reshape(-1, D), expert_size * L).view(-1, L, D) * batch_gates[:, None, None]
-        out = torch.zeros_like(x).index_add(0, batch_index, out.to(x.dtype))
+        out = torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add(0, batch_index, out)
         return 1 + out, a_probs, quantized
 
 
