@@ -86,5 +86,11 @@ def use_official_routers(model) -> None:
     def forward(router, z, topk_idx, topk_w, backend="auto"):
         return official_expert_mask(z, router.experts.w, router.experts.b, topk_idx, topk_w)
 
+    def mask_and_apply(router, z, topk_idx, topk_w):
+        m = forward(router, z, topk_idx, topk_w)
+        return m, z * m
+
     for router in model.routers:
         router.forward = types.MethodType(forward, router)
+        # The fused block path asks for (m, z * m) in one call; cover it too.
+        router.mask_and_apply = types.MethodType(mask_and_apply, router)

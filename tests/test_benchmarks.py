@@ -281,6 +281,28 @@ def test_official_algorithm_equals_the_reference_router():
         torch.testing.assert_close(c, a)
 
 
+def test_official_routers_take_over_a_model(monkeypatch):
+    """The block and step 'official' variants really run the official algorithm, and the
+    model computes the same function with it."""
+    from benchmarks import official
+    from benchmarks.modelkit import randomize_zero_parameters
+    from switch_dit import models
+
+    torch.manual_seed(0)
+    model = models.create("Switch-DiT-S/2", hidden_size=32, num_heads=2, depth=2, input_size=8,
+                          num_classes=10, backend="reference").double().eval()
+    randomize_zero_parameters(model)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    t, y = torch.tensor([5, 500, 999]), torch.tensor([1, 2, 3])
+    want = model(x, t, y)
+    calls = []
+    apply = official.GroupedLinear.apply
+    monkeypatch.setattr(official.GroupedLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    official.use_official_routers(model)
+    torch.testing.assert_close(model(x, t, y), want)
+    assert len(calls) == 2  # one grouped linear per block
+
+
 @pytest.mark.parametrize("name, bf16", [
     ("NVIDIA H100 80GB HBM3", 790e12), ("NVIDIA H200", 790e12), ("NVIDIA A100-SXM4-80GB", 280e12),
 ])
