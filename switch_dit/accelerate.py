@@ -30,6 +30,11 @@ Reference semantics kept:
   - L_dp = JSD(p_tot(t_b) / N || matched w_prior[t_b] / (k N)), averaged over the batch,
     through the model's own ``prior.compute_JSD_loss`` and ``prior._unit_mapping``.
 
+Other methods of the model (``forward_with_cfg``, ``unpatchify``, ``initialize_weights``)
+are the reference's, unchanged; ``forward_with_cfg`` runs the patched forward. Under
+``torch.compile`` the eval forward traces as one graph; in training the prior's
+Hungarian solve (host work) is a graph break.
+
 Differences (documented, by design):
   - Routing without host syncs: all N gates are one GEMM, the k expert GEMMs are one
     mixed-weight GEMM; the routers' own ``forward`` is not called (so their hooks do not

@@ -114,6 +114,14 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
         self.initialize_weights()
 
+    def __getstate__(self) -> dict:
+        # The matcher may hold a CUDA event and pinned buffers, which cannot be copied:
+        # deepcopy (EMA) and pickle give the copy a fresh matcher instead.
+        state = self.__dict__.copy()
+        if "_matcher" in state:
+            state["_matcher"] = prior_lib.AsyncAssignment()
+        return state
+
     def set_backend(self, backend: str) -> "DiT":
         """Switch every block, router and the final layer to ``backend`` ("auto", "reference" or "triton")."""
         self.backend = check_backend(backend)

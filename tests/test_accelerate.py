@@ -462,6 +462,15 @@ def test_copies_and_pickles_stay_accelerated():
         torch.testing.assert_close(copy_(x, t, y), want, rtol=0, atol=0)
 
 
+def test_patched_model_compiles_fullgraph():
+    ref = build("DMoE", seed=10).eval()
+    fast = switch_dit.accelerate(copy.deepcopy(ref), backend="triton")
+    x, t, y = inputs(ref)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel(compiled(x, t, y), ref(x, t, y)) < 1e-5
+
+
 def test_patching_again_changes_the_settings():
     model = switch_dit.accelerate(build("DMoE"), backend="triton")
     cls = type(model.blocks[0])

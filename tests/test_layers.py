@@ -310,3 +310,23 @@ def test_gpu_bf16_block_and_router(kind):
     assert rel(got, want) <= 2 * rel(base, want) + 1e-3
     m_want = router_ref(x, idx, w)
     assert rel(m_got, m_want) <= 2 * rel(m_base, m_want) + 1e-3
+
+
+# ---------------------------------------------------------------------------- models.DiT
+
+
+def test_switch_dit_model_copies_with_a_live_matcher():
+    """After CUDA steps the prior's matcher holds an event (not copyable): copies get a fresh one."""
+    import copy
+    import pickle
+    import threading
+
+    from switch_dit.models import create
+
+    model = create("Switch-DiT-S/2", input_size=4, hidden_size=8, depth=1, num_heads=2, num_timesteps=10, num_classes=2)
+    model._matcher._event = threading.Lock()  # stands in for a CUDA event: neither copies nor pickles
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._matcher is not model._matcher and twin._matcher.perm is None
+        assert model._matcher._event is not None
+        for a, b in zip(twin.state_dict().values(), model.state_dict().values()):
+            assert torch.equal(a, b)
