@@ -63,11 +63,20 @@ CHECKPOINT_FORMAT = 1
 class TrainConfig:
     """Everything a run depends on; the CLI fills it, config.json records it.
 
-    The default model is Switch-DiT-S/2 shrunk to hidden 128, depth 4, 4 heads
-    (hidden_size/depth/num_heads = 0 keep the size the model name gives).
+    The defaults are chosen to train in about three minutes on two CPU cores:
+    - Switch-DiT-S/4 shrunk to hidden 128, depth 4, 4 heads (hidden_size/depth/num_heads
+      = 0 keep the size the model name gives). Patch 4 on the 16x16 upsampled digits is
+      patch 2 on the original 8x8 pixels: 16 tokens, a quarter of the cost of /2.
+    - AdamW lr 2e-3 with 100 warm-up steps. DiT's 1e-4 is for batch 256 and 400k steps;
+      measured here (batch 64, seed 0), lr 3e-4 had not left the blurry stage after
+      1000 steps, 1e-3 needed ~2000 steps for 90 % recognisable samples, 2e-3 reached
+      it by 1500.
+    - 1500 steps of batch 64 (~67 epochs of the 1438 training digits).
+    - DDIM with 50 steps and guidance 4 (DiT's value for its sample grids): 100 %
+      recognised at step 1500 against 94 % with guidance 2.
     """
 
-    model: str = "Switch-DiT-S/2"
+    model: str = "Switch-DiT-S/4"
     hidden_size: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -76,7 +85,7 @@ class TrainConfig:
     image_size: int = 16
     steps: int = 1500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -89,8 +98,8 @@ class TrainConfig:
     sample: bool = True
     sample_method: str = "ddim"
     sample_steps: int = 50
-    cfg_scale: float = 2.0
-    samples_per_class: int = 10
+    cfg_scale: float = 4.0
+    samples_per_class: int = 20
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -279,7 +288,7 @@ def generate(
     *,
     method: str = "ddim",
     steps: int = 50,
-    cfg_scale: float = 2.0,
+    cfg_scale: float = 4.0,
     seed: int = 0,
     noise_schedule: str = "cosine",
     progress: bool = False,
@@ -287,7 +296,10 @@ def generate(
     """Guided samples (N, C, S, S) for labels (N,) on the model's device.
 
     The 1000-step process is respaced to ``steps`` ("ddimN" spacing for DDIM, even
-    spacing for DDPM); the model always sees original timesteps.
+    spacing for DDPM); the model always sees original timesteps. The predicted x0 is
+    clipped to the data range [-1, 1] at every step (as ADM does for pixels): near
+    t = T the cosine schedule divides the model's epsilon error by sqrt(abar_t) ~ 0,
+    and without the clip a small model's samples stay noise.
     """
     respacing = f"ddim{steps}" if method == "ddim" else str(steps)
     diffusion = create_diffusion(timestep_respacing=respacing, noise_schedule=noise_schedule, learn_sigma=True)
@@ -297,7 +309,8 @@ def generate(
     model.eval()
     try:
         x = diffusion_sample(
-            model, diffusion, labels, cfg_scale=cfg_scale, method=method, generator=generator, progress=progress
+            model, diffusion, labels, cfg_scale=cfg_scale, method=method, generator=generator, progress=progress,
+            clip_denoised=True,
         )
     finally:
         model.train(was_training)
