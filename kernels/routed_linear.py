@@ -24,7 +24,7 @@ interpreter one fixed config is launched (autotune needs a GPU).
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
@@ -123,6 +123,19 @@ def _mixed_matmul_kernel(
 
 
 @triton.jit
+def _scaled_add(acc, p, ev, cv, E: tl.constexpr):
+    """acc + (sum_j cv[j] [ev[j] == E]) * p: expert E's share of one sample's P tile."""
+    return acc + tl.sum(tl.where(ev == E, cv, 0.0), axis=0) * p
+
+
+@triton.jit
+def _store_tile(dw_chunk, expert_size, tile_offs, acc, mask, E: tl.constexpr, N_ACC: tl.constexpr):
+    """Expert E's tile of the chunk's partial (skipped at compile time for E >= N_ACC)."""
+    if E < N_ACC:
+        tl.store(dw_chunk + E * expert_size + tile_offs, acc, mask=mask)
+
+
+@triton.jit
 def _mixed_wgrad_kernel(
     x_ptr, g_ptr, w_ptr, idx_ptr, coef_ptr, dw_ptr, dgp_ptr, cs_ptr,
     B, L, DI, DO, NUM_E, CHUNK,
@@ -130,19 +143,33 @@ def _mixed_wgrad_kernel(
     s_gb, s_gl, s_go,
     s_we, s_wi, s_wo,
     s_ib, s_ij, s_cb, s_cj,
-    TOPK: tl.constexpr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, NEED_CS: tl.constexpr, IEEE: tl.constexpr,
+    N_ACC: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Weight, gate and bias-gradient partials from P_b = x_b^T g_b, one (DI, DO) tile per program.
 
     Grid (cdiv(DI, BLOCK_I) * cdiv(DO, BLOCK_O), n_chunks); program (t, s) walks the samples
     [s*CHUNK, (s+1)*CHUNK) in order and, for each, computes its P_b tile once, then
-      dw[s, e] += c_bj * P_b tile   for each slot j, e = idx[b, j]
-                 (fp32, contiguous (n_chunks, NUM_E, DI, DO); the program owns its tile of
-                 every expert of its chunk, so no atomics and a fixed summation order)
+      dw[s, e] = sum over the chunk's (b, j) with idx[b, j] = e of c_bj * P_b tile
+                 (fp32, contiguous (n_chunks, NUM_E, DI, DO); every expert's tile is written,
+                 zero for an expert that no sample of the chunk picked; the caller sums the
+                 chunks in order: no atomics, a fixed summation order)
       dgp[b, j, t] = <P_b tile, W_e tile>      (fp32, contiguous (B, TOPK, n_tiles))
       cs[b, :] = sum_l g_b[l, :]               (fp32 (B, DO); programs of the first DI tile)
+
+    N_ACC = NUM_E (1..8): register accumulation. The tiles of all experts stay in registers,
+    acc_e += coef_e * P_b with coef_e = sum_j c_bj [idx_bj = e], and are stored once at the
+    end of the chunk. They are N_ACC separate 2-D accumulators rather than one 3-D
+    (M_PAD, BLOCK_I, BLOCK_O) tensor (the same arithmetic): each stays in the layout of the
+    tl.dot result, while broadcasting P_b to 3-D makes Triton move every P_b tile through
+    shared memory into a slice of a 3-D blocked layout (and back for the store), and pads M
+    to a power of two (M = 3 holds 4 tiles). Unused accumulators (E >= N_ACC) are never
+    updated or stored and are removed by the compiler.
+    N_ACC = 0 (more experts than registers hold): fallback, a fp32 read-modify-write of the
+    expert's tile in dw per (sample, slot): B*k*DI*DO*8 bytes of traffic.
+    K_PAD: next power of two >= TOPK (the slots are loaded as one vector).
     """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -154,21 +181,32 @@ def _mixed_wgrad_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_l = tl.arange(0, BLOCK_L)
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < TOPK
     mask_i = offs_i < DI
     mask_o = offs_o < DO
     tile_mask = mask_i[:, None] & mask_o[None, :]
     tile_offs = offs_i[:, None] * DO + offs_o[None, :]
     w_offs = offs_i[:, None] * s_wi + offs_o[None, :] * s_wo
-    expert_size = DI * DO
+    expert_size = DI.to(tl.int64) * DO  # M * DI * DO can pass 2^31
     dw_chunk = dw_ptr + pid_s * NUM_E * expert_size
 
+    acc0 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
     if NEED_DW:
-        # Zero this program's tile of every expert (an expert may get no sample). The
-        # read-modify-writes below use the same pointer expression, hence the same
-        # thread owns the same elements: program order is all the ordering needed.
-        zero = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
-        for e0 in range(0, NUM_E):
-            tl.store(dw_chunk + e0 * expert_size + tile_offs, zero, mask=tile_mask)
+        if N_ACC == 0:
+            # Zero this program's tile of every expert (an expert may get no sample). The
+            # read-modify-writes below use the same pointer expression, hence the same
+            # thread owns the same elements: program order is all the ordering needed.
+            zero = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+            for e0 in range(0, NUM_E):
+                tl.store(dw_chunk + e0 * expert_size + tile_offs, zero, mask=tile_mask)
 
     b0 = pid_s * CHUNK
     n_b = tl.minimum(B - tl.program_id(1) * CHUNK, CHUNK)  # int32 loop bound
@@ -196,17 +234,52 @@ def _mixed_wgrad_kernel(
         if NEED_CS:
             if pid_i == 0:
                 tl.store(cs_ptr + b * DO + offs_o, cs, mask=mask_o)
+        if NEED_DW:
+            if N_ACC > 0:
+                # The sample's k (expert, coefficient) pairs; padding slots match no expert.
+                ev = tl.load(idx_ptr + b * s_ib + offs_k * s_ij, mask=mask_k, other=-1)
+                cv = tl.load(coef_ptr + b * s_cb + offs_k * s_cj, mask=mask_k, other=0.0).to(tl.float32)
+                acc0 = _scaled_add(acc0, p, ev, cv, 0)
+                if N_ACC > 1:
+                    acc1 = _scaled_add(acc1, p, ev, cv, 1)
+                if N_ACC > 2:
+                    acc2 = _scaled_add(acc2, p, ev, cv, 2)
+                if N_ACC > 3:
+                    acc3 = _scaled_add(acc3, p, ev, cv, 3)
+                if N_ACC > 4:
+                    acc4 = _scaled_add(acc4, p, ev, cv, 4)
+                if N_ACC > 5:
+                    acc5 = _scaled_add(acc5, p, ev, cv, 5)
+                if N_ACC > 6:
+                    acc6 = _scaled_add(acc6, p, ev, cv, 6)
+                if N_ACC > 7:
+                    acc7 = _scaled_add(acc7, p, ev, cv, 7)
         for j in tl.static_range(TOPK):
             e = tl.load(idx_ptr + b * s_ib + j * s_ij).to(tl.int64)
             if NEED_DW:
-                c = tl.load(coef_ptr + b * s_cb + j * s_cj).to(tl.float32)
-                acc_ptrs = dw_chunk + e * expert_size + tile_offs
-                cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
-                tl.store(acc_ptrs, cur + c * p, mask=tile_mask)
+                if N_ACC == 0:
+                    c = tl.load(coef_ptr + b * s_cb + j * s_cj).to(tl.float32)
+                    acc_ptrs = dw_chunk + e * expert_size + tile_offs
+                    cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
+                    tl.store(acc_ptrs, cur + c * p, mask=tile_mask)
             if NEED_DG:
                 w = tl.load(w_ptr + e * s_we + w_offs, mask=tile_mask, other=0.0)
-                part = tl.sum(tl.sum(p * w.to(tl.float32), axis=1), axis=0)
+                # One all-axes sum: it reduces in the tl.dot layout (a reordering reshape),
+                # where a row-then-column sum converted the product to a blocked layout
+                # through shared memory, once per slot and sample.
+                part = tl.sum(p * w.to(tl.float32))
                 tl.store(dgp_ptr + (b * TOPK + j) * n_tiles + pid_t, part)
+
+    if NEED_DW:
+        if N_ACC > 0:
+            _store_tile(dw_chunk, expert_size, tile_offs, acc0, tile_mask, 0, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc1, tile_mask, 1, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc2, tile_mask, 2, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc3, tile_mask, 3, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc4, tile_mask, 4, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc5, tile_mask, 5, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc6, tile_mask, 6, N_ACC)
+            _store_tile(dw_chunk, expert_size, tile_offs, acc7, tile_mask, 7, N_ACC)
 
 
 # --------------------------------------------------------------------------- configs
@@ -214,7 +287,7 @@ def _mixed_wgrad_kernel(
 # Under the interpreter: one fixed config (big tiles = few programs = fast on CPU; the
 # tests pass smaller ones through `config=` to cross tile edges).
 _INTERP_FWD = dict(BLOCK_L=32, BLOCK_N=32, BLOCK_K=32)
-_INTERP_WGRAD = dict(BLOCK_I=32, BLOCK_O=32, BLOCK_L=32)
+_INTERP_WGRAD = dict(BLOCK_I=128, BLOCK_O=128, BLOCK_L=32)
 
 
 def _fwd_configs(fp32: bool):
@@ -229,33 +302,112 @@ def _fwd_default(fp32: bool):
     return dict(BLOCK_L=128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, num_warps=8, num_stages=3)
 
 
-# The wgrad tile (BLOCK_I, BLOCK_O) fixes the chunk count and so the size of the partial
-# buffer: it is chosen by the launcher, only the depth of the L loop is tuned.
-def _wgrad_tile(di: int, do: int):
-    return 64 if di * do <= 512 * 512 else 128
+# Weight-gradient kernel. Experts held in registers: up to 8 (N_ACC = M); beyond that the
+# read-modify-write fallback (N_ACC = 0).
+#
+# The tile (BLOCK_I, BLOCK_O) fixes the chunk count and the shapes of the partial buffers,
+# so the launcher chooses it; autotuning only picks the L depth and the stages. Register
+# budget, measured with ptxas for sm_90 and sm_80 with triton 3.8 and 3.6
+# (tests/test_routed_linear.py::test_wgrad_kernel_registers_no_spills): besides the
+# accumulators the kernel holds ~110-150 registers per thread (the P tile, the colsum, the
+# <P, W_e> product, load addresses and masks), and each expert's 64x64 fp32 tile adds 16 at
+# 8 warps. Default configs (8 warps, 3 stages), none of which spills:
+#   'lp' / 'tf32' (MMA): M <= 4: 64x64 (bf16, M = 3: 181 registers on sm_90, 212-238 on
+#                        sm_80; M = 4 on sm_80 with triton 3.6: 253);
+#                        M 5..8: 64x32 (M = 8 at 64x64 reaches 240-255, fp32 spills);
+#                        M > 8, fallback: 64x64 (128x128 spills, as it did in the RMW-only kernel).
+#   'ieee' (fp32 with TF32 off, FMA dot: each thread holds its rows of x^T and columns of dA
+#   over the whole BLOCK_L in registers, and BLOCK_L >= 16 is required by triton 3.6's
+#   tl.dot): 64x32 for M <= 4 and for the fallback, 32x32 for M 5..8.
+# Always 8 warps: 4 warps halve the register file per thread, and even 64x64 with one expert
+# spills with them (bf16 on triton 3.6: 32-52 bytes; tf32 on 3.8: 20-36). 128-wide tiles with
+# M >= 3 leave no margin either (248-255 registers).
+_MAX_REG_EXPERTS = 8
 
 
-def _wgrad_configs(fp32: bool):
-    ls = (16, 32) if fp32 else (32, 64)
-    return [triton.Config(dict(BLOCK_L=bl), num_warps=w, num_stages=s)
-            for bl in ls for w in (4, 8) for s in (2, 3)]
+def _wgrad_plan(num_experts: int, prec: str = "lp"):
+    """(BLOCK_I, BLOCK_O, N_ACC) of the weight-gradient kernel on a GPU."""
+    n_acc = num_experts if num_experts <= _MAX_REG_EXPERTS else 0
+    if prec == "ieee":
+        return (32, 32, n_acc) if num_experts > 4 and n_acc else (64, 32, n_acc)
+    if num_experts > 4 and n_acc:
+        return 64, 32, n_acc
+    return 64, 64, n_acc
 
 
-def _wgrad_default(fp32: bool):
-    return dict(BLOCK_L=32 if fp32 else 64, num_warps=8, num_stages=3)
+def _wgrad_prec(dtype: torch.dtype, ieee: int) -> str:
+    """'lp' (fp16/bf16 MMA), 'tf32' (fp32 MMA) or 'ieee' (fp32 FMA dot: operands in registers)."""
+    if dtype != torch.float32:
+        return "lp"
+    return "ieee" if ieee else "tf32"
+
+
+# L depths (first = default). 'ieee' gets .maxnreg 255: without it ptxas aims at 128
+# registers (two programs per SM) for some of these kernels and spills 12-36 bytes. The MMA
+# kernels keep ptxas' choice (M = 5: 128 registers, no spill, two programs per SM; 152 when
+# forced to 255); a few autotuning candidates on sm_80 (M = 1) get 128 registers and 8-20
+# bytes of spill that way, and the autotuner times them against the others.
+_WGRAD_L = dict(lp=(64, 32), tf32=(16, 32), ieee=(16,))
+
+
+def _wgrad_extra(prec: str) -> dict:
+    return dict(maxnreg=255) if prec == "ieee" else {}
+
+
+def _wgrad_configs(prec: str):
+    return [triton.Config(dict(BLOCK_L=bl), num_warps=8, num_stages=s, **_wgrad_extra(prec))
+            for bl in _WGRAD_L[prec] for s in (3, 2)]
+
+
+def _wgrad_default(prec: str):
+    return dict(BLOCK_L=_WGRAD_L[prec][0], num_warps=8, num_stages=3, **_wgrad_extra(prec))
+
+
+# Chunk-count model (see _wgrad_chunks): achieved MMA rate per SM of this kernel and the
+# device memory bandwidth. Rough H100 figures (DESIGN.md §4: 790 TFLOP/s bf16 dense over
+# 132 SMs = 6 TFLOP/s per SM, of which a 64x64 tile with one program per SM gets maybe 40%);
+# only their ratio matters, and only where two chunk counts come out close.
+_SM_RATE = dict(lp=2.5e12, tf32=1.2e12, ieee=0.25e12)  # FLOP/s per SM
+_MEM_BW = 3.0e12  # bytes/s
+
+
+@functools.lru_cache(maxsize=256)
+def _wgrad_chunks(B, L, n_tiles, tile_elems, part_bytes, rmw_bytes, prec, sms):
+    """Number of sample chunks that minimises the modelled time of the weight-gradient pass.
+
+    Every program of the grid (n_tiles, chunks) does the same work, ceil(B / chunks) samples
+    of one tile, and with 150-250 registers per thread an SM mostly runs one program at a
+    time: the GEMM time is waves * per_chunk * t_sample. Each chunk beyond the first costs a
+    part_bytes fp32 partial (M, DI, DO) written by the kernel and read back by the ordered
+    sum, so with register accumulation few long chunks win: one chunk when the tiles alone
+    fill the device (D = 1152: 324 tiles of 64x64), a few when they do not (D = 384, 36
+    tiles: 3 chunks on 132 SMs). rmw_bytes: the fallback's read-modify-write traffic per
+    sample and tile, served at one SM's share of the bandwidth.
+    """
+    t_sample = 2.0 * tile_elems * max(L, 1) / _SM_RATE[prec] + rmw_bytes * sms / _MEM_BW
+    best, best_t = 1, None
+    for c in range(1, min(B, 256) + 1):
+        per = triton.cdiv(B, c)
+        c = triton.cdiv(B, per)  # no empty chunk
+        waves = triton.cdiv(n_tiles * c, sms)
+        t = waves * per * t_sample + (part_bytes if c == 1 else 2 * c * part_bytes) / _MEM_BW
+        if best_t is None or t < best_t * (1 - 1e-9):
+            best, best_t = c, t
+    return best
 
 
 _TUNED: dict = {}
 
 
-def _tuned(name: str, fp32: bool):
+def _tuned(name: str, prec: str, n_acc: int = 0, bi: int = 0, bo: int = 0):
     """Autotuned wrapper of a kernel, built on first use on a GPU (never under the interpreter)."""
-    key = (name, fp32)
+    key = (name, prec, n_acc, bi, bo)
     if key not in _TUNED:
         if name == "fwd":
-            _TUNED[key] = triton.autotune(_fwd_configs(fp32), key=["L", "N", "K_DIM", "TOPK"])(_mixed_matmul_kernel)
+            _TUNED[key] = triton.autotune(_fwd_configs(prec != "lp"), key=["L", "N", "K_DIM", "TOPK"])(
+                _mixed_matmul_kernel)
         else:
-            _TUNED[key] = triton.autotune(_wgrad_configs(fp32), key=["L", "DI", "DO", "TOPK", "BLOCK_I"])(
+            _TUNED[key] = triton.autotune(_wgrad_configs(prec), key=["L", "DI", "DO", "TOPK"])(
                 _mixed_wgrad_kernel)
     return _TUNED[key]
 
@@ -332,7 +484,7 @@ def mixed_matmul(a, weight, bias, idx, coef, *, transpose_weight=False, add_one=
     else:
         def grid(meta):
             return (triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(N, meta["BLOCK_N"]), B)
-        _tuned("fwd", fp32)[grid](*args, **flags)
+        _tuned("fwd", "fp32" if fp32 else "lp")[grid](*args, **flags)
     return y, z
 
 
@@ -342,26 +494,34 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     x (B, L, DI), grad (B, L, DO), same dtype, any strides; weight (M, DI, DO).
     dw_part (S, M, DI, DO) fp32 (sum over dim 0 in order gives dW), dg_part (B, k, T) fp32
     (sum over dim 2 gives <P_b, W_e>), colsum (B, DO) fp32; None where not asked for.
-    chunks: number S of sample chunks (default: enough programs for one wave).
+    chunks: number S of sample chunks (default: _wgrad_chunks' model).
+    config: BLOCK_I, BLOCK_O, BLOCK_L (+ num_warps, num_stages), and optionally N_ACC
+    (M: register accumulation, needs M <= 8; 0: the read-modify-write fallback).
     """
     _check_device(x)
     B, L, DI = x.shape
     M, _, DO = weight.shape
     topk = idx.shape[1]
-    fp32 = x.dtype == torch.float32
+    ieee = _ieee(x.dtype, x.device)
+    prec = _wgrad_prec(x.dtype, ieee)
+    bi, bo, n_acc = _wgrad_plan(M, prec)
     if config is not None:
         cfg = dict(config)
     elif INTERPRET:
         cfg = dict(_INTERP_WGRAD)
     else:
-        t = _wgrad_tile(DI, DO)
-        cfg = dict(BLOCK_I=t, BLOCK_O=t, **({} if AUTOTUNE else _wgrad_default(fp32)))
-    n_tiles = triton.cdiv(DI, cfg["BLOCK_I"]) * triton.cdiv(DO, cfg["BLOCK_O"])
+        cfg = dict(BLOCK_I=bi, BLOCK_O=bo, **({} if AUTOTUNE else _wgrad_default(prec)))
+    n_acc = int(cfg.pop("N_ACC", n_acc))
+    if n_acc not in (0, M) or (n_acc and M > _MAX_REG_EXPERTS):
+        raise ValueError(f"N_ACC must be 0 or M = {M} (M <= {_MAX_REG_EXPERTS}), got {n_acc}")
+    if not need_dw:
+        n_acc = 0  # no accumulators (and one compiled variant fewer)
+    bi, bo = cfg["BLOCK_I"], cfg["BLOCK_O"]
+    n_tiles = triton.cdiv(DI, bi) * triton.cdiv(DO, bo)
     if chunks is None:
-        # One wave of programs, but the partial buffer stays small (it is written and
-        # summed once more): at most 32 MiB beyond the first chunk.
-        chunks = max(1, math.ceil(_num_sms(x.device) / max(n_tiles, 1)))
-        chunks = min(chunks, max(1, (32 << 20) // max(1, 4 * M * DI * DO)))
+        part_bytes = 4.0 * M * DI * DO if need_dw else 0.0
+        rmw_bytes = 8.0 * topk * bi * bo if need_dw and n_acc == 0 else 0.0
+        chunks = _wgrad_chunks(B, L, n_tiles, bi * bo, part_bytes, rmw_bytes, prec, _num_sms(x.device))
     chunks = max(1, min(int(chunks), max(B, 1)))
     per_chunk = triton.cdiv(max(B, 1), chunks)
     chunks = triton.cdiv(max(B, 1), per_chunk)  # no empty chunk
@@ -380,16 +540,16 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     args = (x, grad, weight, idx, coef, dw if need_dw else scratch, dgp if need_dg else scratch,
             cs if need_cs else scratch, B, L, DI, DO, M, per_chunk,
             *x.stride(), *grad.stride(), *weight.stride(), *idx.stride(), *coef.stride())
-    flags = dict(TOPK=topk, NEED_DW=int(need_dw), NEED_DG=int(need_dg), NEED_CS=int(need_cs),
-                 IEEE=_ieee(x.dtype, x.device))
+    flags = dict(TOPK=topk, K_PAD=triton.next_power_of_2(topk), NEED_DW=int(need_dw), NEED_DG=int(need_dg),
+                 NEED_CS=int(need_cs), IEEE=ieee, N_ACC=n_acc)
     grid = (n_tiles, chunks)
     if config is not None or INTERPRET or not AUTOTUNE:
         if "BLOCK_L" not in cfg:
-            cfg.update(_wgrad_default(fp32))
+            cfg.update(_wgrad_default(prec))
         _mixed_wgrad_kernel[grid](*args, **flags, **cfg)
     else:
-        # Tuning reruns the kernel: harmless, it zeroes its own partial tiles first.
-        _tuned("wgrad", fp32)[grid](*args, **flags, **cfg)
+        # Tuning reruns the kernel: harmless, every output element is written, not accumulated.
+        _tuned("wgrad", prec, n_acc, bi, bo)[grid](*args, **flags, **cfg)
     return dw, dgp, cs
 
 

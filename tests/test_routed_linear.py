@@ -187,6 +187,152 @@ def test_backward_kernels_chunks_and_tiles(chunks):
         assert rel(got.cpu(), ref) < TOL32
 
 
+@pytest.mark.parametrize("M,k,n_acc,mode", [
+    pytest.param(1, 1, None, "random", id="1-accumulator"),
+    pytest.param(2, 2, None, "random", id="2-accumulators-k=M"),
+    pytest.param(3, 3, None, "duplicate", id="3-accumulators-repeated-idx"),
+    pytest.param(4, 3, None, "unused", id="4-accumulators-unused-expert"),
+    pytest.param(5, 2, None, "random", id="5-accumulators"),
+    pytest.param(8, 3, None, "unused", id="8-accumulators-unused-expert"),
+    pytest.param(3, 2, 0, "random", id="fallback-forced"),
+    pytest.param(9, 2, None, "random", id="fallback-M9"),
+])
+def test_wgrad_accumulator_variants(M, k, n_acc, mode):
+    """Each register-accumulator count (N_ACC = M <= 8) and the read-modify-write fallback
+    (N_ACC = 0), over several chunks, rectangular weights and tiles crossing every edge;
+    the partial buffers start as NaN, so an expert tile left unwritten fails."""
+    B, L, Din, Dout = 7, 9, 40, 24
+    x, w, b, idx, g = make(B, L, Din, M, k, Dout=Dout, mode=mode)
+    gy = torch.randn(B, L, Dout, device=DEV)
+    cfg = dict(BLOCK_I=16, BLOCK_O=32, BLOCK_L=16)  # 40 = 2.5 tiles, 24 < one tile
+    if n_acc is not None:
+        cfg["N_ACC"] = n_acc
+    _, want = ref64(mixed_linear, x, w, b, idx, g, [gy])
+    got = K.mixed_linear_backward(gy, None, x, None, w, b, idx, g, need_dx=False, chunks=3, config_wgrad=cfg)
+    for name, gt, ref in zip(("weight", "bias", "topk_w"), got[1:], want[1:]):
+        assert rel(gt.cpu(), ref) < TOL32, name
+    dw_part, _, _ = K.mixed_wgrad(x, gy, w, idx, g, chunks=3, config=cfg)
+    assert dw_part.shape == (3, M, Din, Dout)
+    # chunk s holds exactly its samples' contributions: samples 0-2, 3-5, 6
+    for s, rows in enumerate((slice(0, 3), slice(3, 6), slice(6, 7))):
+        _, part = ref64(mixed_linear, x[rows], w, None, idx[rows], g[rows], [gy[rows]])
+        assert rel(dw_part[s].cpu(), part[1]) < TOL32
+
+
+def test_wgrad_accumulator_variants_bitwise_reproducible():
+    x, w, b, idx, g = make(5, 9, 40, 3, 2)
+    gy = torch.randn(5, 9, 40, device=DEV)
+    for n_acc in (3, 0):
+        cfg = dict(BLOCK_I=32, BLOCK_O=32, BLOCK_L=16, N_ACC=n_acc)
+        a, c = (K.mixed_wgrad(x, gy, w, idx, g, chunks=2, config=cfg) for _ in range(2))
+        for t, u in zip(a, c):
+            assert torch.equal(t, u)
+
+
+def test_wgrad_plan_and_chunk_model():
+    """Register accumulation for M <= 8 (64x32 tiles from M = 5), fallback above; one chunk
+    when the tiles fill the device, a few when they do not, never an empty chunk."""
+    assert K._wgrad_plan(3) == (64, 64, 3) and K._wgrad_plan(4) == (64, 64, 4)
+    assert K._wgrad_plan(8) == (64, 32, 8) and K._wgrad_plan(9)[2] == 0
+    assert K._wgrad_plan(3, "ieee") == (64, 32, 3) and K._wgrad_plan(8, "ieee") == (32, 32, 8)
+    x, w, _, idx, g = make(2, 3, 8, 9, 2)
+    with pytest.raises(ValueError, match="N_ACC"):
+        K.mixed_wgrad(x, torch.randn_like(x), w, idx, g, config=dict(BLOCK_I=16, BLOCK_O=16, BLOCK_L=16, N_ACC=9))
+
+    def chunks(D, M, B, sms=132):
+        bi, bo, n_acc = K._wgrad_plan(M)
+        n_tiles = -(-D // bi) * -(-D // bo)
+        return K._wgrad_chunks(B, 256, n_tiles, bi * bo, 4.0 * M * D * D, 0.0 if n_acc else 16.0 * bi * bo,
+                               "lp", sms)
+
+    assert chunks(1152, 3, 32) == 1          # 324 tiles of 64x64
+    assert 2 <= chunks(384, 3, 32) <= 4      # 36 tiles
+    for B in (1, 2, 5, 31, 33, 200):
+        c = chunks(384, 3, B)
+        assert 1 <= c <= B and -(-B // -(-B // c)) == c
+    for prec in ("lp", "tf32", "ieee"):
+        for cfg in K._wgrad_configs(prec):
+            assert cfg.num_warps == 8  # 4 warps spill with the accumulators
+            assert cfg.kwargs["BLOCK_L"] >= 16  # triton 3.6: tl.dot needs K >= 16
+
+
+# Compiles the weight-gradient kernel for sm_90 and sm_80 without a GPU (triton.compile with a
+# GPUTarget, then ptxas -v on the PTX) and prints one JSON line per config. In a subprocess:
+# under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled.
+_PTXAS_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from switch_dit.kernels import routed_linear as K
+
+fn = K._mixed_wgrad_kernel
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for arch, prec, M, cfg in json.loads(sys.argv[1]):
+    bi, bo, n_acc = K._wgrad_plan(M, prec)
+    dtype = "*fp32" if prec != "lp" else "*bf16"
+    consts = dict(s_xi=1, s_go=1, s_wo=1, s_ij=1, s_cj=1, TOPK=2, K_PAD=2, NEED_DW=1, NEED_DG=1, NEED_CS=1,
+                  IEEE=int(prec == "ieee"), N_ACC=n_acc, BLOCK_I=bi, BLOCK_O=bo, BLOCK_L=cfg["BLOCK_L"])
+    sig = {n: "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    sig.update(x_ptr=dtype, g_ptr=dtype, w_ptr=dtype, idx_ptr="*i64", coef_ptr="*fp32", dw_ptr="*fp32",
+               dgp_ptr="*fp32", cs_ptr="*fp32")
+    div16 = ["x_ptr", "g_ptr", "w_ptr", "idx_ptr", "coef_ptr", "dw_ptr", "dgp_ptr", "cs_ptr", "L", "DI", "DO",
+             "s_xb", "s_xl", "s_gb", "s_gl", "s_we", "s_wi"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                        options={k: v for k, v in cfg.items() if k != "BLOCK_L"})
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        open(ptx, "w").write(ck.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        log = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    print(json.dumps(dict(arch=arch, prec=prec, M=M, n_acc=n_acc, tile=[bi, bo, cfg["BLOCK_L"]],
+                          warps=cfg["num_warps"], stages=cfg["num_stages"], maxnreg=cfg.get("maxnreg"),
+                          n_regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                          n_spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
+                          wgmma="wgmma" in ck.asm["ptx"])), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.environ.get("SWITCH_DIT_PTXAS_CHECK", "0") in ("", "0"),
+                    reason="set SWITCH_DIT_PTXAS_CHECK=1 (compiles ~130 kernels for sm_90/sm_80: minutes on CPU)")
+def test_wgrad_kernel_registers_no_spills():
+    """The weight-gradient kernel's default configs, and its autotuning candidates for M = 1, 3,
+    8 and the fallback, compile for sm_90 and sm_80 (bf16, fp32 TF32, fp32 IEEE) without
+    register spills; the MMA variants use wgmma on sm_90. Run with -s to see the numbers."""
+    import json
+    import subprocess
+    import sys
+
+    def as_dict(c):
+        return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                    **({"maxnreg": c.maxnreg} if c.maxnreg else {}))
+
+    jobs = []
+    for arch in (90, 80):
+        for prec in ("lp", "tf32", "ieee"):
+            for M in (1, 2, 3, 4, 5, 8, 9):
+                jobs.append((arch, prec, M, K._wgrad_default(prec)))
+                if M in (1, 3, 8, 9):
+                    jobs += [(arch, prec, M, as_dict(c)) for c in K._wgrad_configs(prec)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PTXAS_SCRIPT, json.dumps(jobs)], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(jobs)
+    for r in rows:
+        print(r)
+    bad = [r for r, job in zip(rows, jobs) if r["n_spills"] and (
+        job[3] == K._wgrad_default(job[1])  # a default config: never
+        # an autotuning candidate: only a small spill where ptxas itself capped the registers
+        # at 128 for two programs per SM (no .maxnreg given); the autotuner times it
+        or r["n_regs"] != 128 or r["maxnreg"] or r["n_spills"] > 64)]
+    assert not bad, bad
+    assert all(r["wgmma"] for r in rows if r["arch"] == 90 and r["prec"] != "ieee")
+
+
 def test_backward_only_some_gradients():
     x, w, b, idx, g = make(2, 5, 8, 3, 2)
     gy = torch.randn(2, 5, 8, device=DEV)
