@@ -1,0 +1,485 @@
+"""Sampling from a trained model: checkpoints, image grids and sharded ``.npz`` sample sets.
+
+    load_model(path, ema=True)           our training checkpoint or the reference layout
+    generate(model, labels, ...)         (B, C, H, W) samples: DDPM respaced or DDIM, guidance
+    decode(x, vae)                       latents -> images in [-1, 1] through diffusers' AutoencoderKL
+    to_uint8(images)                     (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3), the ADM layout
+    save_grid(images, path, nrow)        a PNG grid
+    sample_to_npz(model, out_dir, n)     any number of images, sharded over torchrun ranks, resumable
+
+The ``.npz`` layout is the one the ADM evaluation suite (and DiT's ``sample_ddp.py``) writes and
+reads: ``arr_0`` uint8 (N, H, W, 3), here with the requested classes in ``arr_1`` int64 (N,).
+
+Randomness: shard i of a sample set draws its classes and noise from its own generator, seeded
+from (seed, i). The set is therefore the same for a seed whatever the number of ranks, and a
+shard rewritten after an interruption is the shard that would have been written the first time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .diffusion import create_diffusion, sample as diffusion_sample
+from .models import DiT, FAMILIES, SIZES, create
+
+__all__ = [
+    "LATENT_SCALE",
+    "load_model",
+    "infer_model_kwargs",
+    "sampling_diffusion",
+    "generate",
+    "load_vae",
+    "decode",
+    "to_uint8",
+    "save_grid",
+    "shard_seed",
+    "dist_info",
+    "sample_to_npz",
+    "read_npz",
+]
+
+LATENT_SCALE = 0.18215  # SD VAE latents are divided by this before decoding (DiT, LDM)
+VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+# -----------------------------------------------------------------------------
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only, allowing the argparse.Namespace that reference training
+    scripts store under "args" (a plain attribute bag, safe to unpickle)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+
+
+def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
+    """Arguments of ``models.create`` read off the tensor shapes of a reference-layout state dict.
+
+    Returns {"name", "input_size", "in_channels", "num_classes", "learn_sigma", "num_timesteps",
+    and for Switch-DiT "num_experts", "top_k"; plus hidden_size/depth/num_heads when they are not a
+    named size}. The head count is not visible in the weights: it comes from the named size whose
+    width matches, or from ``num_heads``.
+    """
+    sd = state_dict
+    try:
+        proj = sd["x_embedder.proj.weight"]  # (D, C, p, p)
+        pos = sd["pos_embed"]  # (1, L, D)
+        table = sd["y_embedder.embedding_table.weight"]  # (classes + 1, D)
+        final = sd["final_layer.linear.weight"]  # (p*p*C_out, D)
+    except KeyError as e:
+        raise ValueError(f"checkpoint is not a DiT-family state dict (no {e.args[0]!r})") from None
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    grid = math.isqrt(pos.shape[1])
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_channels = final.shape[0] // (patch * patch)
+    if any(k.startswith("routers.") and k.endswith("experts.w") for k in sd):
+        family = "Switch-DiT"
+    elif any(k.startswith("routers.") and k.endswith("_unit_mapping") for k in sd):
+        family = "DTR"
+    else:
+        family = "DiT"
+    if patch not in (2, 4, 8):
+        raise ValueError(f"checkpoint has patch size {patch}; the named models have 2, 4 or 8")
+    size = next((s for s, (d, n, _) in SIZES.items() if d == hidden and n == depth), None)
+    kw = dict(
+        input_size=grid * patch,
+        in_channels=in_channels,
+        num_classes=table.shape[0] - 1,  # the last row is the null class of guidance
+        learn_sigma=out_channels == 2 * in_channels,
+        num_timesteps=int(sd["full_time"].shape[0]) if "full_time" in sd else 1000,
+    )
+    if size is None:
+        heads = num_heads or next((h for d, _, h in SIZES.values() if d == hidden), None)
+        if heads is None:
+            raise ValueError(f"checkpoint has width {hidden}, not a named size: pass num_heads (--num-heads)")
+        size = "S"
+        kw.update(hidden_size=hidden, depth=depth, num_heads=heads)
+    elif num_heads:
+        kw["num_heads"] = num_heads
+    if family == "Switch-DiT":
+        kw["num_experts"] = sd["routers.0.experts.w"].shape[0]
+        prior = sd.get("prior._unit_mapping")
+        # w_prior has k*N ones per row; without it fall back to the paper's k = 2.
+        kw["top_k"] = int(round(float(prior[0].sum()) / depth)) if prior is not None else min(2, kw["num_experts"])
+    kw["name"] = f"{family}-{size}/{patch}"
+    return kw
+
+
+def load_model(
+    path,
+    *,
+    ema: bool = True,
+    device="cpu",
+    model_name: str | None = None,
+    num_heads: int | None = None,
+    backend: str = "auto",
+) -> tuple[DiT, dict]:
+    """A model in eval mode from a checkpoint file, with its EMA weights by default.
+
+    Reads our training checkpoints (``switch_dit.train``: the model is rebuilt from the stored
+    arguments) and the reference implementation's layout ({"model", "ema", "opt", "args"} or a bare
+    state dict, loaded through ``interop.load_official``; the architecture is read off the shapes,
+    ``model_name`` / ``num_heads`` settle what shapes cannot tell). A bare state dict is taken as
+    is (released checkpoints hold the EMA weights alone).
+
+    Returns (model, info) with info = {"layout": "switch-dit" | "reference", "step", "config"}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    which = "ema" if ema else "model"
+    if "model_kwargs" in obj and "format" in obj:
+        from .train import CHECKPOINT_FORMAT
+
+        if obj["format"] != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {str(path)!r} has format {obj['format']}, this version reads {CHECKPOINT_FORMAT}")
+        kw = dict(obj["model_kwargs"])
+        name = kw.pop("name")
+        if model_name is not None and model_name != name:
+            raise ValueError(f"model_name {model_name!r} does not match the checkpoint's model {name!r}")
+        model = create(name, backend=backend, **kw)
+        model.load_state_dict(obj[which])
+        info = {"layout": "switch-dit", "step": obj.get("step"), "config": obj.get("config", {})}
+        return model.to(device).eval(), info
+
+    from .interop import load_official, unwrap_checkpoint
+
+    if "model" in obj or "ema" in obj:
+        if which not in obj:
+            raise ValueError(f"checkpoint {str(path)!r} has no {which!r} weights (it has {sorted(obj)[:6]}); "
+                             + ("use the trained weights (--raw-weights)" if ema else "use the EMA weights"))
+        sd = unwrap_checkpoint(obj, ema=ema)
+    else:
+        sd = unwrap_checkpoint(obj)
+    kw = infer_model_kwargs(sd, num_heads=num_heads)
+    name = kw.pop("name")
+    if model_name is not None:
+        if model_name.split("/")[0].rsplit("-", 1)[0] != name.split("/")[0].rsplit("-", 1)[0]:
+            raise ValueError(f"model_name {model_name!r} does not match the checkpoint, which holds a {name}")
+        name = model_name
+    model = create(name, backend=backend, **kw)
+    load_official(model, sd)
+    args = obj.get("args")
+    config = vars(args) if isinstance(args, argparse.Namespace) else {}
+    return model.to(device).eval(), {"layout": "reference", "step": obj.get("train_steps"), "config": config}
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+# -----------------------------------------------------------------------------
+
+
+def sampling_diffusion(method: str = "ddpm", steps: int = 250, noise_schedule: str = "cosine", learn_sigma: bool = True):
+    """The process to sample with: DDPM evenly respaced to ``steps`` or DDIM's "ddimN" spacing."""
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an int in [1, 1000], got {steps!r}")
+    respacing = f"ddim{steps}" if method == "ddim" else str(steps)
+    return create_diffusion(timestep_respacing=respacing, noise_schedule=noise_schedule, learn_sigma=learn_sigma)
+
+
+@torch.no_grad()
+def generate(
+    model: DiT,
+    labels: torch.Tensor,
+    *,
+    method: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 1.5,
+    noise_schedule: str = "cosine",
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class-conditional samples (B, C, H, W) float32 for labels int64 (B,), on the labels' device.
+
+    ``cfg_scale`` 1 runs the conditional model alone; above 1, DiT's guidance on the epsilon
+    channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
+    pass False for VAE latents, which are not bounded). Randomness comes from ``generator``, or a
+    fresh one seeded with ``seed`` (0 if neither is given).
+    """
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not 1.0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be an int64 tensor (B,), got {getattr(labels, 'dtype', type(labels))} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
+        raise ValueError(f"labels must be classes in [0, {model.num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    diffusion = sampling_diffusion(method, steps, noise_schedule, learn_sigma=model.learn_sigma)
+    if generator is None:
+        generator = torch.Generator(device=labels.device).manual_seed(0 if seed is None else seed)
+    was_training = model.training
+    model.eval()  # in training mode DiT drops labels at random
+    try:
+        return diffusion_sample(model, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
+                                generator=generator, progress=progress, clip_denoised=clip_denoised)
+    finally:
+        model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# The VAE of latent models
+# -----------------------------------------------------------------------------
+
+
+def load_vae(name: str = "ema", device="cpu"):
+    """diffusers' AutoencoderKL: "ema" / "mse" (the SD VAEs DiT uses), a hub id or a local folder.
+
+    Raises ImportError saying what to install without diffusers, RuntimeError when the weights
+    can be neither found locally nor downloaded.
+    """
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as e:
+        raise ImportError("decoding latents needs diffusers' AutoencoderKL: pip install diffusers "
+                          "(the model samples 4-channel VAE latents)") from e
+    repo = VAE_NAMES.get(name, name)
+    try:
+        vae = AutoencoderKL.from_pretrained(repo)
+    except Exception as e:  # hub errors come in many classes (OSError, HTTPError, ...)
+        raise RuntimeError(f"could not load the VAE {repo!r}: {e}. Without internet access, download it "
+                           f"elsewhere and pass its local folder (--vae PATH)") from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode(latents: torch.Tensor, vae, batch_size: int = 16) -> torch.Tensor:
+    """VAE latents (B, 4, h, w) (scaled by LATENT_SCALE) -> images (B, 3, 8h, 8w) in [-1, 1]."""
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (B, 4, h, w), got {tuple(latents.shape)}")
+    dtype = next(vae.parameters()).dtype
+    out = [vae.decode((z / LATENT_SCALE).to(dtype)).sample.float() for z in latents.split(batch_size)]
+    return torch.cat(out).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# Images
+# -----------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor, rgb: bool = True) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] -> uint8 (N, H, W, C) numpy; grey (C = 1) is repeated to
+    3 channels with ``rgb`` (the ADM suite and the Inception networks read RGB)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be a (N, 1 or 3, H, W) tensor, got {tuple(getattr(images, 'shape', ()))}")
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if rgb and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 1, pad: int = 2) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as a PNG with ``nrow`` images per row,
+    each magnified ``scale`` times (nearest neighbour). Returns the path."""
+    from PIL import Image
+
+    if not isinstance(nrow, int) or nrow < 1 or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"nrow and scale must be positive ints, got {nrow!r} and {scale!r}")
+    x = to_uint8(images, rgb=False)  # (N, H, W, C)
+    n, h, w, c = x.shape
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 64, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[top : top + h, left : left + w] = x[i]
+    path = Path(path)
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB").save(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Sharded sample sets
+# -----------------------------------------------------------------------------
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """A well-mixed 63-bit seed for shard ``shard`` of the set drawn with ``seed``."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    # Written beside the target and renamed: an interrupted write never leaves a shard that
+    # looks complete.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def read_npz(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(arr_0 uint8 (N, H, W, C), arr_1 int64 (N,) or None) of a sample set or shard."""
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{str(path)!r} has no arr_0 (not an ADM-layout sample file)")
+        return f["arr_0"], (f["arr_1"] if "arr_1" in f else None)
+
+
+def _shard_ok(path: Path, count: int) -> bool:
+    try:
+        images, labels = read_npz(path)
+    except Exception:  # truncated or foreign file: sample it again
+        return False
+    return images.shape[0] == count and images.dtype == np.uint8 and labels is not None and labels.shape == (count,)
+
+
+def sample_to_npz(
+    model: DiT,
+    out_dir,
+    num_samples: int,
+    *,
+    batch_size: int = 32,
+    classes: Sequence[int] | None = None,
+    method: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 1.5,
+    noise_schedule: str = "cosine",
+    seed: int = 0,
+    vae=None,
+    clip_denoised: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> Path | None:
+    """Sample ``num_samples`` images into ``out_dir``, sharded over ranks; rank 0 merges.
+
+    Shard i (``batch_size`` images, the last one fewer) goes to rank i % world_size and is written
+    to ``out_dir/shards/shard-iiiiii.npz``. Shards already on disk are kept: rerunning an
+    interrupted command finishes the set. ``out_dir/manifest.json`` records the settings; a rerun
+    with other settings is refused rather than mixing two sample sets. Classes are drawn
+    uniformly from the model's classes, or from ``classes`` if given.
+
+    After a barrier (when torch.distributed is initialised) rank 0 writes
+    ``out_dir/samples_{N}x{H}x{W}x3.npz`` (arr_0 uint8 NHWC, arr_1 int64 labels) and returns its
+    path; other ranks return None. Latent models pass ``vae`` to decode (see ``load_vae``).
+    """
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if rank is None or world_size is None:
+        env_rank, env_world = dist_info()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if classes is not None:
+        classes = sorted({int(c) for c in classes})
+        if not classes or classes[0] < 0 or classes[-1] >= model.num_classes:
+            raise ValueError(f"classes must be a non-empty list of classes in [0, {model.num_classes}), got {classes}")
+    if model.in_channels == 4 and vae is None:
+        raise ValueError("the model samples VAE latents: pass vae (see load_vae) to decode them into images")
+    if clip_denoised is None:
+        clip_denoised = vae is None  # pixels are bounded, latents are not
+    device = next(model.parameters()).device
+
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "num_samples": num_samples, "shard_size": batch_size, "classes": classes, "method": method, "steps": steps,
+        "cfg_scale": float(cfg_scale), "noise_schedule": noise_schedule, "seed": seed, "clip_denoised": clip_denoised,
+        "model": {"routing": model.routing, "hidden_size": model.hidden_size, "depth": model.depth,
+                  "input_size": model.input_size, "num_classes": model.num_classes},
+    }
+    manifest = out_dir / "manifest.json"
+    expected = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples -> lists)
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old != expected:
+            diff = sorted(k for k in expected if old.get(k) != expected[k])
+            raise ValueError(f"{str(out_dir)!r} holds samples drawn with other settings ({', '.join(diff)}); "
+                             f"use another output folder or delete it")
+    else:
+        # Every rank may write it: the content is the same and the rename is atomic.
+        tmp = manifest.with_name(f"manifest.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, manifest)
+
+    num_shards = math.ceil(num_samples / batch_size)
+    mine = list(range(rank, num_shards, world_size))
+    sizes = {i: min(batch_size, num_samples - i * batch_size) for i in mine}
+    paths = {i: shard_dir / f"shard-{i:06d}.npz" for i in range(num_shards)}
+    todo = [i for i in mine if not _shard_ok(paths[i], sizes[i])]
+    if len(todo) < len(mine):
+        log(f"rank {rank}: {len(mine) - len(todo)} of its {len(mine)} shards already written, kept")
+    bar = None
+    if progress and todo and rank == 0:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(sizes[i] for i in todo), desc="sampling", unit="img", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    class_table = torch.tensor(classes if classes is not None else range(model.num_classes), device=device)
+    for i in todo:
+        g = torch.Generator(device=device).manual_seed(shard_seed(seed, i))
+        labels = class_table[torch.randint(len(class_table), (sizes[i],), generator=g, device=device)]
+        x = generate(model, labels, method=method, steps=steps, cfg_scale=cfg_scale, noise_schedule=noise_schedule,
+                     clip_denoised=clip_denoised, generator=g)
+        if vae is not None:
+            x = decode(x, vae)
+        _save_npz_atomic(paths[i], arr_0=to_uint8(x), arr_1=labels.cpu().numpy().astype(np.int64))
+        if bar is not None:
+            bar.update(sizes[i])
+    if bar is not None:
+        bar.close()
+
+    _barrier()
+    if rank != 0:
+        return None
+    missing = [i for i in range(num_shards) if not paths[i].exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards are missing in {str(shard_dir)!r} (first: {missing[:5]}); "
+                           f"the other ranks have not finished: run the same command again to complete the set")
+    images, labels = [], []
+    for i in range(num_shards):
+        a, b = read_npz(paths[i])
+        images.append(a)
+        labels.append(b)
+    images_np = np.concatenate(images)[:num_samples]
+    labels_np = np.concatenate(labels)[:num_samples]
+    n, h, w, c = images_np.shape
+    final = out_dir / f"samples_{n}x{h}x{w}x{c}.npz"
+    _save_npz_atomic(final, arr_0=images_np, arr_1=labels_np)
+    log(f"wrote {final} (arr_0 {images_np.dtype} {images_np.shape}, arr_1 labels)")
+    return final

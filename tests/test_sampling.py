@@ -1,0 +1,298 @@
+"""Sampling from checkpoints: determinism, guidance at scale 1, the .npz sample sets and resume."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from switch_dit import models, sampling
+from switch_dit.interop import official_state_dict
+
+TINY = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread is ~50x faster than two fighting
+    # other processes for the cores (OpenMP spin-waits).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def tiny_model(name="Switch-DiT-S/4", seed=0, **kw):
+    """A tiny model with every weight random (the zero-initialised experts and final layer
+    would make every sample the same function of the noise)."""
+    torch.manual_seed(seed)
+    model = models.create(name, **{**TINY, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+LABELS = torch.tensor([0, 3, 7, 9])
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_generate_is_deterministic_for_a_seed(model, method):
+    a = sampling.generate(model, LABELS, method=method, steps=4, cfg_scale=2.0, seed=5)
+    b = sampling.generate(model, LABELS, method=method, steps=4, cfg_scale=2.0, seed=5)
+    c = sampling.generate(model, LABELS, method=method, steps=4, cfg_scale=2.0, seed=6)
+    assert a.shape == (4, 1, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.abs().max() <= 1.0 + 1e-6  # clip_denoised keeps pixels in range at the last step
+
+
+def test_cfg_at_scale_one_equals_the_conditional_model(model):
+    # One forward: the guided half's epsilon is uncond + 1 * (cond - uncond) = cond.
+    x = torch.randn(4, 1, 16, 16)
+    t = torch.tensor([999, 500, 10, 0])
+    null = torch.full_like(LABELS, model.num_classes)
+    guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([LABELS, null]), 1.0)
+    torch.testing.assert_close(guided[:4], model(x, t, LABELS), rtol=0, atol=1e-6)
+    # Whole sampling loop (DDIM, eta 0: no noise after the initial one): forced through
+    # forward_with_cfg at scale 1, against generate's conditional path (scale 1 skips the
+    # doubled batch), from the same initial noise.
+    plain = sampling.generate(model, LABELS, method="ddim", steps=5, cfg_scale=1.0, seed=1)
+    z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))  # what generate drew
+    diffusion = sampling.sampling_diffusion("ddim", 5)
+    with torch.no_grad():
+        doubled = diffusion.ddim_sample_loop(model.forward_with_cfg, (8, 1, 16, 16),
+                                             {"y": torch.cat([LABELS, null]), "cfg_scale": 1.0},
+                                             noise=torch.cat([z, z]), clip_denoised=True)
+    torch.testing.assert_close(doubled[:4], plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, sampling.generate(model, LABELS, method="ddim", steps=5, cfg_scale=3.0, seed=1))
+
+
+def test_generate_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sampling.generate(model, LABELS, cfg_scale=0.5)
+    with pytest.raises(ValueError, match="labels"):
+        sampling.generate(model, torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="labels"):
+        sampling.generate(model, LABELS.float())
+    with pytest.raises(ValueError, match="method"):
+        sampling.generate(model, LABELS, method="euler")
+    with pytest.raises(ValueError, match="steps"):
+        sampling.generate(model, LABELS, steps=0)
+
+
+# -- sample sets (.npz) -----------------------------------------------------------
+
+
+def npz(model, out, n=10, **kw):
+    kw = {"batch_size": 4, "method": "ddim", "steps": 3, "cfg_scale": 2.0, "seed": 3, "progress": False,
+          "log": lambda *a: None, **kw}
+    return sampling.sample_to_npz(model, out, n, **kw)
+
+
+def test_npz_layout_reads_back(model, tmp_path):
+    path = npz(model, tmp_path)
+    assert path.name == "samples_10x16x16x3.npz"
+    with np.load(path) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8  # ADM: NHWC uint8, RGB
+    assert labels.shape == (10,) and labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 10
+    assert (images[..., 0] == images[..., 2]).all()  # grey repeated to three channels
+    assert images.std() > 0
+    # The same images as sampling the shard's batch directly.
+    g = torch.Generator().manual_seed(sampling.shard_seed(3, 0))
+    y = torch.arange(10)[torch.randint(10, (4,), generator=g)]
+    x = sampling.generate(model, y, method="ddim", steps=3, cfg_scale=2.0, generator=g)
+    assert np.array_equal(sampling.to_uint8(x), images[:4]) and np.array_equal(y.numpy(), labels[:4])
+
+
+def test_npz_classes_restrict_the_labels(model, tmp_path):
+    _, labels = sampling.read_npz(npz(model, tmp_path, n=8, classes=[2, 5]))
+    assert set(labels.tolist()) <= {2, 5}
+
+
+def test_npz_resume_keeps_existing_shards(model, tmp_path):
+    first = npz(model, tmp_path)
+    shards = sorted((tmp_path / "shards").glob("shard-*.npz"))
+    assert [p.name for p in shards] == ["shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+    images, labels = sampling.read_npz(first)
+    # Interrupted run: one shard missing, one truncated, the merged file not yet written.
+    first.unlink()
+    shards[1].unlink()
+    shards[2].write_bytes(b"PK\x03\x04 truncated")
+    kept = shards[0].stat().st_mtime_ns
+    lines = []
+    again = npz(model, tmp_path, log=lines.append)
+    assert shards[0].stat().st_mtime_ns == kept  # kept, not resampled
+    assert any("1 of its 3 shards already written" in line for line in lines)
+    images2, labels2 = sampling.read_npz(again)
+    assert np.array_equal(images, images2) and np.array_equal(labels, labels2)  # same set as uninterrupted
+
+
+def test_npz_refuses_to_mix_settings(model, tmp_path):
+    npz(model, tmp_path)
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        npz(model, tmp_path, seed=4)
+
+
+def test_npz_ranks_split_the_shards_and_rank0_merges(model, tmp_path):
+    single = sampling.read_npz(npz(model, tmp_path / "one"))
+    # Two ranks run one after the other here (torchrun runs them at once, with a barrier).
+    with pytest.raises(RuntimeError, match="shards are missing"):
+        npz(model, tmp_path / "two", rank=0, world_size=2)
+    assert npz(model, tmp_path / "two", rank=1, world_size=2) is None
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.npz")) == [
+        "shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+    merged = sampling.read_npz(npz(model, tmp_path / "two", rank=0, world_size=2))
+    assert np.array_equal(single[0], merged[0]) and np.array_equal(single[1], merged[1])  # independent of ranks
+    with pytest.raises(ValueError, match="rank"):
+        npz(model, tmp_path / "three", rank=2, world_size=2)
+
+
+def test_npz_rank_and_world_size_from_torchrun_env(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert sampling.dist_info() == (1, 3)
+    assert npz(model, tmp_path, n=10) is None  # rank 1 of 3: shard 1 only, no merge
+    assert [p.name for p in (tmp_path / "shards").glob("*.npz")] == ["shard-000001.npz"]
+
+
+def test_npz_bad_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="num_samples"):
+        npz(model, tmp_path, n=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        npz(model, tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="classes"):
+        npz(model, tmp_path, classes=[10])
+
+
+# -- images, VAE ------------------------------------------------------------------
+
+
+def test_to_uint8_and_grid(tmp_path):
+    from PIL import Image
+
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
+    assert sampling.to_uint8(x, rgb=False).ravel().tolist() == [0, 128, 255, 255]
+    assert sampling.to_uint8(x).shape == (1, 2, 2, 3)
+    grey = sampling.save_grid(torch.rand(5, 1, 8, 8) * 2 - 1, tmp_path / "g.png", nrow=3, scale=2, pad=1)
+    img = Image.open(grey)
+    assert img.mode == "L" and img.size == (3 * 17 + 1, 2 * 17 + 1)
+    rgb = Image.open(sampling.save_grid(torch.rand(2, 3, 4, 4) * 2 - 1, tmp_path / "c.png", nrow=2))
+    assert rgb.mode == "RGB"
+    with pytest.raises(ValueError, match="images"):
+        sampling.to_uint8(torch.rand(2, 2, 4, 4))
+
+
+def test_latent_models_need_the_vae(tmp_path, monkeypatch):
+    latent = tiny_model(in_channels=4, input_size=8)
+    with pytest.raises(ValueError, match="VAE latents"):
+        sampling.sample_to_npz(latent, tmp_path, 2, progress=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    with pytest.raises(ImportError, match="pip install diffusers"):
+        sampling.load_vae("ema")
+
+
+def test_vae_download_failure_is_explained(monkeypatch):
+    class FailingKL:
+        @staticmethod
+        def from_pretrained(name):
+            raise OSError(f"We couldn't connect to the hub to load {name}")
+
+    fake = types.ModuleType("diffusers.models")
+    fake.AutoencoderKL = FailingKL
+    monkeypatch.setitem(sys.modules, "diffusers", types.ModuleType("diffusers"))
+    monkeypatch.setitem(sys.modules, "diffusers.models", fake)
+    with pytest.raises(RuntimeError, match="sd-vae-ft-ema.*local folder"):
+        sampling.load_vae("ema")
+
+
+def test_decode_scales_latents_and_clamps():
+    class FakeVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def decode(self, z):
+            # 8x upsampling to 3 channels, like the SD VAE's shapes.
+            return types.SimpleNamespace(sample=z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2))
+
+    z = torch.full((2, 4, 2, 2), 0.1 * sampling.LATENT_SCALE)
+    z[1] = 5.0
+    out = sampling.decode(z, FakeVAE(), batch_size=1)
+    assert out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out[0], torch.full((3, 16, 16), 0.1))
+    assert out[1].max() == 1.0  # clamped to the image range
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+
+def test_load_model_from_our_training_checkpoint(tmp_path):
+    from switch_dit.train import TrainConfig, build, save_checkpoint
+
+    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
+    torch.manual_seed(0)
+    net, ema, opt, _ = build(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_(0, 0.1)
+    save_checkpoint(tmp_path / "ck.pt", net, ema, opt, 1, cfg)
+    loaded, info = sampling.load_model(tmp_path / "ck.pt")
+    assert info["layout"] == "switch-dit" and info["step"] == 1 and not loaded.training
+    for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b)  # EMA weights by default
+    raw, _ = sampling.load_model(tmp_path / "ck.pt", ema=False)
+    assert torch.equal(raw.final_layer.linear.weight, net.final_layer.linear.weight)
+
+
+@pytest.mark.parametrize("name", ["Switch-DiT-S/4", "DTR-S/4", "DiT-S/4"])
+def test_load_model_from_the_reference_layout(tmp_path, name):
+    src = tiny_model(name, top_k=1) if name.startswith("Switch") else tiny_model(name)
+    ema_sd = official_state_dict(src)
+    other = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ema_sd.items()}
+    torch.save({"model": other, "ema": ema_sd, "opt": {}, "args": argparse.Namespace(model=name, image_size=16)},
+               tmp_path / "ref.pt")
+    with pytest.raises(ValueError, match="num_heads"):
+        sampling.load_model(tmp_path / "ref.pt")  # width 32 is no named size: heads unknown
+    loaded, info = sampling.load_model(tmp_path / "ref.pt", num_heads=2)
+    assert info["layout"] == "reference" and info["config"]["image_size"] == 16
+    assert loaded.routing == src.routing and loaded.top_k == src.top_k and loaded.input_size == 16
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 400, 999]), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(loaded(x, t, y), src(x, t, y), rtol=0, atol=0)
+    # A bare state dict (how released checkpoints ship) loads too.
+    torch.save(ema_sd, tmp_path / "bare.pt")
+    bare, _ = sampling.load_model(tmp_path / "bare.pt", num_heads=2)
+    torch.testing.assert_close(bare(x, t, y), src(x, t, y), rtol=0, atol=0)
+
+
+def test_infer_model_kwargs_of_a_named_size():
+    sd = official_state_dict(models.create("Switch-DiT-S/8", input_size=32, num_classes=1000))
+    kw = sampling.infer_model_kwargs(sd)
+    assert kw == {"name": "Switch-DiT-S/8", "input_size": 32, "in_channels": 4, "num_classes": 1000,
+                  "learn_sigma": True, "num_timesteps": 1000, "num_experts": 3, "top_k": 2}
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sampling.load_model(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        sampling.load_model(tmp_path / "junk.pt")
+    torch.save({"model": {"a": torch.zeros(1)}}, tmp_path / "noema.pt")
+    with pytest.raises(ValueError, match="no 'ema' weights"):
+        sampling.load_model(tmp_path / "noema.pt")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a DiT-family state dict"):
+        sampling.load_model(tmp_path / "foreign.pt")
