@@ -392,3 +392,23 @@ def test_cuda_compile_fullgraph_inductor():
     got = torch.compile(step, fullgraph=True)(g, t)
     for a, b in zip(got, step(g, t)):
         assert torch.equal(a, b)
+
+
+def _toolkit_matches_torch():
+    import re
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if not nvcc or torch.version.cuda is None or os.environ.get("SWITCH_DIT_BUILD_CUDA", "1") == "0":
+        return False
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    return bool(found) and found.group(1) == torch.version.cuda.split(".")[0]
+
+
+@pytest.mark.skipif(not _toolkit_matches_torch(), reason="no CUDA toolkit matching torch's CUDA here")
+def test_extension_was_compiled_with_its_cuda_kernel():
+    """CI's compile check: with nvcc and a CUDA build of torch, the install built the CUDA kernel
+    (sm_80 and sm_90) too, even on a machine without a GPU."""
+    assert _extension.available(), "switch_dit._C did not build"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("switch_dit::routing_plan", "CUDA")
