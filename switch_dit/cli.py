@@ -2,10 +2,19 @@
 
     switch-dit train                 train a small Switch-DiT on the embedded digits,
                                      sample with guidance and print a quality figure
-    switch-dit sample --ckpt PATH    sample a grid from a checkpoint (EMA weights)
+    switch-dit sample --ckpt PATH    sample a grid from a checkpoint (ours or the reference
+                                     layout, EMA weights), or with --npz DIR a sample set of
+                                     any size in the ADM .npz layout (sharded under torchrun,
+                                     resumable)
+    switch-dit eval SAMPLES.npz      digits metrics (no download), or with --ref FID, IS and
+                                     precision/recall through torch-fidelity / clean-fid
+    switch-dit figure --run DIR      the denoising-path figure and the loss curves of a run
+    switch-dit compare               DiT, DTR and Switch-DiT trained alike on the digits: a
+                                     miniature of the paper's Table 2
 
 Every option has a default that runs on a laptop CPU in a few minutes; on a machine
-with a GPU the same command uses it (``--device auto``).
+with a GPU the same command uses it (``--device auto``). Sharded sampling on G GPUs:
+``torchrun --nproc_per_node=G -m switch_dit.cli sample --ckpt C --npz DIR --num-samples N``.
 """
 
 from __future__ import annotations
@@ -103,12 +112,150 @@ def _add_sampling_options(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"must name at least one integer, got {text!r}")
+    return values
+
+
+def _families(text: str) -> list[str]:
+    from .compare import FAMILIES
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in FAMILIES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"must be comma-separated names from {','.join(FAMILIES)}, got {text!r}")
+    return values
+
+
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_non_negative_int, default=0,
+                   help="CPU threads for torch; 0 keeps torch's default (default %(default)s)")
+
+
+def _add_sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="sample a grid, or an .npz sample set, from a checkpoint",
+                       description="Sample from a checkpoint written by `switch-dit train` or in the reference "
+                                   "implementation's layout, with its EMA weights unless --raw-weights. Without "
+                                   "--npz: a PNG grid, one row per class. With --npz DIR: --num-samples images in "
+                                   "the ADM .npz layout (arr_0 uint8 NHWC, arr_1 labels), in shards that a rerun "
+                                   "keeps; under torchrun every rank samples its shards and rank 0 merges. "
+                                   "Sampler defaults: the run's own settings for our checkpoints, else DDPM with "
+                                   "250 steps and guidance 1.5 (the paper's).")
+    s.add_argument("--ckpt", required=True, help="checkpoint file (ours or the reference layout)")
+    s.add_argument("--out", default=None, help="PNG grid to write (default samples-<timestamp>.png beside the "
+                                               "checkpoint; with --npz only when given)")
+    s.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
+    s.add_argument("--no-eval", action="store_true", help="skip the digits quality figures")
+    s.add_argument("--sample-method", choices=("ddpm", "ddim"), default=None,
+                   help="sampler (default: the run's, else ddpm)")
+    s.add_argument("--sample-steps", type=_positive_int, default=None,
+                   help="sampling steps respaced from 1000 (default: the run's, else 250 for ddpm, 50 for ddim)")
+    s.add_argument("--cfg-scale", type=_guidance, default=None,
+                   help="classifier-free guidance scale, 1 = none (default: the run's, else 1.5)")
+    s.add_argument("--noise-schedule", choices=("cosine", "linear"), default=None,
+                   help="the schedule the model was trained with (default: the run's, else cosine)")
+    s.add_argument("--classes", type=_int_list, default=None,
+                   help="comma-separated classes: the grid's rows, or the classes an .npz set draws from "
+                        "(default: every class when there are at most 16, else 8 drawn with the seed; all for --npz)")
+    s.add_argument("--samples-per-class", type=_positive_int, default=None,
+                   help="grid columns (default: the run's, else 4)")
+    s.add_argument("--npz", default=None, metavar="DIR", help="write an .npz sample set into DIR")
+    s.add_argument("--num-samples", type=_positive_int, default=None, help="images in the .npz set (with --npz)")
+    s.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="images per batch and per shard of the .npz set (default %(default)s)")
+    s.add_argument("--model", type=_model_name, default=None,
+                   help="model name for a reference-layout checkpoint (default: read off the weights)")
+    s.add_argument("--num-heads", type=_positive_int, default=None,
+                   help="attention heads of a reference-layout checkpoint whose width is no named size")
+    s.add_argument("--vae", default="ema",
+                   help="latent models: the VAE that decodes them, ema, mse or a local folder (default %(default)s)")
+    s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    _threads_option(s)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="score an .npz sample set",
+                       description="Score a sample set in the ADM .npz layout. Without --ref: the download-free "
+                                   "digits metrics (accuracy of a classifier of real digits on the requested "
+                                   "classes, Frechet distance in its feature space). With --ref (an .npz or a "
+                                   "folder of images): FID, Inception Score and precision/recall through "
+                                   "torch-fidelity, or FID through clean-fid, whichever is installed.")
+    e.add_argument("samples", help="sample file (.npz, arr_0 uint8 NHWC; arr_1 labels for the digits accuracy)")
+    e.add_argument("--ref", default=None, help="reference set (.npz or image folder) for FID / IS / precision-recall")
+    e.add_argument("--backend", choices=("auto", "torch-fidelity", "clean-fid"), default="auto",
+                   help="metrics library (default %(default)s: the first installed)")
+    e.add_argument("--weights", default=None,
+                   help="torch-fidelity: local feature-extractor weights, for machines without internet")
+    e.add_argument("--no-isc", action="store_true", help="skip the Inception Score")
+    e.add_argument("--no-prc", action="store_true", help="skip precision and recall")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="(default %(default)s)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _threads_option(e)
+
+
+def _add_figure_parser(sub) -> None:
+    f = sub.add_parser("figure", help="denoising-path figure and loss curves of a run",
+                       description="Draw the denoising paths of a Switch-DiT checkpoint (every block's experts "
+                                   "over the timesteps beside the matched diffusion prior, the paper's Fig. 8) "
+                                   "and the loss curves (total, noise, vb, prior) of a training log. Needs "
+                                   "matplotlib.")
+    f.add_argument("--run", default=None, help="a run folder: its checkpoint.pt and log.jsonl")
+    f.add_argument("--ckpt", default=None, help="checkpoint for the paths figure")
+    f.add_argument("--log", default=None, help="log.jsonl for the loss curves")
+    f.add_argument("--out", default=None, help="folder for paths.png and loss.png (default: the run's folder)")
+    f.add_argument("--raw-weights", action="store_true", help="the trained weights' paths instead of the EMA's")
+    f.add_argument("--num-heads", type=_positive_int, default=None,
+                   help="attention heads of a reference-layout checkpoint whose width is no named size")
+    _threads_option(f)
+
+
+def _add_compare_parser(sub, d) -> None:
+    from .compare import FAMILIES, CompareConfig
+
+    c0 = CompareConfig()
+    c = sub.add_parser("compare", help="train DiT, DTR and Switch-DiT alike on the digits, print a miniature Table 2",
+                       description="Train DiT, DTR and Switch-DiT with the same budget, data order and seeds on the "
+                                   "embedded digits, sample each from its EMA weights and print their parameters, "
+                                   "GFLOPs, final loss and digits metrics: a miniature of the paper's Table 2. "
+                                   "The default budget takes a few minutes on a CPU.")
+    c.add_argument("--size", default=c0.size, help="named size and patch (default %(default)s)")
+    c.add_argument("--hidden-size", type=_non_negative_int, default=c0.hidden_size,
+                   help="override the named width; 0 keeps it (default %(default)s)")
+    c.add_argument("--depth", type=_non_negative_int, default=c0.depth, help="0 keeps the named depth (default %(default)s)")
+    c.add_argument("--num-heads", type=_non_negative_int, default=c0.num_heads,
+                   help="0 keeps the named head count (default %(default)s)")
+    c.add_argument("--steps", type=_positive_int, default=c0.steps, help="training steps per model (default %(default)s)")
+    c.add_argument("--batch-size", type=_positive_int, default=c0.batch_size, help="(default %(default)s)")
+    c.add_argument("--lr", type=_positive_float, default=c0.lr, help="AdamW learning rate (default %(default)s)")
+    c.add_argument("--warmup-steps", type=_non_negative_int, default=c0.warmup_steps, help="(default %(default)s)")
+    c.add_argument("--seeds", type=_int_list, default=list(c0.seeds),
+                   help="comma-separated seeds, one run per model and seed (default 0)")
+    c.add_argument("--families", type=_families, default=list(FAMILIES),
+                   help=f"comma-separated models (default {','.join(FAMILIES)})")
+    c.add_argument("--samples-per-class", type=_positive_int, default=c0.samples_per_class, help="(default %(default)s)")
+    c.add_argument("--sample-method", choices=("ddpm", "ddim"), default=c0.sample_method, help="(default %(default)s)")
+    c.add_argument("--sample-steps", type=_positive_int, default=c0.sample_steps, help="(default %(default)s)")
+    c.add_argument("--cfg-scale", type=_guidance, default=c0.cfg_scale, help="(default %(default)s)")
+    c.add_argument("--device", default=c0.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    c.add_argument("--out", default=None, help="folder of the runs (default runs/compare-<timestamp>)")
+    _threads_option(c)
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(prog="switch-dit", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,figure,compare}")
     sub.required = True
 
     t = sub.add_parser("train", help="train on the embedded digits, sample, report quality",
@@ -140,14 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-sample", action="store_true", help="train and checkpoint only")
     _add_sampling_options(t, d)
 
-    s = sub.add_parser("sample", help="sample a digit grid from a checkpoint",
-                       description="Sample a grid (one row per digit) from a checkpoint written by "
-                                   "`switch-dit train`, with its EMA weights unless --raw-weights.")
-    s.add_argument("--ckpt", required=True, help="checkpoint.pt of a training run")
-    s.add_argument("--out", default=None, help="PNG to write (default samples-<timestamp>.png beside the checkpoint)")
-    s.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
-    s.add_argument("--no-eval", action="store_true", help="skip the classifier quality figure")
-    _add_sampling_options(s, d)
+    _add_sample_parser(sub)
+    _add_eval_parser(sub)
+    _add_figure_parser(sub)
+    _add_compare_parser(sub, d)
     return parser
 
 
@@ -168,27 +311,171 @@ def _train(args) -> int:
     return 0
 
 
-def _sample(args) -> int:
-    from .train import (evaluate_samples, generate, grid_labels, load_checkpoint, model_from_checkpoint,
-                        resolve_device, save_grid)
+def _sampler_settings(args, info: dict) -> dict:
+    """The sampler: the flags, else the run's own settings (our checkpoints), else the paper's."""
+    run = info["config"] if info["layout"] == "switch-dit" else {}
+    method = args.sample_method or run.get("sample_method") or "ddpm"
+    steps = args.sample_steps
+    if steps is None:
+        steps = run.get("sample_steps") if run.get("sample_method") == method else None
+        steps = steps or (250 if method == "ddpm" else 50)
+    return dict(method=method, steps=steps,
+                cfg_scale=args.cfg_scale if args.cfg_scale is not None else run.get("cfg_scale", 1.5),
+                noise_schedule=args.noise_schedule or run.get("noise_schedule", "cosine"))
 
+
+def _is_digits(model) -> bool:
+    return model.in_channels == 1 and model.num_classes == 10
+
+
+def _digits_report(result: dict) -> str:
+    keys = ("sample_accuracy", "classifier_test_accuracy", "frechet_distance", "real_frechet_distance", "num_samples")
+    return json.dumps({k: result[k] for k in keys})
+
+
+def _sample(args) -> int:
+    import torch
+
+    from . import metrics, sampling
+    from .train import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.npz is None and args.num_samples is not None:
+        raise ValueError("--num-samples needs --npz DIR (the folder of the sample set)")
+    if args.npz is not None and args.num_samples is None:
+        raise ValueError("--npz needs --num-samples N")
+    if args.npz is None and world > 1:
+        raise ValueError("several torchrun ranks sample .npz sets only: add --npz DIR --num-samples N")
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt, use_ema=not args.raw_weights, device=device)
-    schedule = ckpt.get("config", {}).get("noise_schedule", "cosine")
-    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"samples-{time.strftime('%Y%m%d-%H%M%S')}.png")
-    if out.parent and not out.parent.exists():
-        raise ValueError(f"--out: folder {str(out.parent)!r} does not exist")
-    labels = grid_labels(args.samples_per_class, model.num_classes, device=device)
-    samples = generate(model, labels, method=args.sample_method, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                       seed=args.seed, noise_schedule=schedule, progress=not args.no_progress)
-    save_grid(samples, out, nrow=args.samples_per_class)
-    print(f"wrote {out} ({len(labels)} digits, {'trained' if args.raw_weights else 'EMA'} weights of step "
-          f"{ckpt.get('step', '?')}, {args.sample_method} {args.sample_steps} steps, guidance {args.cfg_scale})")
-    if not args.no_eval:
-        m = evaluate_samples(samples, labels, model.input_size)
-        print(json.dumps({k: m[k] for k in ("sample_accuracy", "classifier_test_accuracy", "num_samples")}))
+    distributed = world > 1
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        model, info = sampling.load_model(args.ckpt, ema=not args.raw_weights, device=device,
+                                          model_name=args.model, num_heads=args.num_heads)
+        settings = _sampler_settings(args, info)
+        vae = sampling.load_vae(args.vae, device=device) if model.in_channels == 4 else None
+        weights = f"{'trained' if args.raw_weights else 'EMA'} weights of step {info.get('step') or '?'}"
+        if args.classes is not None and any(not 0 <= c < model.num_classes for c in args.classes):
+            raise ValueError(f"--classes must be in [0, {model.num_classes}), got {args.classes}")
+        if args.npz is not None:
+            return _sample_npz(args, model, vae, settings, weights)
+
+        run = info["config"] if info["layout"] == "switch-dit" else {}
+        per_class = args.samples_per_class or run.get("samples_per_class", 4)
+        classes = args.classes
+        if classes is None:
+            n = model.num_classes
+            g = torch.Generator().manual_seed(args.seed)
+            classes = list(range(n)) if n <= 16 else sorted(torch.randperm(n, generator=g)[:8].tolist())
+        out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"samples-{time.strftime('%Y%m%d-%H%M%S')}.png")
+        if out.parent and not out.parent.exists():
+            raise ValueError(f"--out: folder {str(out.parent)!r} does not exist")
+        labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
+        x = sampling.generate(model, labels, seed=args.seed, clip_denoised=vae is None, progress=not args.no_progress,
+                              **settings)
+        if vae is not None:
+            x = sampling.decode(x, vae)
+        sampling.save_grid(x, out, nrow=per_class, scale=2 if x.shape[-1] <= 64 else 1)
+        print(f"wrote {out} ({len(labels)} images, {len(classes)} classes x {per_class}, {weights}, "
+              f"{settings['method']} {settings['steps']} steps, guidance {settings['cfg_scale']})")
+        if _is_digits(model) and not args.no_eval and len(labels) >= 2:
+            print(_digits_report(metrics.digits_metrics(x.cpu(), labels.cpu())))
+        return 0
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _sample_npz(args, model, vae, settings: dict, weights: str) -> int:
+    from . import metrics, sampling
+
+    path = sampling.sample_to_npz(model, args.npz, args.num_samples, batch_size=args.batch_size, classes=args.classes,
+                                  seed=args.seed, vae=vae, progress=not args.no_progress, **settings)
+    if path is None:  # not rank 0
+        return 0
+    print(f"{path}: {args.num_samples} images, {weights}, {settings['method']} {settings['steps']} steps, "
+          f"guidance {settings['cfg_scale']}, seed {args.seed}")
+    images, labels = sampling.read_npz(path)
+    if args.out:
+        import torch
+
+        grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        grid = grid[:, :1] if _is_digits(model) else grid  # grey was repeated to RGB for the .npz
+        print(f"wrote {sampling.save_grid(grid, args.out, nrow=10, scale=2 if images.shape[1] <= 64 else 1)}")
+    if _is_digits(model) and not args.no_eval and len(images) >= 2:
+        print(_digits_report(metrics.digits_metrics_npz(path)))
     return 0
+
+
+def _eval(args) -> int:
+    from . import metrics
+    from .train import resolve_device
+
+    if args.ref is None:
+        result = {"kind": "digits", **metrics.digits_metrics_npz(args.samples)}
+    else:
+        result = {"kind": "fidelity", **metrics.fidelity_metrics(
+            args.samples, args.ref, backend=args.backend, isc=not args.no_isc, prc=not args.no_prc,
+            device=resolve_device(args.device), batch_size=args.batch_size, weights_path=args.weights)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _figure(args) -> int:
+    from . import figures, sampling
+
+    run = Path(args.run) if args.run else None
+    if run is not None and not run.is_dir():
+        raise ValueError(f"--run: {str(run)!r} is not a folder")
+    ckpt = Path(args.ckpt) if args.ckpt else (run / "checkpoint.pt" if run else None)
+    log = Path(args.log) if args.log else (run / "log.jsonl" if run else None)
+    if ckpt is None and log is None:
+        raise ValueError("nothing to draw: give --run DIR, or --ckpt and/or --log")
+    out = Path(args.out) if args.out else (run or (ckpt or log).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    figures._figure_class()  # say what to install before any work
+    if ckpt is not None:
+        model, info = sampling.load_model(ckpt, ema=not args.raw_weights, num_heads=args.num_heads)
+        if model.routing != "switch":
+            print(f"no denoising paths: {ckpt} holds a {'DTR' if model.routing == 'dtr' else 'DiT'} model (no experts)")
+        else:
+            paths = figures.denoising_paths(model)
+            png = figures.plot_denoising_paths(paths, out / "paths.png")
+            T, N, M = paths.shape
+            print(f"wrote {png} ({N} blocks x {M} experts over {T} timesteps; {paths.mismatch:.0f} of {T * N * M} "
+                  f"cells differ from the matched prior)")
+    if log is not None:
+        print(f"wrote {figures.plot_loss_curves(log, out / 'loss.png')}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import CompareConfig, compare, format_table
+
+    cfg = CompareConfig(
+        size=args.size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seeds=tuple(args.seeds),
+        families=tuple(args.families), samples_per_class=args.samples_per_class, sample_method=args.sample_method,
+        sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, device=args.device, out=args.out,
+        progress=not args.no_progress,
+    )
+    rows = compare(cfg)
+    print()
+    print(format_table(rows, cfg))
+    return 0
+
+
+_COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "figure": _figure, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +488,13 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return _train(args) if args.command == "train" else _sample(args)
+        return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         # Bad values that only the run itself can detect: the same shape of message as argparse's.
         parser.exit(2, f"switch-dit {args.command}: error: {e}\n")
+    except (ImportError, RuntimeError) as e:
+        # A missing optional package or weights that cannot be downloaded: say what to do, no traceback.
+        parser.exit(1, f"switch-dit {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def format_table(rows: list[dict], cfg: CompareConfig) -> str:
     """The miniature Table 2 as text, headed by the budget, the seeds and the sampler."""
     summary = summarize(rows)
@@ -192,8 +196,8 @@ def format_table(rows: list[dict], cfg: CompareConfig) -> str:
     table = [header]
     for r in summary:
         table.append([
-            r["model"], f"{r['params'] / 1e6:.3f}M", f"{r['activated_params'] / 1e6:.3f}M", f"{r['gflops']:.4f}",
-            cell(r, "train_seconds", ".0f"), cell(r, "final_mse", ".4f"), cell(r, "sample_accuracy", ".3f"),
+            r["model"], _count(r["params"]), _count(r["activated_params"]), f"{r['gflops']:.3g}",
+            cell(r, "train_seconds", ".1f"), cell(r, "final_mse", ".4f"), cell(r, "sample_accuracy", ".3f"),
             cell(r, "frechet_distance", ".3f"),
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -297,4 +297,7 @@ def digits_metrics_npz(path) -> dict:
     images = load_images(path)
     with np.load(path) as f:
         labels = torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f else None
+    if images.shape[1] > 64 or (labels is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < 10):
+        raise ValueError(f"{str(path)!r} does not hold digit samples (images {images.shape[1]}x{images.shape[2]}, "
+                         f"labels outside 0..9?): score it against a reference set with fidelity_metrics (--ref)")
     return digits_metrics(images_from_uint8(images), labels)

@@ -81,7 +81,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         table = sd["y_embedder.embedding_table.weight"]  # (classes + 1, D)
         final = sd["final_layer.linear.weight"]  # (p*p*C_out, D)
     except KeyError as e:
-        raise ValueError(f"checkpoint is not a DiT-family state dict (no {e.args[0]!r})") from None
+        raise ValueError(f"checkpoint is not a switch-dit training checkpoint nor a DiT-family state dict "
+                         f"(no {e.args[0]!r})") from None
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     grid = math.isqrt(pos.shape[1])
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))

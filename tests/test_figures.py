@@ -131,3 +131,45 @@ def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
         figures.plot_loss_curves({"step": [1.0], "loss": [1.0]}, tmp_path / "l.png")
     with pytest.raises(ImportError, match="pip install matplotlib"):
         figures.PathRecorder(every=1, out_dir=tmp_path)
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def test_figure_command_draws_a_runs_paths_and_losses(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from switch_dit.cli import main
+    from switch_dit.train import TrainConfig, build, save_checkpoint
+
+    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
+    net, ema, opt, _ = build(cfg, torch.device("cpu"))
+    save_checkpoint(tmp_path / "checkpoint.pt", net, ema, opt, 1, cfg)
+    write_log(tmp_path / "log.jsonl", [{"step": s, "loss": 1 / s, "mse": 1 / s, "vb": 0.1, "prior": 0.01}
+                                        for s in (1, 2, 3)])
+    assert main(["figure", "--run", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "paths.png (2 blocks x 3 experts over 1000 timesteps" in printed and "loss.png" in printed
+    assert (tmp_path / "paths.png").is_file() and (tmp_path / "loss.png").is_file()
+    # A DiT has no experts: said, not drawn.
+    dit = models.create("DiT-S/4", **TINY)
+    from switch_dit.interop import official_state_dict
+
+    torch.save(official_state_dict(dit), tmp_path / "dit.pt")
+    assert main(["figure", "--ckpt", str(tmp_path / "dit.pt"), "--num-heads", "2", "--out", str(tmp_path / "d")]) == 0
+    assert "no denoising paths" in capsys.readouterr().out
+
+
+def test_figure_command_errors(tmp_path, capsys, monkeypatch):
+    from switch_dit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["figure"])
+    assert exc.value.code == 2 and "nothing to draw" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["figure", "--run", str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["figure", "--log", str(tmp_path / "log.jsonl")])
+    assert exc.value.code == 1 and "pip install matplotlib" in capsys.readouterr().err

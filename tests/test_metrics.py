@@ -222,3 +222,29 @@ def test_load_images_errors(tmp_path):
         metrics.load_images(tmp_path / "x.npz")
     with pytest.raises(ValueError, match="uint8"):
         metrics.load_images(IMAGES.astype(np.float32))
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def test_eval_command(tmp_path, held_out, capsys, monkeypatch):
+    from switch_dit.cli import main
+
+    images, labels = held_out
+    path = tmp_path / "samples_100x16x16x3.npz"
+    np.savez(path, arr_0=sampling.to_uint8(images), arr_1=labels.numpy())
+    assert main(["eval", str(path), "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    import json
+
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["kind"] == "digits" and result["sample_accuracy"] > 0.9 and '"frechet_distance"' in printed
+    hide(monkeypatch, "torch_fidelity", "cleanfid")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(path), "--ref", str(path)])
+    assert exc.value.code == 1 and "pip install torch-fidelity" in capsys.readouterr().err
+    big = tmp_path / "imagenet.npz"
+    np.savez(big, arr_0=np.zeros((2, 128, 128, 3), np.uint8), arr_1=np.array([5, 900]))
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(big)])
+    assert exc.value.code == 2 and "does not hold digit samples" in capsys.readouterr().err

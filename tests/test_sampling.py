@@ -294,5 +294,119 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="no 'ema' weights"):
         sampling.load_model(tmp_path / "noema.pt")
     torch.save({"a": torch.zeros(1)}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="not a DiT-family state dict"):
+    with pytest.raises(ValueError, match="not a switch-dit training checkpoint nor a DiT-family"):
         sampling.load_model(tmp_path / "foreign.pt")
+
+
+# -- the command ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_ckpt(tmp_path_factory):
+    """A checkpoint of ours (a `switch-dit train` run's layout) with random EMA weights."""
+    from switch_dit.train import TrainConfig, build, save_checkpoint
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
+    torch.manual_seed(0)
+    net, ema, opt, _ = build(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_(0, 0.1)
+    save_checkpoint(out / "checkpoint.pt", net, ema, opt, 7, cfg)
+    return out / "checkpoint.pt"
+
+
+def cli(*argv):
+    from switch_dit.cli import main
+
+    return main([*map(str, argv), "--no-progress", "--device", "cpu"])
+
+
+def test_sample_command_grid_uses_the_runs_sampler(run_ckpt, tmp_path, capsys):
+    from PIL import Image
+
+    assert cli("sample", "--ckpt", run_ckpt, "--out", tmp_path / "g.png", "--sample-steps", "2",
+               "--classes", "1,2", "--samples-per-class", "3") == 0
+    printed = capsys.readouterr().out
+    # The run sampled with DDIM and guidance 4 (TrainConfig), so does the command by default.
+    assert "6 images, 2 classes x 3, EMA weights of step 7, ddim 2 steps, guidance 4.0" in printed
+    assert '"sample_accuracy"' in printed and '"frechet_distance"' in printed
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 16 px digits at 2x, 2 px gaps
+
+
+def test_sample_command_npz_set_resumes(run_ckpt, tmp_path, capsys):
+    args = ("sample", "--ckpt", run_ckpt, "--npz", tmp_path / "set", "--num-samples", "12", "--batch-size", "5",
+            "--sample-method", "ddpm", "--sample-steps", "2", "--cfg-scale", "1", "--no-eval")
+    assert cli(*args) == 0
+    images, labels = sampling.read_npz(tmp_path / "set" / "samples_12x16x16x3.npz")
+    assert images.shape == (12, 16, 16, 3) and labels.shape == (12,)
+    capsys.readouterr()
+    (tmp_path / "set" / "shards" / "shard-000001.npz").unlink()
+    assert cli(*args) == 0
+    assert "2 of its 3 shards already written, kept" in capsys.readouterr().out
+    assert np.array_equal(sampling.read_npz(tmp_path / "set" / "samples_12x16x16x3.npz")[0], images)
+
+
+def test_sample_command_reads_the_reference_layout(tmp_path, capsys):
+    torch.save({"ema": official_state_dict(tiny_model())}, tmp_path / "ref.pt")
+    assert cli("sample", "--ckpt", tmp_path / "ref.pt", "--num-heads", "2", "--sample-steps", "3",
+               "--samples-per-class", "1", "--out", tmp_path / "g.png", "--no-eval") == 0
+    # No run settings in a reference checkpoint: the paper's sampler (DDPM) and guidance 1.5.
+    assert "10 images, 10 classes x 1, EMA weights of step ?, ddpm 3 steps, guidance 1.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--npz", "x"], "--npz needs --num-samples"),
+    (["--num-samples", "5"], "--num-samples needs --npz"),
+    (["--classes", "3,10"], "--classes must be in [0, 10)"),
+    (["--classes", "a"], "--classes: must be comma-separated integers"),
+    (["--sample-method", "euler"], "--sample-method: invalid choice"),
+])
+def test_sample_command_bad_arguments(run_ckpt, extra, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli("sample", "--ckpt", run_ckpt, *extra)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_sample_command_latent_model_without_diffusers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    torch.save(official_state_dict(tiny_model(in_channels=4, input_size=8)), tmp_path / "latent.pt")
+    with pytest.raises(SystemExit) as exc:
+        cli("sample", "--ckpt", tmp_path / "latent.pt", "--num-heads", "2")
+    assert exc.value.code == 1 and "pip install diffusers" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_write_the_same_set(run_ckpt, tmp_path):
+    """Two real processes (gloo, CPU) under torchrun: each writes its shards, rank 0 merges after
+    the barrier, and the set equals the one-process set."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import torch.distributed as dist
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None or not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torchrun or the gloo backend is not available")
+    common = ["--ckpt", str(run_ckpt), "--num-samples", "9", "--batch-size", "3", "--sample-method", "ddim",
+              "--sample-steps", "2", "--no-eval", "--no-progress", "--device", "cpu"]
+    assert cli("sample", "--npz", tmp_path / "one", *common[:-3]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Own process group: on a timeout the workers go down with torchrun.
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", "-m", "switch_dit.cli", "sample",
+                             "--npz", str(tmp_path / "two"), *common], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish in 120 s")
+    assert proc.returncode == 0, err[-2000:]
+    one = sampling.read_npz(tmp_path / "one" / "samples_9x16x16x3.npz")
+    two = sampling.read_npz(tmp_path / "two" / "samples_9x16x16x3.npz")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
