@@ -1,7 +1,10 @@
 """The ``switch-dit`` command.
 
     switch-dit train                 train a small Switch-DiT on the embedded digits,
-                                     sample with guidance and print a quality figure
+                                     sample with guidance and print a quality figure;
+                                     with --data LATENTS the paper's recipe (torchrun for
+                                     several GPUs, --resume after a crash)
+    switch-dit extract-latents I O   encode an image folder into VAE latent shards
     switch-dit sample --ckpt PATH    sample a grid from a checkpoint (ours or the reference
                                      layout, EMA weights), or with --npz DIR a sample set of
                                      any size in the ADM .npz layout (sharded under torchrun,
@@ -79,37 +82,10 @@ def _guidance(text: str) -> float:
     return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
-
-
 def _model_name(text: str) -> str:
     if text not in MODEL_NAMES:
         raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose one of {', '.join(MODEL_NAMES)}")
     return text
-
-
-def _add_sampling_options(p: argparse.ArgumentParser, defaults) -> None:
-    p.add_argument("--sample-method", choices=("ddpm", "ddim"), default=defaults.sample_method,
-                   help="sampler (default %(default)s)")
-    p.add_argument("--sample-steps", type=_positive_int, default=defaults.sample_steps,
-                   help="sampling steps, respaced from 1000 (default %(default)s)")
-    p.add_argument("--cfg-scale", type=_guidance, default=defaults.cfg_scale,
-                   help="classifier-free guidance scale, 1 = none (default %(default)s)")
-    p.add_argument("--samples-per-class", type=_positive_int, default=defaults.samples_per_class,
-                   help="grid columns: samples of each digit (default %(default)s)")
-    p.add_argument("--device", default=defaults.device,
-                   help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
-    p.add_argument("--threads", type=_non_negative_int, default=0,
-                   help="CPU threads for torch; 0 keeps torch's default (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _int_list(text: str) -> list[int]:
@@ -255,37 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(prog="switch-dit", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,figure,compare}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract-latents,sample,eval,figure,compare}")
     sub.required = True
 
-    t = sub.add_parser("train", help="train on the embedded digits, sample, report quality",
-                       description="Train a class-conditional Switch-DiT on scikit-learn's handwritten digits "
-                                   "(upsampled, in [-1, 1]), then sample with guidance from the EMA model and "
-                                   "report how often a classifier of real digits recognises the requested class.")
-    t.add_argument("--model", type=_model_name, default=d.model, help="model name (default %(default)s)")
-    t.add_argument("--hidden-size", type=_non_negative_int, default=d.hidden_size,
-                   help="override the named width; 0 keeps the name's size (default %(default)s)")
-    t.add_argument("--depth", type=_non_negative_int, default=d.depth,
-                   help="override the named depth; 0 keeps it (default %(default)s)")
-    t.add_argument("--num-heads", type=_non_negative_int, default=d.num_heads,
-                   help="override the named head count; 0 keeps it (default %(default)s)")
-    t.add_argument("--num-experts", type=_positive_int, default=d.num_experts, help="M (default %(default)s)")
-    t.add_argument("--top-k", type=_positive_int, default=d.top_k, help="k (default %(default)s)")
-    t.add_argument("--image-size", type=_positive_int, default=d.image_size,
-                   help="digits are upsampled from 8x8 to this size (default %(default)s)")
-    t.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps (default %(default)s)")
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="(default %(default)s)")
-    t.add_argument("--lr", type=_positive_float, default=d.lr, help="AdamW learning rate (default %(default)s)")
-    t.add_argument("--warmup-steps", type=_non_negative_int, default=d.warmup_steps,
-                   help="linear learning-rate warm-up (default %(default)s)")
-    t.add_argument("--ema-decay", type=_fraction, default=d.ema_decay, help="(default %(default)s)")
-    t.add_argument("--lambda-dp", type=float, default=d.lambda_dp,
-                   help="weight of the diffusion prior loss (default %(default)s)")
-    t.add_argument("--log-every", type=_positive_int, default=d.log_every,
-                   help="steps per log.jsonl record (default %(default)s)")
-    t.add_argument("--out", default=None, help="run folder (default runs/digits-<timestamp>)")
-    t.add_argument("--no-sample", action="store_true", help="train and checkpoint only")
-    _add_sampling_options(t, d)
+    t = sub.add_parser("train", help="train: the digits demo by default, VAE latents at scale (torchrun)",
+                       description="Train a class-conditional Switch-DiT. Without --data: scikit-learn's "
+                                   "handwritten digits, then guided samples from the EMA model and how often a "
+                                   "classifier of real digits recognises the requested class. With --data FOLDER "
+                                   "(from extract-latents): the paper's recipe. Several GPUs: torchrun "
+                                   "--nproc_per_node=N -m switch_dit.train with the same flags.")
+    from .config import add_train_arguments
+
+    add_train_arguments(t)
+
+    x = sub.add_parser("extract-latents", help="encode an image folder into VAE latent shards for training",
+                       description="Encode an image folder (one sub-folder per class) with the Stable Diffusion "
+                                   "VAE into latent shards and a manifest that `switch-dit train --data` reads. "
+                                   "Resumable; several GPUs: torchrun --nproc_per_node=N -m switch_dit.latents.")
+    from .latents import add_extract_arguments
+
+    add_extract_arguments(x)
 
     _add_sample_parser(sub)
     _add_eval_parser(sub)
@@ -295,20 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import run_from_args
 
-    if args.top_k > args.num_experts:
-        raise ValueError(f"--top-k ({args.top_k}) must not exceed --num-experts ({args.num_experts})")
-    cfg = TrainConfig(
-        model=args.model, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
-        num_experts=args.num_experts, top_k=args.top_k, image_size=args.image_size, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-        lambda_dp=args.lambda_dp, seed=args.seed, device=args.device, out=args.out, log_every=args.log_every,
-        sample=not args.no_sample, sample_method=args.sample_method, sample_steps=args.sample_steps,
-        cfg_scale=args.cfg_scale, samples_per_class=args.samples_per_class, progress=not args.no_progress,
-    )
-    train(cfg)
-    return 0
+    return run_from_args(args)
+
+
+def _extract_latents(args) -> int:
+    from .latents import extract_from_args
+
+    return extract_from_args(args)
 
 
 def _sampler_settings(args, info: dict) -> dict:
@@ -475,7 +435,8 @@ def _compare(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "figure": _figure, "compare": _compare}
+_COMMANDS = {"train": _train, "extract-latents": _extract_latents, "sample": _sample, "eval": _eval,
+             "figure": _figure, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:

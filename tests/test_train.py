@@ -196,7 +196,7 @@ def test_sample_command(tiny_run, tmp_path, capsys):
         (["train", "--batch-size", "5000", "--no-progress"], "batch_size must be <= 1438"),
         (["sample"], "--ckpt"),
         (["sample", "--ckpt", "/nonexistent/checkpoint.pt"], "does not exist"),
-        ([], "required: {train,sample,eval,figure,compare}"),
+        ([], "required: {train,extract-latents,sample,eval,figure,compare}"),
     ],
 )
 def test_bad_arguments_give_clear_errors(argv, needle, capsys, tmp_path):

@@ -1,0 +1,237 @@
+"""Checkpoints: atomic files, the newest complete one, RNG states, the reference layout,
+exact resume after SIGKILL and SIGTERM, and non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from switch_dit import checkpoint as ck
+from switch_dit.config import TrainConfig
+
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
+            progress=False, log_every=1)
+TINY_ARGS = ["--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--batch-size", "8",
+             "--device", "cpu", "--no-sample", "--no-progress", "--log-every", "1", "--threads", "1"]
+TIMING = {"steps_per_sec", "images_per_sec", "elapsed_s"}
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+def test_atomic_save_and_newest_complete(tmp_path):
+    for step in (3, 6, 9):
+        ck.atomic_save({"format": ck.FORMAT, "model_kwargs": {}, "model": {}, "ema": {}, "step": step},
+                       ck.checkpoint_path(tmp_path, step))
+    assert not list(tmp_path.glob("*.tmp"))
+    # What a crash in the middle of a save leaves: a temporary file, never a final name.
+    (tmp_path / "ckpt-00000012.pt.tmp").write_bytes(b"half a checkpoint")
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [9, 6, 3]
+    # A final name holding a damaged file (copied by hand, a full disk): skipped, said.
+    (tmp_path / "ckpt-00000015.pt").write_bytes(ck.checkpoint_path(tmp_path, 9).read_bytes()[:100])
+    said = []
+    path, state = ck.latest_checkpoint(tmp_path, said.append)
+    assert path.name == "ckpt-00000009.pt" and state["step"] == 9
+    assert "skipping unreadable checkpoint" in said[0] and "ckpt-00000015.pt" in said[0]
+    assert [p.name for p in ck.prune_checkpoints(tmp_path, 2)] == ["ckpt-00000006.pt", "ckpt-00000003.pt"]
+    assert ck.latest_checkpoint(tmp_path / "none") is None
+    with pytest.raises(ValueError, match="not a switch-dit training checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "x.pt")
+        ck.load_checkpoint(tmp_path / "x.pt")
+
+
+def test_rng_states_round_trip():
+    g = torch.Generator().manual_seed(5)
+    state = ck.capture_rng({"g": g})
+    draws = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
+    buf = __import__("io").BytesIO()
+    torch.save(state, buf)  # what a checkpoint holds must load with weights_only
+    buf.seek(0)
+    ck.restore_rng(torch.load(buf, weights_only=True), {"g": g})
+    again = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
+    assert torch.equal(draws[0], again[0]) and draws[1] == again[1] and draws[2] == again[2]
+    assert torch.equal(draws[3], again[3])
+    with pytest.raises(ValueError, match="no state for the 'other' generator"):
+        ck.restore_rng(state, {"other": torch.Generator()})
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    from switch_dit.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(**TINY, steps=4, ckpt_every=2, keep_checkpoints=1, out=str(out)), log=quiet)
+    return out
+
+
+def test_run_folder_checkpoints(short_run):
+    assert [p.name for _, p in ck.list_checkpoints(short_run / "checkpoints")] == ["ckpt-00000004.pt"]
+    state = ck.load_checkpoint(short_run / "checkpoint.pt")
+    assert state["step"] == 4 and state["format"] == ck.FORMAT
+    assert {"model", "ema", "opt", "scaler", "rng", "data", "config", "train_state"} <= set(state)
+    assert len(state["rng"]["ranks"]) == 1 and state["data"]["position"] == 4
+    assert json.loads((short_run / "config.json").read_text()) == state["config"]
+    header = (short_run / "log.csv").read_text().splitlines()[0]
+    assert header.startswith("step,loss,mse,vb,prior,lr,grad_norm,steps_per_sec,images_per_sec")
+
+
+def test_reference_layout(short_run, tmp_path):
+    from switch_dit.interop import load_official
+
+    state = ck.load_checkpoint(short_run / "checkpoint.pt")
+    ref = ck.export_reference(state, tmp_path / "ref.pt")
+    assert set(ref) == {"model", "ema", "opt", "args"} and "prior._unit_mapping" in ref["model"]
+    loaded = torch.load(tmp_path / "ref.pt", weights_only=True)
+    for source in (loaded, state):  # the exported file, and our own checkpoint as it is
+        model = ck.model_from_checkpoint(state)  # the right architecture, then overwritten
+        for p in model.parameters():
+            p.data.zero_()
+        load_official(model, source, ema=True)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state["ema"][k]), k
+
+
+# -- non-finite losses ---------------------------------------------------------------------------------
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import switch_dit.train as train_mod
+
+    real = train_mod.forward_backward
+    calls = {"n": 0}
+    poisoned = {2, 3}  # 0-based calls: steps 3 and 4
+
+    def flaky(net, diffusion, x, y, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] - 1 in poisoned:
+            x = torch.full_like(x, float("nan"))
+        return real(net, diffusion, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "forward_backward", flaky)
+    said = []
+    summary = train_mod.train(TrainConfig(**TINY, steps=6, out=str(tmp_path / "a")), log=said.append)
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    assert sum("step skipped" in m for m in said) == 2
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in records] == [False, False, True, True, False, False]
+    assert records[-1]["skipped"] == 2
+    state = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+    # From step 5 on every loss is NaN: 3 in a row stop the run, with the weights of step 4.
+    calls["n"] = 0
+    poisoned.clear()
+    poisoned.update(range(4, 100))
+    with pytest.raises(train_mod.NonFiniteLossError, match="3 steps in a row .* stopped at step 7") as e:
+        train_mod.train(TrainConfig(**TINY, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet)
+    assert "ckpt-00000007.pt" in str(e.value)
+    good = ck.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000004.pt")
+    last = ck.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000007.pt")
+    for key in ("model", "ema"):
+        for k in good[key]:
+            assert torch.equal(good[key][k], last[key][k]), (key, k)
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+
+def test_resume_errors(short_run, tmp_path):
+    from switch_dit.train import find_resume, train
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_resume(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_resume(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="needs --out"):
+        find_resume("auto", None)
+    assert find_resume("auto", str(tmp_path / "fresh")) is None  # nothing yet: a fresh start
+    state = ck.load_checkpoint(short_run / "checkpoint.pt")
+    changed = TrainConfig(**{**state["config"], "lr": 0.5, "out": str(tmp_path / "c")})
+    with pytest.raises(ValueError, match="lr cannot change when resuming"):
+        train(changed, log=quiet, resume=str(short_run))
+    from switch_dit.train import build, save_checkpoint
+
+    cfg = TrainConfig(**TINY, steps=2)
+    model, ema, opt, _ = build(cfg, "cpu")
+    save_checkpoint(tmp_path / "weights.pt", model, ema, opt, 1, cfg)
+    with pytest.raises(ValueError, match="no training state"):
+        train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "w")}), log=quiet, resume=str(tmp_path / "weights.pt"))
+
+
+def _start(out: Path, steps: int, *extra) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "switch_dit.train", *TINY_ARGS, "--steps", str(steps), "--ckpt-every", "3",
+           "--out", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _steps_logged(out: Path) -> int:
+    try:
+        return len((out / "log.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _records(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
+    """SIGKILL at a random step, or SIGTERM (checkpoint, exit 143), then --resume: the
+    same losses, step for step, as a run that never stopped."""
+    steps = 24
+    rng = random.Random()
+    kill_at, term_at = rng.randint(2, 14), rng.randint(2, 14)
+    ref = _start(tmp_path / "ref", steps)
+    killed = _start(tmp_path / "killed", steps)
+    termed = _start(tmp_path / "termed", steps)
+    pending = {killed: (kill_at, signal.SIGKILL, tmp_path / "killed"), termed: (term_at, signal.SIGTERM, tmp_path / "termed")}
+    deadline = time.time() + 120
+    while pending and time.time() < deadline:
+        for proc, (at, sig, out) in list(pending.items()):
+            if _steps_logged(out) >= at or proc.poll() is not None:
+                proc.send_signal(sig)
+                del pending[proc]
+        time.sleep(0.005)
+    outs = {name: p.communicate(timeout=120) for name, p in (("ref", ref), ("killed", killed), ("termed", termed))}
+    assert ref.returncode == 0, outs["ref"][1][-2000:]
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_at}"
+    assert termed.returncode == 143, outs["termed"][1][-2000:]
+    assert "SIGTERM: checkpoint of step" in outs["termed"][0]
+    stopped = int(outs["termed"][0].split("SIGTERM: checkpoint of step ")[1].split()[0])
+    assert (tmp_path / "termed" / "checkpoints" / f"ckpt-{stopped:08d}.pt").is_file()
+
+    resumed = [_start(tmp_path / name, steps, "--resume") for name in ("killed", "termed")]
+    fresh = _start(tmp_path / "new", 2, "--resume")  # nothing to resume yet: a fresh start
+    for p in resumed:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert "resumed from" in out
+    want = _records(tmp_path / "ref")
+    assert [r["step"] for r in want] == list(range(1, steps + 1))
+    for name, at in (("killed", kill_at), ("termed", term_at)):
+        got = _records(tmp_path / name)
+        assert got == want, f"{name} at step {at}: first difference at step " + str(
+            next((a["step"] for a, b in zip(want, got) if a != b), None))
+    # The same command line serves the first start and every restart after a crash.
+    out, err = fresh.communicate(timeout=120)
+    assert fresh.returncode == 0 and "starting afresh" in out, err[-2000:]
