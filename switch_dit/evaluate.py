@@ -45,6 +45,19 @@ class DigitsClassifier:
         x = images.detach().float().clamp(-1.0, 1.0).cpu()
         return x.flatten(1).numpy()
 
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """(N, 1, S, S) -> float64 (N, 45): the SVM's one-vs-one decision values, one continuous
+        margin per pair of classes; the feature space of the digits Frechet distance
+        (``switch_dit.metrics``)."""
+        if self._svm is None:
+            raise RuntimeError("DigitsClassifier.features called before fit")
+        saved = self._svm.decision_function_shape
+        self._svm.decision_function_shape = "ovo"  # read at call time; "ovr" folds the pairs into votes
+        try:
+            return np.asarray(self._svm.decision_function(self._features(images)), dtype=np.float64)
+        finally:
+            self._svm.decision_function_shape = saved
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) -> int64 (N,) predicted classes."""
         if self._svm is None:

@@ -231,18 +231,7 @@ def frechet_distance(features1, features2) -> float:
 
 def classifier_features(classifier, images: torch.Tensor) -> np.ndarray:
     """Features of (N, 1, S, S) images in the digits classifier's space: (N, d) float64."""
-    if hasattr(classifier, "features"):
-        return np.asarray(classifier.features(images), dtype=np.float64)
-    # Older classifier without a features method: its SVM's one-vs-one decision values.
-    svm = classifier._svm
-    if svm is None:
-        raise RuntimeError("the classifier is not fitted")
-    saved = svm.decision_function_shape
-    svm.decision_function_shape = "ovo"
-    try:
-        return np.asarray(svm.decision_function(classifier._features(images)), dtype=np.float64)
-    finally:
-        svm.decision_function_shape = saved
+    return np.asarray(classifier.features(images), dtype=np.float64)
 
 
 _FITTED: dict = {}

@@ -84,6 +84,18 @@ def test_digits_metrics_on_real_digits_and_noise(held_out):
     assert unlabelled["sample_accuracy"] is None and unlabelled["frechet_distance"] == real["frechet_distance"]
 
 
+def test_classifier_features_are_the_pairwise_margins(held_out):
+    from switch_dit.evaluate import DigitsClassifier
+
+    images, labels = held_out
+    clf = metrics._digits_classifier(16)[0]
+    f = metrics.classifier_features(clf, images[:7])
+    assert f.shape == (7, 45) and f.dtype == np.float64 and np.isfinite(f).all()
+    assert clf._svm.decision_function_shape == "ovr"  # restored: predict is unaffected
+    with pytest.raises(RuntimeError, match="before fit"):
+        DigitsClassifier().features(images)
+
+
 def test_digits_metric_separates_a_trained_model_from_an_untrained_one(tmp_path):
     """A tiny Switch-DiT trained for 150 steps (~3 s on one core) against the same model untrained.
 
