@@ -122,7 +122,8 @@ def _add_sample_parser(sub) -> None:
                                    "keeps; under torchrun every rank samples its shards and rank 0 merges. "
                                    "Sampler defaults: the run's own settings for our checkpoints, else DDPM with "
                                    "250 steps and guidance 1.5 (the paper's).")
-    s.add_argument("--ckpt", required=True, help="checkpoint file (ours or the reference layout)")
+    s.add_argument("--ckpt", required=True,
+                   help="checkpoint file (ours or the reference layout), or a run folder (its newest checkpoint)")
     s.add_argument("--out", default=None, help="PNG grid to write (default samples-<timestamp>.png beside the "
                                                "checkpoint; with --npz only when given)")
     s.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
@@ -183,7 +184,7 @@ def _add_figure_parser(sub) -> None:
                                    "over the timesteps beside the matched diffusion prior, the paper's Fig. 8) "
                                    "and the loss curves (total, noise, vb, prior) of a training log. Needs "
                                    "matplotlib.")
-    f.add_argument("--run", default=None, help="a run folder: its checkpoint.pt and log.jsonl")
+    f.add_argument("--run", default=None, help="a run folder: its (newest) checkpoint and log.jsonl")
     f.add_argument("--ckpt", default=None, help="checkpoint for the paths figure")
     f.add_argument("--log", default=None, help="log.jsonl for the loss curves")
     f.add_argument("--out", default=None, help="folder for paths.png and loss.png (default: the run's folder)")
@@ -397,7 +398,7 @@ def _figure(args) -> int:
     run = Path(args.run) if args.run else None
     if run is not None and not run.is_dir():
         raise ValueError(f"--run: {str(run)!r} is not a folder")
-    ckpt = Path(args.ckpt) if args.ckpt else (run / "checkpoint.pt" if run else None)
+    ckpt = Path(args.ckpt) if args.ckpt else run  # a run folder: its newest checkpoint
     log = Path(args.log) if args.log else (run / "log.jsonl" if run else None)
     if ckpt is None and log is None:
         raise ValueError("nothing to draw: give --run DIR, or --ckpt and/or --log")

@@ -127,7 +127,7 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
             run_dir = out / f"{family}-seed{seed}"
             log(f"[{family} seed {seed}] training {cfg.steps} steps -> {run_dir}")
             summary = train(_train_config(cfg, family, seed, run_dir), log=lambda *a, **k: None)
-            model, _ = load_model(run_dir / "checkpoint.pt", ema=True, device=summary["device"])
+            model, _ = load_model(run_dir, ema=True, device=summary["device"])  # the run's newest checkpoint
             labels = torch.arange(model.num_classes, device=summary["device"]).repeat_interleave(cfg.samples_per_class)
             t0 = time.perf_counter()
             samples = generate(model, labels, method=cfg.sample_method, steps=cfg.sample_steps,

@@ -33,6 +33,7 @@ from .models import DiT, FAMILIES, SIZES, create
 
 __all__ = [
     "LATENT_SCALE",
+    "find_checkpoint",
     "load_model",
     "infer_model_kwargs",
     "sampling_diffusion",
@@ -120,6 +121,22 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
     return kw
 
 
+def find_checkpoint(path) -> Path:
+    """``path`` itself if it is a file; for a run folder its ``checkpoint.pt``, else its newest
+    ``ckpt-<step>.pt``. Raises FileNotFoundError naming what was looked for."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "checkpoint.pt").is_file():
+            return path / "checkpoint.pt"
+        steps = sorted(path.glob("ckpt-*.pt"), key=lambda p: p.name)  # zero-padded steps sort by name
+        if steps:
+            return steps[-1]
+        raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt")
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
 def load_model(
     path,
     *,
@@ -129,7 +146,8 @@ def load_model(
     num_heads: int | None = None,
     backend: str = "auto",
 ) -> tuple[DiT, dict]:
-    """A model in eval mode from a checkpoint file, with its EMA weights by default.
+    """A model in eval mode from a checkpoint file (or a run folder, see ``find_checkpoint``),
+    with its EMA weights by default.
 
     Reads our training checkpoints (``switch_dit.train``: the model is rebuilt from the stored
     arguments) and the reference implementation's layout ({"model", "ema", "opt", "args"} or a bare
@@ -139,18 +157,16 @@ def load_model(
 
     Returns (model, info) with info = {"layout": "switch-dit" | "reference", "step", "config"}.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = find_checkpoint(path)
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     which = "ema" if ema else "model"
     if "model_kwargs" in obj and "format" in obj:
-        from .train import CHECKPOINT_FORMAT
-
-        if obj["format"] != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {str(path)!r} has format {obj['format']}, this version reads {CHECKPOINT_FORMAT}")
+        # Every format of our checkpoints holds whole "model" / "ema" state dicts and the
+        # arguments of models.create; that is all sampling needs.
+        if which not in obj:
+            raise ValueError(f"checkpoint {str(path)!r} has no {which!r} weights")
         kw = dict(obj["model_kwargs"])
         name = kw.pop("name")
         if model_name is not None and model_name != name:

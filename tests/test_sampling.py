@@ -284,6 +284,18 @@ def test_infer_model_kwargs_of_a_named_size():
                   "learn_sigma": True, "num_timesteps": 1000, "num_experts": 3, "top_k": 2}
 
 
+def test_find_checkpoint_in_a_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ckpt-<step>.pt"):
+        sampling.find_checkpoint(tmp_path)
+    for step in (10, 200, 30):
+        (tmp_path / f"ckpt-{step:08d}.pt").write_bytes(b"")
+    (tmp_path / "ckpt-00000300.pt.tmp").write_bytes(b"")  # an unfinished write is no checkpoint
+    assert sampling.find_checkpoint(tmp_path).name == "ckpt-00000200.pt"
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert sampling.find_checkpoint(tmp_path).name == "checkpoint.pt"
+    assert sampling.find_checkpoint(tmp_path / "ckpt-00000010.pt").name == "ckpt-00000010.pt"
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sampling.load_model(tmp_path / "missing.pt")
