@@ -1,4 +1,14 @@
 """switch-dit: fused kernels and reference models for Switch Diffusion Transformers."""
 
 __version__ = "0.1.0"
-from switch_dit.accelerate import accelerate  # noqa: E402,F401  drop-in for the reference code (issue 9)
+__all__ = ["accelerate"]
+
+
+def __getattr__(name):
+    # Lazy: importing the package (for example its command line, which must set OpenMP's
+    # environment before torch loads) does not import torch.
+    if name == "accelerate":
+        from switch_dit.dropin import accelerate
+
+        return accelerate
+    raise AttributeError(f"module 'switch_dit' has no attribute {name!r}")

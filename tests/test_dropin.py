@@ -1,4 +1,4 @@
-"""switch_dit.accelerate on a stand-in of the public reference implementation.
+"""switch_dit.accelerate (switch_dit/dropin.py) on a stand-in of the public reference implementation.
 
 The first half of this file is a minimal model written to the reference code's module
 names and semantics (models/DiT/models.py, models/MoE.py, ParallelExperts,

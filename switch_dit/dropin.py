@@ -1,4 +1,4 @@
-"""``switch_dit.accelerate(model)``: run a model built by the public reference code on our fast path.
+"""Drop-in: ``switch_dit.accelerate(model)`` runs a model built by the public reference code on our fast path.
 
 For users of the public Switch-DiT implementation (byeongjun-park/Switch-DiT, its
 ``models/DiT/models.py`` and ``train.py``). One call, after the model is built and before
