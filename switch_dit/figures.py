@@ -122,8 +122,9 @@ def plot_denoising_paths(paths: PathData, path, title: str | None = None, dpi: i
     ax_gate, ax_prior = fig.subplots(1, 2, sharey=True)
     _draw_map(ax_gate, paths.w_gate.reshape(T, N * M), N, M, f"stacked w_gate (top-{paths.top_k} of {M} experts)")
     _draw_map(ax_prior, paths.w_prior.reshape(T, N * M), N, M, "matched w_prior")
-    fig.suptitle(title or f"denoising paths: {N} blocks x {M} experts, {T} timesteps "
-                          f"(mismatch {paths.mismatch:.0f} of {T * N * M} cells)", fontsize=10)
+    fig.suptitle((title or f"denoising paths: {N} blocks x {M} experts, {T} timesteps "
+                           f"(mismatch {paths.mismatch:.0f} of {T * N * M} cells)") + "; black = expert used",
+                 fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path

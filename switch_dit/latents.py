@@ -186,12 +186,20 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.pt"
 
 
-def _shard_done(out: Path, i: int, count: int) -> bool:
-    """A shard is finished when its record exists and matches the file on disk."""
+def _shard_key(files: list[Path], labels: list[int], root: Path, **settings) -> str:
+    """What a shard's content depends on: its images (names, labels) and the settings."""
+    text = json.dumps({"files": [str(f.relative_to(root)) for f in files], "labels": labels, **settings},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _shard_done(out: Path, i: int, key: str) -> bool:
+    """A shard is finished when its record exists, was made from the same images and
+    settings, and matches the file on disk."""
     record_path = (out / _shard_name(i)).with_suffix(".json")
     try:
         record = json.loads(record_path.read_text())
-        return record["count"] == count and (out / _shard_name(i)).stat().st_size == record["bytes"]
+        return record["key"] == key and (out / _shard_name(i)).stat().st_size == record["bytes"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -234,12 +242,15 @@ def extract_latents(
     files, labels, classes = find_images(image_folder, unconditional)
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        (out / MANIFEST).unlink() if rank == 0 else None  # the folder is being (re)written: not complete
+    if rank == 0:  # the folder is being (re)written: not complete until the new manifest
+        (out / MANIFEST).unlink(missing_ok=True)
 
     n_shards = (len(files) + shard_size - 1) // shard_size
     spans = [(i, i * shard_size, min(len(files), (i + 1) * shard_size)) for i in range(n_shards)]
-    mine = [s for s in spans if s[0] % world_size == rank and not _shard_done(out, s[0], s[2] - s[1])]
+    vae_name = vae_name or getattr(encoder, "name", "custom")
+    settings = dict(image_size=image_size, flips=flips, dtype=str(dtype), seed=seed, vae=vae_name)
+    keys = {i: _shard_key(files[a:b], labels[a:b], Path(image_folder), **settings) for i, a, b in spans}
+    mine = [s for s in spans if s[0] % world_size == rank and not _shard_done(out, s[0], keys[s[0]])]
     if rank == 0:
         log(f"{len(files)} images in {len(classes)} class(es) -> {n_shards} shard(s) in {out}; "
             f"{n_shards - len(mine) if world_size == 1 else 'some'} already done")
@@ -288,7 +299,7 @@ def extract_latents(
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _write_json({"count": b - a, "bytes": path.stat().st_size, "sha256": _sha256(path),
-                     "latent_shape": list(latents.shape[2:])}, path.with_suffix(".json"))
+                     "latent_shape": list(latents.shape[2:]), "key": keys[i]}, path.with_suffix(".json"))
     if bar is not None:
         bar.close()
     if barrier is not None:
@@ -298,7 +309,7 @@ def extract_latents(
 
     records = []
     for i, a, b in spans:
-        if not _shard_done(out, i, b - a):
+        if not _shard_done(out, i, keys[i]):
             raise RuntimeError(f"shard {_shard_name(i)} is missing after extraction (did a process fail?)")
         rec = json.loads((out / _shard_name(i)).with_suffix(".json").read_text())
         records.append({"file": _shard_name(i), **rec})
@@ -309,7 +320,7 @@ def extract_latents(
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "source": str(Path(image_folder).resolve()),
-        "vae": vae_name or getattr(encoder, "name", "custom"),
+        "vae": vae_name,
         "scale": SCALE,
         "image_size": image_size,
         "latent_shape": list(shapes.pop()),
@@ -412,6 +423,15 @@ class LatentsDataset:
     def __len__(self) -> int:
         return int(self._ends[-1])
 
+    @property
+    def in_channels(self) -> int:
+        return self.latent_shape[0]
+
+    @property
+    def input_size(self) -> int:
+        """The latents' side: what the model sees as its image size."""
+        return self.latent_shape[1]
+
     def get(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, C, h, w) float32 and labels (B,) of dataset rows ``indices``;
         ``flip`` (B,) bool takes the mirrored latent (stored, or mirrored here)."""
@@ -451,6 +471,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unconditional", action="store_true", help="every image is class 0 (FFHQ)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the encoder's noise (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 keeps torch's default")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -460,6 +481,10 @@ def extract_from_args(args: argparse.Namespace) -> int:
 
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Check the images before loading a VAE of 80 M parameters.
     find_images(args.images, args.unconditional)
     ctx = distributed.setup(args.device)

@@ -123,9 +123,7 @@ def open_data(cfg: TrainConfig, device="cpu"):
         return DigitsData(cfg.image_size, device)
     from .latents import LatentsDataset
 
-    ds = LatentsDataset(cfg.data, expected_image_size=cfg.image_size)
-    ds.in_channels, ds.input_size = ds.latent_shape[0], ds.latent_shape[1]
-    return ds
+    return LatentsDataset(cfg.data, expected_image_size=cfg.image_size)
 
 
 def _data_info(data) -> dict:
@@ -464,12 +462,8 @@ def find_resume(resume, out=None, log=None) -> Path | None:
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of the gradients as a plain tensor (FSDP's DTensor norm is gathered)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is None:  # torch < 2.6
-        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    else:
-        norm = get_total_norm(grads)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
 
@@ -615,12 +609,16 @@ class _Run:
         # on "skip this step" and "stop now" before anyone touches the weights.
         stats = torch.stack([parts["loss"], parts["mse"], parts["vb"], parts["prior"], norm.to(dev),
                              torch.tensor(float(stop_requested), device=dev)])
+        # (The norm is of the averaged gradients, the same on every rank: its mean is itself.)
         loss, mse, vb, prior, gnorm, stop = (distributed.all_reduce_sum(stats, self.ctx) / self.ctx.world_size).tolist()
-        gnorm = float(norm) if cfg.parallel == "fsdp" else gnorm  # FSDP's norm is global already
         finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(gnorm))
         if finite:
-            if cfg.grad_clip > 0 and math.isfinite(gnorm):
-                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm)
+            if cfg.grad_clip > 0 and gnorm > cfg.grad_clip:
+                # A Python scalar (the norm is on the host already): no mixing of DTensor and Tensor.
+                coef = cfg.grad_clip / (gnorm + 1e-6)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
             if self.scaler.is_enabled():
                 self.scaler.step(self.opt)  # skips by itself when fp16 gradients overflowed
                 self.scaler.update()
@@ -689,7 +687,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
             log(f"no checkpoint in {out / 'checkpoints'} yet: starting afresh")
     ckpt = None
     if path is not None:
-        ckpt = ckpt_lib.load_checkpoint(path, mmap=True)
+        ckpt = ckpt_lib.load_checkpoint(path)  # read, not mapped: the optimizer would keep file-backed tensors
         cfg = resume_config(ckpt["config"], overrides=cfg.to_dict())  # raises on a change that breaks the run
         out = Path(cfg.out)
 

@@ -235,3 +235,22 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
     # The same command line serves the first start and every restart after a crash.
     out, err = fresh.communicate(timeout=120)
     assert fresh.returncode == 0 and "starting afresh" in out, err[-2000:]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_clipping_resume_exactly(precision, tmp_path):
+    """Autocast (and fp16's grad scaler, whose state is checkpointed) with clipping: a
+    resume from step 2 repeats steps 3-4 exactly."""
+    from switch_dit.train import train
+
+    cfg = dict(TINY, precision=precision, grad_clip=0.5, steps=4, ckpt_every=2)
+    train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
+    train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet,
+          resume=str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"))
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert b == a[2:] and all(r["loss"] is not None for r in a)
+    state = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0 and all("scale" in r for r in a)
+    else:
+        assert state["scaler"] is None

@@ -118,3 +118,13 @@ def test_cli_flag_errors_are_argparse_errors(capsys):
         assert needle in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"--top-k \(4\) must not exceed --num-experts \(3\)"):
         config_from_args(parse("--top-k", "4"))
+
+
+def test_the_shipped_paper_config_is_the_recipe():
+    pytest.importorskip("yaml")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "imagenet256-switch-dit-xl2.yaml"
+    cfg = resolve(load_config_file(path))
+    recipe = TrainConfig(data=cfg.data, out=cfg.out)
+    assert cfg == recipe

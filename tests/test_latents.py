@@ -110,6 +110,9 @@ def test_extraction_resumes_and_is_reproducible(images, tmp_path):
     for name, z in before.items():  # the same latents: the encoder's noise is seeded per shard
         assert torch.equal(torch.load(out / name, weights_only=True)["latents"], z), name
     assert LatentsDataset(out).manifest["count"] == 6
+    # Other settings make other shards: nothing is reused.
+    _, enc = extract(images, out, seed=1)
+    assert enc.calls == 3 * 2
 
 
 def test_flips_not_stored_mirror_the_latent(images, tmp_path):
@@ -200,3 +203,15 @@ def test_training_on_latents(images, tmp_path):
         train(TrainConfig(**{**cfg.to_dict(), "image_size": 64, "out": str(tmp_path / "r2")}), log=lambda *a: None)
     with pytest.raises(ValueError, match="batch_size must be <= 6"):
         train(TrainConfig(**{**cfg.to_dict(), "batch_size": 8, "out": str(tmp_path / "r3")}), log=lambda *a: None)
+
+
+def test_commands_report_missing_folders(tmp_path, capsys):
+    from switch_dit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert e.value.code == 2 and "latents folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["extract-latents", str(tmp_path / "missing"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "image folder" in err and "does not exist" in err
