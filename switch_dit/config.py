@@ -87,6 +87,7 @@ class TrainConfig:
     ckpt_every: int | None = None
     keep_checkpoints: int | None = None
     progress: bool = True
+    figure_every: int = 0  # denoising-path figure of the EMA model every K steps (0 = never)
     # sampling after training (the digits demo only)
     sample: bool | None = None
     sample_method: str | None = None
@@ -170,6 +171,7 @@ assert set(PAPER_RECIPE) == set(DIGITS_PRESET)
 RESUMABLE_FIELDS = frozenset({
     "steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "progress", "max_bad_steps", "device",
     "backend", "parallel", "sample", "sample_method", "sample_steps", "cfg_scale", "samples_per_class",
+    "figure_every",
 })
 
 # field -> "int", "float", "bool" or "str" (annotations are strings here; drop "| None")
@@ -199,7 +201,7 @@ def _validate(c: TrainConfig) -> None:
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps",
                  "sample_steps", "samples_per_class", "num_experts", "top_k"):
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "a positive integer")
-    for name in ("hidden_size", "depth", "num_heads", "warmup_steps", "image_size", "seed"):
+    for name in ("hidden_size", "depth", "num_heads", "warmup_steps", "image_size", "seed", "figure_every"):
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, "a non-negative integer")
     for name in ("flip", "ema_warmup", "progress", "sample"):
         need(isinstance(getattr(c, name), bool), name, "true or false")
@@ -218,6 +220,8 @@ def _validate(c: TrainConfig) -> None:
     need(isinstance(c.device, str) and bool(c.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(isinstance(c.data, str) and bool(c.data), "data", "'digits' or a latents folder written by extract-latents")
     need(c.out is None or isinstance(c.out, str), "out", "a folder path")
+    if c.figure_every and not c.model.startswith("Switch-DiT"):
+        raise ValueError(f"figure_every must be 0 for {c.model}: denoising paths are drawn for Switch-DiT models only")
     if c.top_k > c.num_experts:
         raise ValueError(f"top_k ({c.top_k}) must not exceed num_experts ({c.num_experts})")
     if c.data == "digits" and c.image_size and c.image_size < 8:
@@ -417,6 +421,8 @@ _FLAGS = {
     "ckpt_every": (dict(type=_positive_int), "steps between checkpoints"),
     "keep_checkpoints": (dict(type=_positive_int), "checkpoints kept (the newest)"),
     "progress": (dict(action=argparse.BooleanOptionalAction), "progress bar on rank 0"),
+    "figure_every": (dict(type=_non_negative_int), "draw the denoising paths of the EMA model "
+                     "(figures/paths-<step>.png, needs matplotlib) every K steps; 0 = never"),
     "sample": (dict(action=argparse.BooleanOptionalAction), "sample and score after training (digits)"),
     "sample_method": (dict(choices=("ddpm", "ddim")), "sampler"),
     "sample_steps": (dict(type=_positive_int), "sampling steps, respaced from 1000"),

@@ -15,7 +15,8 @@ in a row stop the run with a checkpoint of the last good weights.
 Run folder: ``config.json``; ``log.jsonl`` and ``log.csv`` (one record per ``log_every``
 steps; TensorBoard events too when tensorboard is installed); ``checkpoints/ckpt-*.pt``
 every ``ckpt_every`` steps and on SIGTERM (the newest ``keep_checkpoints`` kept);
-``checkpoint.pt``, the final one; for the digits ``samples.png`` and ``metrics.json``.
+``checkpoint.pt``, the final one; for the digits ``samples.png`` and ``metrics.json``;
+with ``figure_every`` K, ``figures/paths-<step>.png`` (the EMA model's denoising paths).
 
 Exact resume: every random draw comes from a generator whose state is in the checkpoint
 (per rank: the global torch RNG for label dropout, the timestep/noise generator and the
@@ -554,6 +555,19 @@ class _Run:
             self.gens["step"].manual_seed(seed + 1)
             self.gens["flip"].manual_seed(seed + 2)
 
+    def ema_for_figures(self) -> DiT | None:
+        """The EMA model as one plain module on rank 0, None on the others (a collective
+        under FSDP, whose EMA is sharded)."""
+        if self.cfg.parallel == "fsdp" and self.ctx.distributed:
+            state = distributed.gather_state(self.ema.state_dict(), self.ctx.is_main)
+            if state is None:
+                return None
+            with torch.random.fork_rng(devices=[]):  # initialising draws from the run's global RNG
+                model = _create(self.kwargs, "reference")
+            model.load_state_dict(state)
+            return model.eval()
+        return self.ema if self.ctx.is_main else None
+
     def save(self) -> Path | None:
         """Checkpoint the current state (a collective: every rank calls it); rank 0 writes."""
         main = self.ctx.is_main
@@ -714,6 +728,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
         except ImportError:  # a progress bar is a nicety
             bar = None
 
+    recorder = None
+    if cfg.figure_every and ctx.is_main:
+        from .figures import PathRecorder  # raises here, not hours later, when matplotlib is missing
+
+        recorder = PathRecorder(cfg.figure_every, out / "figures")
+
     interrupted = False
     window_start = time.perf_counter()
     try:
@@ -745,6 +765,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
                     run.window, window_start = run._empty_window(), now
                 if run.step % cfg.ckpt_every == 0 or last:
                     run.save()
+                if cfg.figure_every and run.step % cfg.figure_every == 0:
+                    ema = run.ema_for_figures()  # every rank takes part under FSDP
+                    if recorder is not None:
+                        recorder(ema, run.step)
                 if stop:
                     interrupted = True
                     log(f"SIGTERM: checkpoint of step {run.step} written to {run.ckpt_dir}; resume with --resume")

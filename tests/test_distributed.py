@@ -4,6 +4,7 @@ that move between world sizes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -95,8 +96,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                 torch.save(grads, tmp / f"grads-{parallel}.pt")
             full = tmp / f"{parallel}-full"
             # Clipping at 0.2 (gradient norms here are ~0.4): FSDP's clip must act on the global norm.
-            train(_tiny_config(parallel=parallel, steps=4, ckpt_every=2, grad_clip=0.2, out=str(full)),
-                  log=lambda *a: None)
+            # Under FSDP the path figure gathers the sharded EMA (a collective on every rank).
+            figure_every = 2 if parallel == "fsdp" and importlib.util.find_spec("matplotlib") else 0
+            train(_tiny_config(parallel=parallel, steps=4, ckpt_every=2, grad_clip=0.2, out=str(full),
+                               figure_every=figure_every), log=lambda *a: None)
             train(_tiny_config(parallel=parallel, steps=4, grad_clip=0.2, out=str(tmp / f"{parallel}-again")),
                   log=lambda *a: None,
                   resume=str(full / "checkpoints" / "ckpt-00000002.pt"))
@@ -140,6 +143,8 @@ def test_two_ranks_resume_exactly_and_in_one_process(parallel, two_ranks, tmp_pa
     assert not any(k.startswith(("module.", "model.", "_orig_mod.")) for k in ck["model"])
     assert not any(k.startswith(("module.", "model.")) for k in ck["ema"])
 
+    if parallel == "fsdp" and importlib.util.find_spec("matplotlib"):
+        assert sorted(p.name for p in (full / "figures").iterdir()) == ["paths-0000002.png", "paths-0000004.png"]
     if parallel == "fsdp":  # FSDP2 computes what DDP computes (up to the order of sums)
         d, f = load_checkpoint(two_ranks / "ddp-full" / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
         for key in d["ema"]:

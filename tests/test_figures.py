@@ -86,6 +86,26 @@ def test_paths_png_and_recorder(tmp_path):
         figures.PathRecorder(every=0, out_dir=tmp_path)
 
 
+def test_training_draws_the_emas_paths_every_k_steps(tmp_path):
+    """`figure_every` K: figures/paths-<step>.png at steps K, 2K, ... of the run."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from switch_dit.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, steps=4, device="cpu",
+                      sample=False, progress=False, log_every=2, figure_every=2, out=str(out))
+    train(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["paths-0000002.png", "paths-0000004.png"]
+    with Image.open(out / "figures" / "paths-0000004.png") as img:
+        assert img.format == "PNG" and img.size[0] > 600
+    with pytest.raises(ValueError, match="figure_every must be 0 for DiT-S/4"):
+        TrainConfig(model="DiT-S/4", figure_every=10)
+    with pytest.raises(ValueError, match="figure_every must be a non-negative integer"):
+        TrainConfig(figure_every=-1)
+
+
 def write_log(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     return path
