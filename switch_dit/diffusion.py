@@ -497,7 +497,8 @@ class GaussianDiffusion:
         abar = self._extract("alphas_cumprod", t, x)
         abar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
-        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1.0 - abar_prev - sigma ** 2) * eps
+        # 1 - abar_prev - sigma^2 >= 0 exactly, but can round to just below 0 (NaN in the sqrt) at eta = 1.
+        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1.0 - abar_prev - sigma ** 2).clamp_min(0)) * eps
         if eta == 0:
             return {"sample": mean, "pred_xstart": out["pred_xstart"]}
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
