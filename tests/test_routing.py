@@ -412,3 +412,8 @@ def test_extension_was_compiled_with_its_cuda_kernel():
     (sm_80 and sm_90) too, even on a machine without a GPU."""
     assert _extension.available(), "switch_dit._C did not build"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("switch_dit::routing_plan", "CUDA")
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") is None:  # the default architectures are embedded
+        import importlib.util
+
+        binary = open(importlib.util.find_spec("switch_dit._C").origin, "rb").read()
+        assert b"sm_80" in binary and b"sm_90" in binary
