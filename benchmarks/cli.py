@@ -65,6 +65,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from switch_dit.kernels.routed_linear import tf32_matmul_allowed
+
     from . import env
     from .results import Results
     from .runner import Context, run_cases
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         "settings": {
             "op_dtype": str(s.op_dtype).replace("torch.", ""), "M": s.M, "k": s.k, "input_sets": s.input_sets,
             "repeats": s.repeats, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_matmul": tf32_matmul_allowed(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         },
     })

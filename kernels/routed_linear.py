@@ -202,11 +202,14 @@ def _mixed_wgrad_kernel(
     if NEED_DW:
         if N_ACC == 0:
             # Zero this program's tile of every expert (an expert may get no sample). The
-            # read-modify-writes below use the same pointer expression, hence the same
-            # thread owns the same elements: program order is all the ordering needed.
+            # read-modify-writes below may load and store in different layouts (the
+            # store takes the tl.dot layout of p), so another thread of the program can
+            # own an element's load than its store: a barrier orders each write before
+            # the next read.
             zero = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
             for e0 in range(0, NUM_E):
                 tl.store(dw_chunk + e0 * expert_size + tile_offs, zero, mask=tile_mask)
+            tl.debug_barrier()
 
     b0 = pid_s * CHUNK
     n_b = tl.minimum(B - tl.program_id(1) * CHUNK, CHUNK)  # int32 loop bound
@@ -262,6 +265,7 @@ def _mixed_wgrad_kernel(
                     acc_ptrs = dw_chunk + e * expert_size + tile_offs
                     cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
                     tl.store(acc_ptrs, cur + c * p, mask=tile_mask)
+                    tl.debug_barrier()  # two slots of a sample may name one expert
             if NEED_DG:
                 w = tl.load(w_ptr + e * s_we + w_offs, mask=tile_mask, other=0.0)
                 # One all-axes sum: it reduces in the tl.dot layout (a reordering reshape),
@@ -412,12 +416,27 @@ def _tuned(name: str, prec: str, n_acc: int = 0, bi: int = 0, bo: int = 0):
     return _TUNED[key]
 
 
+def tf32_matmul_allowed() -> bool:
+    """Whether PyTorch lets fp32 CUDA matmuls use TF32, by whichever API it was set.
+
+    torch >= 2.9 raises on reading the legacy ``allow_tf32`` once the new
+    ``fp32_precision`` API has been used, so the new one is read where it exists
+    ("none" inherits the global setting)."""
+    mm = torch.backends.cuda.matmul
+    prec = getattr(mm, "fp32_precision", None)
+    if prec is None:  # torch < 2.9
+        return bool(mm.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
+
+
 def _ieee(dtype: torch.dtype, device: torch.device) -> int:
     """fp32 products in true fp32 unless PyTorch itself allows TF32 (DESIGN.md §3)."""
     if dtype != torch.float32:
         return 0
     if device.type == "cuda":
-        return 0 if torch.backends.cuda.matmul.allow_tf32 else 1
+        return 0 if tf32_matmul_allowed() else 1
     return 1
 
 

@@ -49,10 +49,10 @@ Differences (documented, by design):
   - The prior's matching (``prior="matched"``, the default): the reference shuffles the
     columns of both binary maps with ``torch.rand`` every step and solves the Hungarian
     assignment on the host (a sync per step). We solve the *unshuffled* cost with the same
-    solver (scipy), deterministically; on CUDA the solve runs off the critical path
-    (``switch_dit.prior.AsyncAssignment``): the assignment lags the activation map by a
-    step or two (the paper reports the maps settle within ~500 iterations) and the first
-    call is one synchronous solve. Every optimal assignment has the same matching cost,
+    solver (scipy), deterministically and off the critical path
+    (``switch_dit.prior.AsyncAssignment``): the assignment lags the activation map by
+    exactly one step, on every device (the paper reports the maps settle within ~500
+    iterations), and the first call is one synchronous solve. Every optimal assignment has the same matching cost,
     but when several are optimal (ties) the loss value can differ from the one the
     reference's random shuffle picks on that step. ``prior="reference"`` calls the model's
     own ``DiffusionPrior`` instead (random shuffle and a host solve every step, exactly

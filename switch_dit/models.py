@@ -122,6 +122,12 @@ class DiT(nn.Module):
             state["_matcher"] = prior_lib.AsyncAssignment()
         return state
 
+    @property
+    def prior_matcher(self) -> prior_lib.AsyncAssignment | None:
+        """The fast path's assignment for the prior loss (Switch-DiT only, else None); its
+        ``state_dict()`` belongs in training checkpoints for an exact resume."""
+        return self.__dict__.get("_matcher")
+
     def set_backend(self, backend: str) -> "DiT":
         """Switch every block, router and the final layer to ``backend`` ("auto", "reference" or "triton")."""
         self.backend = check_backend(backend)

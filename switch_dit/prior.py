@@ -156,47 +156,73 @@ def prior_loss(
 class AsyncAssignment:
     """The matching of w_gate to w_prior, kept current without stalling the GPU.
 
-    The Hungarian solve needs the host. Calling ``assign`` on CUDA tensors every step
-    would wait for the whole queued step. Instead each call:
-      1. if the cost matrix copied to the host on an earlier call has arrived (a CUDA
-         event, polled without waiting), solves it and uploads the new permutation into
-         the same device tensor (so a captured CUDA graph sees it too);
-      2. starts an asynchronous device->host copy of the current cost matrix;
-      3. returns the device permutation of the newest solved map.
-    Only the very first call solves synchronously. The permutation lags the activation
-    map by a step or two, and equals the synchronous one (no shuffle) whenever the map
-    has not changed since it was solved; the paper reports that the maps settle within
-    ~500 iterations. On CPU tensors it solves directly.
+    The Hungarian solve needs the host, and solving the current cost on CUDA would wait
+    for the whole queued step. So the assignment lags by exactly one call: call n uses
+    the permutation solved from call n - 1's cost, whose device->host copy was queued
+    (into pinned memory, marked by a CUDA event) one call earlier and has long arrived
+    by then; the first call solves its own cost synchronously. The lag is the same on
+    every device and every rank and does not depend on timing, so runs are
+    reproducible, DDP ranks agree, and ``state_dict`` / ``load_state_dict`` make a
+    resumed run continue exactly. The loss equals the synchronous assignment's (no
+    shuffle) whenever the activation map did not change over the last call; the paper
+    reports that the maps settle within ~500 iterations.
     """
 
     def __init__(self) -> None:
-        self.perm: torch.Tensor | None = None
-        self._host_cost: torch.Tensor | None = None
+        self.perm: torch.Tensor | None = None  # (U,) permutation in use, on the cost's device
+        self._host_cost: torch.Tensor | None = None  # the last call's cost (pinned on CUDA)
         self._host_perm: torch.Tensor | None = None
-        self._event = None
-        self._pending = False
+        self._event = None  # CUDA: marks the arrival of _host_cost
+        self._pending = False  # _host_cost holds a cost that the next call solves
+        self._restored: dict | None = None
 
     def __call__(self, cost: torch.Tensor) -> torch.Tensor:
         """cost: (U, U) matching cost -> (U,) int64 column matched to each row, on cost's device."""
         cost = cost.detach()
-        if cost.device.type != "cuda":
-            return assign(cost).to(cost.device)
-        if self.perm is None or self.perm.shape[0] != cost.shape[0]:
-            self.perm = assign(cost).to(cost.device)  # first call: one synchronous solve
-            self._host_cost = torch.empty(cost.shape, dtype=torch.float32, pin_memory=True)
-            self._host_perm = torch.empty(cost.shape[0], dtype=torch.int64, pin_memory=True)
-            self._event = torch.cuda.Event()
-            self._pending = False
-            return self.perm
-        if self._pending and self._event.query():
+        cuda = cost.device.type == "cuda"
+        if self.perm is None or self.perm.shape[0] != cost.shape[0] or self.perm.device != cost.device:
+            self._start(cost)
+        elif self._pending:
+            if self._event is not None:
+                self._event.synchronize()  # recorded a call ago: complete unless the host is a step ahead
             self._host_perm.copy_(assign(self._host_cost))
-            self.perm.copy_(self._host_perm, non_blocking=True)
-            self._pending = False
-        if not self._pending:
-            self._host_cost.copy_(cost.float(), non_blocking=True)
-            self._event.record()
-            self._pending = True
+            self.perm.copy_(self._host_perm, non_blocking=cuda)
+        self._host_cost.copy_(cost.float(), non_blocking=cuda)  # solved at the next call
+        if self._event is not None:
+            self._event.record(torch.cuda.current_stream(cost.device))  # the copy's stream
+        self._pending = True
         return self.perm
+
+    def _start(self, cost: torch.Tensor) -> None:
+        U, cuda = cost.shape[0], cost.device.type == "cuda"
+        restored, self._restored = self._restored, None
+        if restored is not None and restored["perm"] is not None and restored["perm"].shape[0] == U:
+            # What the uninterrupted run does now: solve the cost its last call left pending.
+            pending = restored.get("cost")
+            perm = assign(pending) if pending is not None else restored["perm"]
+        else:
+            perm = assign(cost)  # first call: one synchronous solve
+        self.perm = perm.to(cost.device)
+        self._host_cost = torch.empty((U, U), dtype=torch.float32, pin_memory=cuda)
+        self._host_perm = torch.empty(U, dtype=torch.int64, pin_memory=cuda)
+        self._event = torch.cuda.Event() if cuda else None
+        self._pending = False
+
+    def state_dict(self) -> dict:
+        """{"perm": (U,) int64 or None, "cost": (U, U) float32 pending cost or None}, on the
+        CPU (waits for the pending copy: call it at checkpoints, not every step)."""
+        if self.perm is None:
+            return dict(self._restored) if self._restored is not None else {"perm": None, "cost": None}
+        if self._pending and self._event is not None:
+            self._event.synchronize()
+        return {"perm": self.perm.cpu(), "cost": self._host_cost.clone() if self._pending else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``: the next call uses what the saved matcher's next call would."""
+        if set(state) != {"perm", "cost"}:
+            raise ValueError(f"state must have the keys 'perm' and 'cost', got {sorted(state)}")
+        self.__init__()
+        self._restored = {k: (v.detach().cpu() if v is not None else None) for k, v in state.items()}
 
 
 def prior_loss_matched(gate_probs: torch.Tensor, w_prior: torch.Tensor, timesteps: torch.Tensor, top_k: int, matcher: AsyncAssignment) -> torch.Tensor:

@@ -479,8 +479,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, ctx: distributed.Context, log, started: float, ckpt: dict | None):
         self.cfg, self.ctx, self.log, self.started = cfg, ctx, log, started
         dev = ctx.device
-        if dev.type == "cuda":  # as DiT: TF32 matmuls for the fp32 parts
-            torch.backends.cuda.matmul.allow_tf32 = True
+        if dev.type == "cuda":  # as DiT: TF32 matmuls and convolutions for the fp32 parts
+            torch.set_float32_matmul_precision("high")  # sets the legacy and the new TF32 flags alike
             torch.backends.cudnn.allow_tf32 = True
         self.data = open_data(cfg, dev if cfg.data == "digits" else "cpu")
         self.sampler = distributed.ShardedBatchSampler(len(self.data), cfg.batch_size, ctx.rank, ctx.world_size,
@@ -540,6 +540,8 @@ class _Run:
         self.elapsed_before = float(ts.get("elapsed_s", 0.0))
         self.window = {**self._empty_window(), **ts["window"]}
         self.sampler.load_state_dict(ckpt["data"])
+        if ckpt.get("prior_matcher") and self.model.prior_matcher is not None:
+            self.model.prior_matcher.load_state_dict(ckpt["prior_matcher"])
         self.prior_gen.set_state(ckpt["rng"]["shared"]["prior"])
         ranks = ckpt["rng"]["ranks"]
         try:
@@ -583,6 +585,7 @@ class _Run:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": {"ranks": rng, "shared": {"prior": self.prior_gen.get_state()}},
                 "data": self.sampler.state_dict(),
+                "prior_matcher": (self.model.prior_matcher.state_dict() if self.model.prior_matcher is not None else None),
                 "train_state": {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run,
                                 "window": dict(self.window), "elapsed_s": self.elapsed()},
                 "world_size": self.ctx.world_size, "parallel": self.cfg.parallel,

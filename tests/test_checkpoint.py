@@ -254,3 +254,20 @@ def test_mixed_precision_and_clipping_resume_exactly(precision, tmp_path):
         assert state["scaler"]["scale"] > 0 and all("scale" in r for r in a)
     else:
         assert state["scaler"] is None
+
+
+def test_fast_path_resume_keeps_the_prior_matching(tmp_path):
+    """backend "triton" (the interpreter here): the prior loss's one-step-lagged matching
+    is checkpointed with the run, so a resume from step 2 repeats steps 3-4 exactly."""
+    from switch_dit.train import train
+
+    cfg = dict(TINY, backend="triton", steps=4, ckpt_every=2)
+    train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
+    step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
+    train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet, resume=str(step2))
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert b == a[2:] and len(a) == 4
+    state = ck.load_checkpoint(step2)["prior_matcher"]
+    U = 2 * 3  # depth x experts
+    assert state["perm"].shape == (U,) and state["cost"].shape == (U, U)
+    assert sorted(state["perm"].tolist()) == list(range(U))

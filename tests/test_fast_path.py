@@ -148,12 +148,12 @@ def test_fast_switch_block_saves_no_more_than_reference_dense_block():
     """Issue 5's memory bar: a fused Switch-DiT block (routed linear included) keeps no more
     saved activations than the reference dense DiT block."""
     cfg = dict(input_size=16, in_channels=4, num_classes=10, hidden_size=64, depth=1, num_heads=4, num_timesteps=100)
-    x = torch.randn(4, 4, 16, 16)
-    t = torch.randint(0, 100, (4,))
-    y = torch.randint(0, 10, (4,))
+    x = torch.randn(4, 4, 16, 16, device=DEV)
+    t = torch.randint(0, 100, (4,), device=DEV)
+    y = torch.randint(0, 10, (4,), device=DEV)
     sizes = {}
     for name, backend in (("DiT-S/2", "reference"), ("Switch-DiT-S/2", "triton"), ("Switch-DiT-S/2", "reference")):
-        m = randomize(create(name, backend=backend, **cfg), std=0.1).eval()
+        m = randomize(create(name, backend=backend, **cfg), std=0.1).to(DEV).eval()
         with torch.no_grad():
             h = (m.x_embedder(x) + m.pos_embed).requires_grad_()
             t_emb = m.t_embedder(t)

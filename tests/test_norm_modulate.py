@@ -39,8 +39,6 @@ def poison(monkeypatch):
         def _nan(shape, dtype, device):
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         monkeypatch.setattr(K, "_new", _nan)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def rel(out, ref):

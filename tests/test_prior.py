@@ -170,3 +170,36 @@ def test_async_assignment_cuda_no_sync_after_first_call():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(got, want)
+
+
+def _costs_with_distinct_matchings(U=5, n=4, seed=0):
+    """n random (U, U) costs whose optimal matchings all differ."""
+    g = torch.Generator().manual_seed(seed)
+    costs = []
+    while len(costs) < n:
+        c = torch.rand(U, U, generator=g, dtype=torch.float64)
+        if all(not torch.equal(prior.assign(c), prior.assign(d)) for d in costs):
+            costs.append(c)
+    return costs
+
+
+def test_async_assignment_lags_one_call_and_resumes_exactly():
+    """Call n uses the matching of call n - 1's cost (the first call its own); a matcher
+    restored from state_dict() continues as the saved one would have, where a fresh one
+    would not."""
+    costs = _costs_with_distinct_matchings()
+    matcher = prior.AsyncAssignment()
+    got = [matcher(c).clone() for c in costs[:2]]
+    assert torch.equal(got[0], prior.assign(costs[0])) and torch.equal(got[1], prior.assign(costs[0]))
+    state = matcher.state_dict()
+    third = matcher(costs[2]).clone()
+    assert torch.equal(third, prior.assign(costs[1]))
+
+    resumed = prior.AsyncAssignment()
+    resumed.load_state_dict({k: v.clone() if v is not None else None for k, v in state.items()})
+    assert set(resumed.state_dict()) == {"perm", "cost"}  # a restored, unused matcher saves what it got
+    assert torch.equal(resumed(costs[2]), third)
+    assert torch.equal(resumed(costs[3]), prior.assign(costs[2]))
+    assert not torch.equal(prior.AsyncAssignment()(costs[2]), third)  # without the state: another matching
+    with pytest.raises(ValueError, match="perm"):
+        resumed.load_state_dict({"perm": None})

@@ -30,8 +30,7 @@ TOL32 = 1e-5  # DESIGN.md §3: float32 well under 1e-5 (TF32 off)
 
 @pytest.fixture(autouse=True)
 def _no_tf32_and_poison(monkeypatch):
-    if HAS_CUDA:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # (TF32 is off: tests/conftest.py.)
     # Scratch buffers the kernels must fully write start as NaN.
     monkeypatch.setattr(K, "POISON", True)
 
@@ -593,15 +592,15 @@ def test_gpu_cuda_graph_and_no_sync():
             step()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    want = [t.grad.clone() for t in (x1, w1, b1, g1)]
 
     torch.cuda.set_sync_debug_mode("error")
     try:
         for t in (x1, w1, b1, g1):
-            t.grad = None
+            t.grad = None  # (the warm-up accumulated three steps)
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    want = [t.grad.clone() for t in (x1, w1, b1, g1)]  # one eager step
 
     for t in (x1, w1, b1, g1):
         t.grad = None
@@ -622,3 +621,28 @@ def test_gpu_torch_compile_inductor():
     x, w, b, idx, g = _gpu_case(384, torch.bfloat16, B=4)
     f = torch.compile(lambda x, w, b, g: expert_mask_and_apply(x, w, b, idx, g)[1], fullgraph=True)
     assert rel(f(x, w, b, g).float(), expert_mask_and_apply(x, w, b, idx, g)[1].float()) < 1e-2
+
+
+def test_tf32_setting_is_read_through_either_api():
+    """The kernels' fp32 mode follows PyTorch's TF32 switch whether it was set with the
+    legacy flag, set_float32_matmul_precision or the fp32_precision API (reading the legacy
+    flag after the new API raises on torch >= 2.9). conftest restores the setting."""
+    mm = torch.backends.cuda.matmul
+    torch.set_float32_matmul_precision("high")
+    assert K.tf32_matmul_allowed()
+    torch.set_float32_matmul_precision("highest")
+    assert not K.tf32_matmul_allowed()
+    mm.allow_tf32 = True
+    assert K.tf32_matmul_allowed()
+    mm.allow_tf32 = False
+    if hasattr(mm, "fp32_precision"):
+        mm.fp32_precision = "tf32"
+        assert K.tf32_matmul_allowed()
+        mm.fp32_precision = "ieee"
+        assert not K.tf32_matmul_allowed()
+        mm.fp32_precision, saved = "none", torch.backends.fp32_precision
+        try:
+            torch.backends.fp32_precision = "tf32"  # "none" inherits the global setting
+            assert K.tf32_matmul_allowed()
+        finally:
+            torch.backends.fp32_precision = saved

@@ -23,6 +23,8 @@ None / "auto" picks "triton" for CUDA tensors when Triton is importable, else "r
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -176,15 +178,27 @@ def _gr_dtype(z, y, gate):
     return torch.promote_types(z.dtype, torch.promote_types(gate.dtype, y.dtype))
 
 
+def _on_its_device(launch):
+    """Triton launches on the current CUDA device: make it that of the first tensor."""
+
+    @functools.wraps(launch)
+    def run(first: Tensor, *args, **kwargs):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return launch(first, *args, **kwargs)
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
 def _impl(name: str):
     if name == "triton":
         if _K is None:
             raise RuntimeError("backend 'triton' needs Triton, which could not be imported")
-        return {
-            "mln_fwd": _K.mask_ln_modulate_fwd, "mln_bwd": _K.mask_ln_modulate_bwd,
-            "rlm_fwd": _K.residual_ln_modulate_fwd, "rlm_bwd": _K.residual_ln_modulate_bwd,
-            "gr_fwd": _K.gated_residual_fwd, "gr_bwd": _K.gated_residual_bwd,
-        }
+        return {key: _on_its_device(fn) for key, fn in (
+            ("mln_fwd", _K.mask_ln_modulate_fwd), ("mln_bwd", _K.mask_ln_modulate_bwd),
+            ("rlm_fwd", _K.residual_ln_modulate_fwd), ("rlm_bwd", _K.residual_ln_modulate_bwd),
+            ("gr_fwd", _K.gated_residual_fwd), ("gr_bwd", _K.gated_residual_bwd),
+        )}
     return {
         "mln_fwd": _mln_fwd_torch, "mln_bwd": _mln_bwd_torch,
         "rlm_fwd": _rlm_fwd_torch, "rlm_bwd": _rlm_bwd_torch,
