@@ -316,7 +316,9 @@ def _sample(args) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            from .distributed import init_group
+
+            init_group(device)
     try:
         model, info = sampling.load_model(args.ckpt, ema=not args.raw_weights, device=device,
                                           model_name=args.model, num_heads=args.num_heads)

@@ -15,6 +15,7 @@ wrapper sees one ordinary forward and averages every gradient over the ranks.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
     "Context",
     "setup",
     "cleanup",
+    "init_group",
     "TrainingModule",
     "wrap",
     "unwrap",
@@ -102,9 +104,20 @@ def setup(device: str = "auto") -> Context:
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        init_group(dev)
         owns = True
     return Context(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
+
+
+# Longer than NCCL's default 10 minutes: ranks wait in a barrier while rank 0 writes and
+# fsyncs an XL checkpoint (~13 GB with the optimizer state), or while others sample.
+TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def init_group(device: torch.device) -> None:
+    """The process group of a torchrun job: NCCL bound to ``device`` on CUDA, else gloo."""
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=TIMEOUT)
 
 
 def cleanup() -> None:
@@ -193,7 +206,7 @@ def gather_state(state, keep: bool = True):
     """A (possibly FSDP-sharded, nested) state dict with whole tensors, for rank 0 to save.
 
     Every rank must call it (gathering a DTensor is a collective); ranks with ``keep``
-    false get None back. Plain tensors are returned as they are (they are whole).
+    false get None back. Tensors come back as CPU copies (a snapshot, off the GPU).
     """
     if isinstance(state, dict):
         out = {k: gather_state(v, keep) for k, v in state.items()}
@@ -201,6 +214,8 @@ def gather_state(state, keep: bool = True):
         out = type(state)(gather_state(v, keep) for v in state)
     elif isinstance(state, torch.Tensor):
         out = _full(state).detach()
+        if keep:  # host copies: whole FSDP tensors on rank 0's GPU would undo the sharding
+            out = out.cpu()
     else:
         out = state
     return out if keep else None

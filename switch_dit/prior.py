@@ -96,7 +96,9 @@ def matching_cost(w_gate: torch.Tensor, w_prior: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"w_gate and w_prior must be equal (T, U) maps, got {tuple(w_gate.shape)} and {tuple(w_prior.shape)}")
     a = w_gate.float()
     b = w_prior.float().to(a.device)
-    return a.sum(0)[:, None] + b.sum(0)[None, :] - 2.0 * (a.t() @ b)
+    # Counts up to T: exact in float32, not in an autocast bf16 GEMM (multiples of 4 above 512).
+    with torch.autocast(a.device.type, enabled=False):
+        return a.sum(0)[:, None] + b.sum(0)[None, :] - 2.0 * (a.t() @ b)
 
 
 def assign(cost: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,10 @@ def _torch_load(path: Path):
     scripts store under "args" (a plain attribute bag, safe to unpickle)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mapped: the ranks of a sharded sampler share the page cache, not 8 copies in RAM
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
 
@@ -122,18 +125,21 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
 
 
 def find_checkpoint(path) -> Path:
-    """``path`` itself if it is a file; for a run folder its ``checkpoint.pt``, else its newest
-    ``ckpt-<step>.pt``. Raises FileNotFoundError naming what was looked for."""
+    """``path`` itself if it is a file; for a run folder its ``checkpoint.pt`` (a finished
+    run), else the newest ``ckpt-<step>.pt`` in it or in its ``checkpoints/`` (a run in
+    progress). Raises FileNotFoundError naming what was looked for."""
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
         if (path / "checkpoint.pt").is_file():
             return path / "checkpoint.pt"
-        steps = sorted(path.glob("ckpt-*.pt"), key=lambda p: p.name)  # zero-padded steps sort by name
-        if steps:
-            return steps[-1]
-        raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt")
+        for folder in (path, path / "checkpoints"):
+            steps = sorted(folder.glob("ckpt-*.pt"), key=lambda p: p.name)  # zero-padded steps sort by name
+            if steps:
+                return steps[-1]
+        raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt "
+                                "(in it or in its checkpoints/)")
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 

@@ -625,10 +625,12 @@ class _Run:
         # One all-reduce and one host sync per step: every rank needs the same verdict
         # on "skip this step" and "stop now" before anyone touches the weights.
         stats = torch.stack([parts["loss"], parts["mse"], parts["vb"], parts["prior"], norm.to(dev),
-                             torch.tensor(float(stop_requested), device=dev)])
+                             torch.full((), float(stop_requested), device=dev)])  # a fill, not a blocking copy
         # (The norm is of the averaged gradients, the same on every rank: its mean is itself.)
         loss, mse, vb, prior, gnorm, stop = (distributed.all_reduce_sum(stats, self.ctx) / self.ctx.world_size).tolist()
-        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(gnorm))
+        # fp16: an overflow is skipped here and the scaler backs off in update(); many in a
+        # row (the scale halves each time) mean the run is broken, as for a non-finite loss.
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
         if finite:
             if cfg.grad_clip > 0 and gnorm > cfg.grad_clip:
                 # A Python scalar (the norm is on the host already): no mixing of DTensor and Tensor.
@@ -637,7 +639,7 @@ class _Run:
                     if p.grad is not None:
                         p.grad.mul_(coef)
             if self.scaler.is_enabled():
-                self.scaler.step(self.opt)  # skips by itself when fp16 gradients overflowed
+                self.scaler.step(self.opt)
                 self.scaler.update()
             else:
                 self.opt.step()
@@ -704,7 +706,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
             log(f"no checkpoint in {out / 'checkpoints'} yet: starting afresh")
     ckpt = None
     if path is not None:
-        ckpt = ckpt_lib.load_checkpoint(path)  # read, not mapped: the optimizer would keep file-backed tensors
+        # On CUDA mapped (every rank reads the file; load_state_dict copies to the GPU); on
+        # the CPU read, or the optimizer would keep file-backed tensors.
+        ckpt = ckpt_lib.load_checkpoint(path, mmap=ctx.device.type == "cuda")
         cfg = resume_config(ckpt["config"], overrides=cfg.to_dict())  # raises on a change that breaks the run
         out = Path(cfg.out)
 

@@ -203,3 +203,14 @@ def test_async_assignment_lags_one_call_and_resumes_exactly():
     assert not torch.equal(prior.AsyncAssignment()(costs[2]), third)  # without the state: another matching
     with pytest.raises(ValueError, match="perm"):
         resumed.load_state_dict({"perm": None})
+
+
+def test_matching_cost_is_exact_under_autocast():
+    """The cost counts up to T = 1000 mismatches: bf16 autocast must not round it."""
+    g = torch.Generator().manual_seed(0)
+    w_gate = (torch.rand(1000, 84, generator=g) < 0.6).float()
+    w_prior = (torch.rand(1000, 84, generator=g) < 0.6).float()
+    want = (w_gate.double()[:, :, None] - w_prior.double()[:, None, :]).abs().sum(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prior.matching_cost(w_gate, w_prior)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), want)

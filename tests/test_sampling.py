@@ -287,6 +287,10 @@ def test_infer_model_kwargs_of_a_named_size():
 def test_find_checkpoint_in_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ckpt-<step>.pt"):
         sampling.find_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()  # a run in progress: the trainer's layout
+    for step in (5, 7):
+        (tmp_path / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
+    assert sampling.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt-00000007.pt"
     for step in (10, 200, 30):
         (tmp_path / f"ckpt-{step:08d}.pt").write_bytes(b"")
     (tmp_path / "ckpt-00000300.pt.tmp").write_bytes(b"")  # an unfinished write is no checkpoint
