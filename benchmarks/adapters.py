@@ -73,6 +73,12 @@ def gated_residual_ln_modulate(backend: str = "triton"):
 def routing_plan():
     """plan(gate_probs, timesteps, k, L): the tile schedule for L tokens per sample included."""
     fn = _lookup("switch_dit.routing", ("plan",))
+    from switch_dit import _extension
+
+    if torch.cuda.is_available() and not (
+            _extension.available() and torch._C._dispatch_has_kernel_for_dispatch_key("switch_dit::routing_plan", "CUDA")):
+        # Otherwise plan() falls back to its PyTorch twin, and "fast" would time that.
+        raise Unavailable(f"switch_dit._C has no CUDA kernel here ({_extension.load_error or 'built CPU-only'})")
     return lambda gate_probs, timesteps, top_k, seq_len: fn(gate_probs, timesteps, top_k, seq_len=seq_len)
 
 

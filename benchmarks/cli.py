@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; aot_eager with --smoke, where inductor's "
                         "C++ compilation would take minutes: aot_eager still traces with dynamo and AOTAutograd)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode (CUDA-graph modes would overwrite the retained outputs that "
+                        "the bwd timings replay)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate README.md and the chart")
     p.add_argument("--list", action="store_true", help="print the cases that would run, and exit")
     args = p.parse_args(argv)
@@ -57,6 +59,7 @@ def _under_cwd(path: Path) -> bool:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()  # --time-limit counts from here, imports included
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     if mode == "smoke":
@@ -65,10 +68,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from switch_dit.kernels.routed_linear import tf32_matmul_allowed
+    try:
+        from switch_dit.kernels.routed_linear import tf32_matmul_allowed
+    except ImportError as e:
+        print(f"python -m benchmarks: switch_dit is not installed ({e}); run `pip install -e . "
+              "--no-build-isolation` (or `make install`) first", file=sys.stderr)
+        return 2
 
     from . import env
     from .results import Results
+    from .results import load as load_results
     from .runner import Context, run_cases
     from .settings import settings_for
     from .timing import Timer
@@ -96,23 +105,37 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases ({mode} mode)")
         return 0
 
+    if device.type == "cuda":
+        # As the official training script (DiT's train.py): TF32 for the fp32 matmuls and
+        # convolutions that autocast leaves in fp32 (the official expert GEMMs use out=).
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
     info = env.device_info(device)
-    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="switch-dit-bench-")) if mode == "smoke"
-                                               else RESULTS_DIR)
+    if args.out:
+        out_dir = Path(args.out)
+    elif mode == "smoke":
+        out_dir = Path(tempfile.mkdtemp(prefix="switch-dit-bench-"))
+    elif os.environ.get("OUT"):  # a lent machine: only $OUT comes back
+        out_dir = Path(os.environ["OUT"]) / "benchmark-results"
+    else:
+        out_dir = RESULTS_DIR
     path = out_dir / f"{info['slug']}-{env.today()}.json"
-    kept = RESULTS_DIR / path.name
-    if args.resume and not path.exists() and kept.exists():
-        # On a lent machine results go to $OUT; the rows already kept in the repository
-        # (copied back after an earlier call) seed the file, so --resume continues them.
+    kept = sorted(RESULTS_DIR.glob(f"{info['slug']}-*.json"))  # dates in the names sort in time
+    if args.resume and not path.exists() and kept:
+        # On a lent machine results go to $OUT; the newest rows kept in the repository for
+        # this device (copied back after an earlier call) seed the file, so --resume
+        # continues them.
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, path)
+        shutil.copyfile(kept[-1], path)
+        print(f"--resume: continuing {kept[-1].name} "
+              f"({sum(r['status'] == 'ok' for r in load_results(path)['rows'])} rows ok)")
     timer = Timer(device, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cpu_warmup=s.cpu_warmup, cpu_iters=s.cpu_iters)
     ctx = Context(device=device, timer=timer, results=None, run_id=0, peaks={}, smoke=mode == "smoke",
                   repeats=s.repeats, resume=args.resume, compile_backend=args.compile_backend,
                   compile_mode=args.compile_mode)
     cases = _collect(s, ctx, args.only)
 
-    started = time.monotonic()
     limit = args.time_limit if args.time_limit is not None else (None if mode == "smoke" else 540.0)
     if limit is not None:
         ctx.deadline = started + limit

@@ -10,6 +10,7 @@ and a large copy) and every run records both, so a table entry can be checked la
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import re
 import subprocess
@@ -123,7 +124,10 @@ def git_commit() -> dict:
         commit = git("rev-parse", "HEAD")
         status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        commit = status = None
+    if commit is None and os.environ.get("SWITCH_DIT_GIT_COMMIT"):
+        # A copy of the tree without .git (a lent GPU machine): the commit, passed along.
+        return {"commit": os.environ["SWITCH_DIT_GIT_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

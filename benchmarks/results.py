@@ -105,6 +105,11 @@ class Results:
         i = self._index.get(key)
         return i is not None and self.data["rows"][i]["status"] == "ok"
 
+    def reason(self, key: tuple) -> str:
+        """The kept row's reason ("" when there is no row)."""
+        i = self._index.get(key)
+        return "" if i is None else self.data["rows"][i]["reason"]
+
     def add(self, row: dict) -> None:
         key = row_key(row)
         if key in self._index:

@@ -63,11 +63,23 @@ class Context:
     counts: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "error": 0, "resumed": 0})
 
 
+# A case's rows are written with this reason before it runs, and replaced when it ends: a
+# case killed mid-run (the device's per-command limit, a hang) leaves this row behind.
+UNFINISHED = "did not finish: the process was killed or timed out during this case"
+
+
 def run_cases(ctx: Context, cases: list[Case]) -> None:
     for case in cases:
         modes = [m for m in case.modes if not (ctx.resume and ctx.results.has_ok(case.key(m)))]
         ctx.counts["resumed"] += len(case.modes) - len(modes)
         if not modes:
+            continue
+        if ctx.resume and any(ctx.results.reason(case.key(m)).startswith(UNFINISHED) for m in modes):
+            # Killed once already: running it again would likely take the whole call again.
+            for mode in modes:
+                _record(ctx, case, mode, status="skipped",
+                        reason=f"{UNFINISHED} in an earlier run; not retried by --resume "
+                               "(run it alone with --only / --models and a longer --time-limit)")
             continue
         margin = ctx.heavy_margin_s if case.heavy else ctx.light_margin_s
         if time.monotonic() + margin > ctx.deadline:
@@ -75,6 +87,8 @@ def run_cases(ctx: Context, cases: list[Case]) -> None:
                 _record(ctx, case, mode, status="skipped",
                         reason="time limit reached before this case (rerun with --resume to continue)")
             continue
+        for mode in modes:
+            _record(ctx, case, mode, count=False, status="error", reason=UNFINISHED)
         _run_case(ctx, case, modes)
 
 
@@ -126,23 +140,25 @@ def measure_op(ctx: Context, fn: Callable[[], object], case: Case, mode: str) ->
     first_s = time.perf_counter() - t0
     ms = timer.time(fn)
     reruns = [timer.time(fn)["median"] for _ in range(ctx.repeats - 1)]
+    peak, before = timer.memory_mib(fn)
     return {
         "ms": ms,
         "reruns_ms": reruns,
         "wall_ms": timer.wall(fn),
-        "peak_mem_mib": timer.peak_memory_mib(fn),
+        "peak_mem_mib": peak,
         "host_syncs": timer.host_syncs(fn),
-        "extra": {"first_call_s": round(first_s, 3)},
+        "extra": {"first_call_s": round(first_s, 3), "mem_before_call_mib": before},
     }
 
 
-def _record(ctx: Context, case: Case, mode: str, **fields) -> dict:
+def _record(ctx: Context, case: Case, mode: str, count: bool = True, **fields) -> dict:
     row = make_row(suite=case.suite, bench=case.bench, variant=case.variant, mode=mode, shape=case.shape,
                    dtype=case.dtype, work=_safe_work(case, mode), peaks=ctx.peaks, run=ctx.run_id, **fields)
     if case.note:
         row["extra"].setdefault("note", case.note)
     ctx.results.add(row)
-    ctx.counts[row["status"]] += 1
+    if count:
+        ctx.counts[row["status"]] += 1
     return row
 
 

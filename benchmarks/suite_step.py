@@ -90,6 +90,7 @@ def _build(ctx: Context, s: Settings, name: str, variant: str, precision: str):
             with torch.no_grad():
                 torch._foreach_lerp_(ema, params, 1.0 - EMA_DECAY)
 
+        step.scaler = scaler  # measure() warms fp16 up until the loss scale settles
         return lambda mode: step
 
     return build
@@ -105,18 +106,31 @@ def _measure(s: Settings, cfg):
         for _ in range(max(0, s.step_warmup - 1)):
             step()
         timer.sync()
+        scaler, extra = getattr(step, "scaler", None), {}
+        if scaler is not None:
+            # GradScaler starts at 2^16 and halves on every overflow, skipping that step's
+            # AdamW update: timed steps must be real ones.
+            scales = [scaler.get_scale()]
+            while len(scales) < 40 and (len(scales) < 4 or len(set(scales[-3:])) > 1):
+                step()
+                scales.append(scaler.get_scale())
+            extra["loss_scale_before"] = scales[-1]
         times = timer.step_times(step, s.step_iters)
         ms = quantiles_ms(times)
         reruns = [quantiles_ms(timer.step_times(step, s.step_iters))["median"] for _ in range(ctx.repeats - 1)]
         wall = timer.wall(step, max(2, s.step_iters // 2))
-        peak = timer.peak_memory_mib(step)
+        peak, before = timer.memory_mib(step)
         syncs = timer.host_syncs(step, calls=2)
+        extra.update(mem_before_call_mib=before, event_waits=timer.event_waits(step, calls=2))
+        if scaler is not None:
+            extra["loss_scale_after"] = scaler.get_scale()
         precision = case.dtype.split("-")[0]
         step_flops = flops.train_step_flops(cfg, s.step_batch)
         secs = ms["median"] / 1e3
         return {
             "ms": ms, "reruns_ms": reruns, "wall_ms": wall, "peak_mem_mib": peak, "host_syncs": syncs,
             "extra": {
+                **extra,
                 "first_step_s": round(first_s, 3),
                 "images_per_s": s.step_batch / secs,
                 "mfu": step_flops / secs / ctx.peaks["flops"][precision],

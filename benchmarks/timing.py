@@ -101,15 +101,23 @@ class Timer:
         self.sync()
         return [start.elapsed_time(end) for start, end in events]
 
-    def peak_memory_mib(self, fn: Callable[[], object]) -> float | None:
-        """Peak allocated device memory (MiB) during one call; None on the CPU."""
+    def memory_mib(self, fn: Callable[[], object]) -> tuple[float | None, float | None]:
+        """(peak, before): allocated device memory (MiB) at its peak during one call and just
+        before it (inputs, weights, retained graphs); (None, None) on the CPU."""
         if not self.cuda:
-            return None
+            return None, None
         self.sync()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         fn()
         self.sync()
-        return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return torch.cuda.max_memory_allocated(self.device) / 2**20, before / 2**20
+
+    def event_waits(self, fn: Callable[[], object], calls: int = 1) -> float | None:
+        """Host waits on CUDA events or streams per call (the sync debug mode does not see them)."""
+        if not self.cuda:
+            return None
+        return count_event_waits(fn, calls)
 
     def host_syncs(self, fn: Callable[[], object], calls: int = 1) -> float | None:
         """Synchronising CUDA operations per call, counted by torch's sync debug mode."""
@@ -143,3 +151,29 @@ def count_host_syncs(fn: Callable[[], object], calls: int = 1) -> float:
     torch.cuda.synchronize()
     n = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
     return n / calls
+
+
+def count_event_waits(fn: Callable[[], object], calls: int = 1) -> float:
+    """Calls ``fn`` ``calls`` times counting Event.synchronize, Stream.synchronize and
+    torch.cuda.synchronize: host waits that torch's sync debug mode does not report (the
+    fast path's prior matcher waits on the previous step's event, normally long done)."""
+    count = [0]
+    patched = [(torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda, "synchronize")]
+    saved = [getattr(owner, name) for owner, name in patched]
+
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for (owner, name), original in zip(patched, saved):
+        setattr(owner, name, counting(original))
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        for (owner, name), original in zip(patched, saved):
+            setattr(owner, name, original)
+    torch.cuda.synchronize()
+    return count[0] / calls

@@ -15,7 +15,7 @@ from benchmarks import cli, env, flops, report
 from benchmarks.adapters import Unavailable
 from benchmarks.official import official_expert_mask
 from benchmarks.results import Results, load, make_row, result_files, row_key, validate
-from benchmarks.runner import Case, Context, run_cases
+from benchmarks.runner import UNFINISHED, Case, Context, run_cases
 from benchmarks.timing import Timer
 
 KEPT = Path(benchmarks.__file__).parent / "results"
@@ -221,6 +221,21 @@ def test_results_merge_resume_and_failures(tmp_path):
     run_cases(ctx, [case("d", ok_build)])
     assert len(calls) == 2
     assert all(r["reason"].startswith("time limit") for r in load(path)["rows"] if r["variant"] == "d")
+
+    # A case killed while it runs (here: an exception no handler catches) leaves its rows
+    # as "did not finish"; --resume does not lose another call to it.
+    def killed():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cases(make_ctx(resume=False), [case("e", killed)])
+    rows = [r for r in load(path)["rows"] if r["variant"] == "e"]
+    assert len(rows) == 2 and all(r["status"] == "error" and r["reason"] == UNFINISHED for r in rows)
+    ctx = make_ctx(resume=True)
+    run_cases(ctx, [case("e", ok_build)])
+    assert len(calls) == 2
+    rows = [r for r in load(path)["rows"] if r["variant"] == "e"]
+    assert all(r["status"] == "skipped" and r["reason"].startswith(UNFINISHED + " in an earlier run") for r in rows)
 
 
 def test_validate_names_the_broken_field(smoke):
