@@ -464,9 +464,11 @@ def find_resume(resume, out=None, log=None) -> Path | None:
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of the gradients as a plain tensor (FSDP's DTensor norm is gathered)."""
     grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not any(hasattr(g, "full_tensor") for g in grads):
+        return torch.nn.utils.get_total_norm(grads)  # fused (foreach) norms: a few launches, not one per tensor
+    # FSDP's DTensor shards: each local norm is a partial of the global one; gathered once.
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    full = getattr(norm, "full_tensor", None)
-    return full() if full is not None else norm
+    return norm.full_tensor()
 
 
 def _silent(*args, **kwargs) -> None:
