@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in benchmarks/results) and run the rest")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new case starts (default 540 on a GPU, none with --smoke)")
-    p.add_argument("--repeats", type=int, default=None, help="timings per case (default 2 full, 1 quick/smoke)")
+    p.add_argument("--repeats", type=int, default=None, help="timings per case (default 2 on a GPU, 1 in smoke mode)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; aot_eager with --smoke, where inductor's "
                         "C++ compilation would take minutes: aot_eager still traces with dynamo and AOTAutograd)")

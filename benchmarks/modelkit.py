@@ -4,6 +4,8 @@ Variants of a model, by name:
   reference  switch_dit.models with backend="reference", eager
   fast       backend="triton" (the fused path), skipped until the fused ops exist
   official   Switch-DiT whose SMoE layers run the public implementation's algorithm
+  patched    a model shaped like the reference code (benchmarks/reference_code.py) after
+             switch_dit.accelerate: what a user of the reference training script runs
   +compile   any of them under torch.compile (the whole model, as the official
              training script does)
 """
@@ -41,8 +43,10 @@ def build_model(name: str, overrides: dict, variant: str, device: torch.device):
     base, _ = parse_variant(variant)
     if base == "fast":
         adapters.fast_model_path()
-    if base == "official" and not name.startswith("Switch-DiT"):
-        raise adapters.Unavailable("the official SMoE algorithm applies to Switch-DiT only")
+    if base in ("official", "patched") and not name.startswith("Switch-DiT"):
+        raise adapters.Unavailable(f"the {base} variant applies to Switch-DiT only")
+    if base == "patched":
+        return _patched_reference_model(name, overrides, device)
     backend = "triton" if base == "fast" else "reference"
     with torch.device(device):
         model = models.create(name, backend=backend, **overrides)
@@ -51,6 +55,49 @@ def build_model(name: str, overrides: dict, variant: str, device: torch.device):
     if base == "official":
         use_official_routers(model)
     return model
+
+
+class ReferenceAdapter(torch.nn.Module):
+    """A reference-code model behind our model contract: ``forward`` returns the output and
+    keeps the training-mode aux loss (w_JSD * L_dp) for ``prior_loss``, which the diffusion
+    loss calls next (lambda_dp = 1 adds it as the reference's train.py does)."""
+
+    def __init__(self, model, num_classes: int, num_timesteps: int):
+        super().__init__()
+        self.model = model
+        self.in_channels = model.in_channels
+        self.input_size = model.x_embedder.patch_size[0] * int(model.x_embedder.num_patches ** 0.5)
+        self.num_classes, self.num_timesteps = num_classes, num_timesteps
+        self._aux = None
+
+    def forward(self, x, t, y):
+        out = self.model(x, t, y)
+        if isinstance(out, tuple):
+            out, self._aux = out
+        return out
+
+    def prior_loss(self, t):
+        aux, self._aux = self._aux, None
+        if aux is None:
+            raise RuntimeError("prior_loss(t) needs a training-mode forward first")
+        return aux
+
+
+def _patched_reference_model(name: str, overrides: dict, device: torch.device):
+    import switch_dit
+
+    from .reference_code import RefDiT
+
+    cfg = config_for(name, overrides)
+    num_classes = overrides.get("num_classes", 1000)
+    with torch.device(device):
+        model = RefDiT("DMoE", input_size=cfg.input_size, patch_size=cfg.patch, in_channels=cfg.in_channels,
+                       hidden_size=cfg.hidden, depth=cfg.depth, num_heads=cfg.heads, num_classes=num_classes,
+                       taskcount=1000, num_experts=cfg.num_experts, k=cfg.top_k)
+    model.to(device).train()
+    randomize_zero_parameters(model)
+    switch_dit.accelerate(model)  # backend "auto": the fused path on CUDA
+    return ReferenceAdapter(model, num_classes, 1000)
 
 
 def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:

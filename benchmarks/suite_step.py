@@ -31,6 +31,8 @@ PLAN = (
     # what users of the official code run: its SMoE algorithm, whole-model compile, fp16 + scaler
     ("Switch-DiT", "official+compile", ("fp16-autocast+scaler",), ()),
     ("Switch-DiT", "official", ("bf16-autocast",), ()),
+    # a model built by the reference code, after switch_dit.accelerate (issue 9)
+    ("Switch-DiT", "patched", ("bf16-autocast",), ("bf16-autocast",)),
     ("DiT", "reference", ("bf16-autocast",), ()),
     ("DiT", "reference+compile", ("bf16-autocast",), ()),
 )

@@ -20,7 +20,7 @@ from benchmarks.timing import Timer
 
 KEPT = Path(benchmarks.__file__).parent / "results"
 # Variants the harness itself owns: these must run wherever the smoke mode runs.
-OWN_VARIANTS = {"reference", "reference+compile", "official", "dense_linear"}
+OWN_VARIANTS = {"reference", "reference+compile", "official", "dense_linear", "patched"}
 
 
 def _snapshot(folder: Path) -> dict:
@@ -63,6 +63,8 @@ def test_smoke_results_follow_the_schema(smoke):
     # Every routed-linear baseline of the issue is in the same run.
     variants = {r["variant"] for r in rows if r["bench"] == "routed_linear"}
     assert {"fast", "reference", "reference+compile", "official", "dense_linear"} <= variants
+    # Issue 9: the reference code's model after switch_dit.accelerate has its step row.
+    assert any(r["variant"] == "patched" and r["status"] == "ok" for r in rows if r["bench"] == "train_step")
 
 
 def test_smoke_rows_carry_timings_and_derived_figures(smoke):
