@@ -344,3 +344,23 @@ def test_host_sync_counter_sees_item():
     x = torch.ones(4, device="cuda")
     assert count_host_syncs(lambda: x.sum().item(), calls=3) == pytest.approx(1.0)
     assert count_host_syncs(lambda: x * 2, calls=3) == 0
+
+
+def test_patched_variant_trains_through_the_reference_models_own_loss():
+    """The 'patched' rows time the reference-code model after switch_dit.accelerate, its
+    aux loss (w_JSD * L_dp) entering the diffusion loss as the prior."""
+    from benchmarks.modelkit import build_model
+    from switch_dit.diffusion import create_diffusion
+
+    tiny = {"hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10, "depth": 2}
+    adapter = build_model("Switch-DiT-S/2", tiny, "patched", torch.device("cpu"))
+    assert type(adapter.model).__name__ == "AcceleratedRefDiT"
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    losses = create_diffusion().training_losses(adapter, x, t, y)
+    assert torch.isfinite(losses["loss"]).all() and losses["prior"].item() > 0
+    losses["loss"].mean().backward()
+    assert all(p.grad is not None for n, p in adapter.named_parameters() if "f_gate" in n)  # the prior reaches the gates
+    with pytest.raises(RuntimeError, match="training-mode forward"):
+        adapter.prior_loss(t)
+    with pytest.raises(Unavailable, match="Switch-DiT only"):
+        build_model("DiT-S/2", tiny, "patched", torch.device("cpu"))
