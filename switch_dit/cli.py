@@ -37,49 +37,10 @@ from pathlib import Path
 # set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .config import _guidance, _non_negative_int, _positive_float, _positive_int  # noqa: E402  (argparse types)
 from .models import MODEL_NAMES  # noqa: E402  (imports torch)
 
 __all__ = ["main", "build_parser"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text!r}") from None
-    if not 1.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 1 (1 = no guidance), got {text!r}")
-    return value
 
 
 def _model_name(text: str) -> str:
