@@ -57,17 +57,47 @@ VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 # -----------------------------------------------------------------------------
 
 
+class _Opaque:
+    """Loaded in place of an object whose class torch's weights-only loader does not allow,
+    such as the Hydra/OmegaConf config that the reference training script stores under
+    "config": its data is dropped and none of its code runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
 def _torch_load(path: Path):
     """torch.load with weights_only, allowing the argparse.Namespace that reference training
-    scripts store under "args" (a plain attribute bag, safe to unpickle)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    scripts store under "args" (a plain attribute bag, safe to unpickle); other classes
+    outside torch's allow list (a Hydra config) load as empty stand-ins, never as themselves."""
+
+    def load(extra: list):
+        with torch.serialization.safe_globals([argparse.Namespace, *extra]):
             try:  # mapped: the ranks of a sharded sampler share the page cache, not 8 copies in RAM
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
                 return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+
+    try:
+        return load([])
+    except Exception as e:  # noqa: BLE001 - retried below, reported as a ValueError
+        first = e
+    try:
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, unreadable: report the first error
+        unknown = []
+    if unknown:
+        try:
+            return load([(_Opaque, name) for name in unknown])
+        except Exception as e:  # noqa: BLE001
+            first = e
+    raise ValueError(f"checkpoint {str(path)!r} could not be read: {first}") from first
 
 
 def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:

@@ -257,6 +257,33 @@ def test_load_model_from_our_training_checkpoint(tmp_path):
     assert torch.equal(raw.final_layer.linear.weight, net.final_layer.linear.weight)
 
 
+class HydraLikeConfig:
+    """Pickles like OmegaConf's DictConfig, which the reference training script saves under
+    "config": a class outside torch's weights-only allow list, rebuilt via __setstate__."""
+
+    loaded = 0
+
+    def __init__(self, **content):
+        self._content = dict(content)
+
+    def __getstate__(self):
+        return {"_content": self._content}
+
+    def __setstate__(self, state):
+        HydraLikeConfig.loaded += 1  # never runs: the loader must not execute the class's code
+        self.__dict__.update(state)
+
+
+def test_load_model_from_a_reference_training_checkpoint_with_a_hydra_config(tmp_path):
+    src = tiny_model("Switch-DiT-S/4", top_k=1)
+    sd = official_state_dict(src)
+    torch.save({"model": sd, "ema": sd, "opt": {}, "config": HydraLikeConfig(lr=1e-4)}, tmp_path / "ref.pt")
+    loaded, info = sampling.load_model(tmp_path / "ref.pt", num_heads=2)
+    assert info["layout"] == "reference" and HydraLikeConfig.loaded == 0
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 2])
+    torch.testing.assert_close(loaded(x, t, y), src(x, t, y), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["Switch-DiT-S/4", "DTR-S/4", "DiT-S/4"])
 def test_load_model_from_the_reference_layout(tmp_path, name):
     src = tiny_model(name, top_k=1) if name.startswith("Switch") else tiny_model(name)
