@@ -46,8 +46,9 @@ from . import checkpoint as ckpt_lib
 from . import data as digits
 from . import distributed
 from .config import TrainConfig, add_train_arguments, config_from_args, load_config_file, overrides_from_args, resume_config
-from .diffusion import GaussianDiffusion, create_diffusion, sample as diffusion_sample
+from .diffusion import GaussianDiffusion, create_diffusion
 from .evaluate import DigitsClassifier, sample_accuracy
+from .sampling import generate  # re-exported: train's samples are sampling's
 from .models import DiT, create
 
 __all__ = [
@@ -257,42 +258,6 @@ def save_checkpoint(path, model: DiT, ema: DiT, opt: torch.optim.Optimizer, step
 def grid_labels(samples_per_class: int, num_classes: int = digits.NUM_CLASSES, device="cpu") -> torch.Tensor:
     """int64 (num_classes * samples_per_class,): 0,0,..,1,1,..; one grid row per class."""
     return torch.arange(num_classes, device=device).repeat_interleave(samples_per_class)
-
-
-@torch.no_grad()
-def generate(
-    model: DiT,
-    labels: torch.Tensor,
-    *,
-    method: str = "ddim",
-    steps: int = 50,
-    cfg_scale: float = 4.0,
-    seed: int = 0,
-    noise_schedule: str = "cosine",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Guided samples (N, C, S, S) for labels (N,) on the model's device.
-
-    The 1000-step process is respaced to ``steps`` ("ddimN" spacing for DDIM, even
-    spacing for DDPM); the model always sees original timesteps. The predicted x0 is
-    clipped to the data range [-1, 1] at every step (as ADM does for pixels): near
-    t = T the cosine schedule divides the model's epsilon error by sqrt(abar_t) ~ 0,
-    and without the clip a small model's samples stay noise.
-    """
-    respacing = f"ddim{steps}" if method == "ddim" else str(steps)
-    diffusion = create_diffusion(timestep_respacing=respacing, noise_schedule=noise_schedule, learn_sigma=True)
-    device = labels.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        x = diffusion_sample(
-            model, diffusion, labels, cfg_scale=cfg_scale, method=method, generator=generator, progress=progress,
-            clip_denoised=True,
-        )
-    finally:
-        model.train(was_training)
-    return x
 
 
 def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 2, pad: int = 2) -> None:
