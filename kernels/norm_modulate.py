@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from switch_dit.kernels import INTERPRET, sm_count
+
 __all__ = [
     "mask_ln_modulate_fwd",
     "mask_ln_modulate_bwd",
@@ -275,14 +277,6 @@ def _gated_res_bwd_kernel(
 # ----------------------------------------------------------------------------------
 
 
-# @triton.jit reads TRITON_INTERPRET when the module is imported: the kernels above are
-# interpreted (CPU tensors allowed) exactly when this is true.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -307,7 +301,7 @@ def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int
     # ROWS rows per program: about 8 programs per SM keep enough loads in flight for
     # these memory-bound kernels; more rows per program mean fewer partial rows to sum.
     if x.device.type == "cuda":
-        target = 8 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        target = 8 * sm_count(x.device)
         rows = max(1, (B * L) // target)
         rows = min(1 << (rows.bit_length() - 1), 16)
     else:

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from switch_dit.kernels import INTERPRET, sm_count
+
 # SWITCH_DIT_AUTOTUNE=0: fixed configs on GPU too (same bits across processes).
 AUTOTUNE = os.environ.get("SWITCH_DIT_AUTOTUNE", "1") not in ("", "0")
 # Tests set this: scratch buffers that every element of must be written are NaN-filled.
@@ -440,16 +441,6 @@ def _ieee(dtype: torch.dtype, device: torch.device) -> int:
     return 1
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -540,7 +531,7 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     if chunks is None:
         part_bytes = 4.0 * M * DI * DO if need_dw else 0.0
         rmw_bytes = 8.0 * topk * bi * bo if need_dw and n_acc == 0 else 0.0
-        chunks = _wgrad_chunks(B, L, n_tiles, bi * bo, part_bytes, rmw_bytes, prec, _num_sms(x.device))
+        chunks = _wgrad_chunks(B, L, n_tiles, bi * bo, part_bytes, rmw_bytes, prec, sm_count(x.device))
     chunks = max(1, min(int(chunks), max(B, 1)))
     per_chunk = triton.cdiv(max(B, 1), chunks)
     chunks = triton.cdiv(max(B, 1), per_chunk)  # no empty chunk
