@@ -298,16 +298,20 @@ def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int
         raise ValueError(f"hidden size D={D} exceeds the single-row kernels' limit {MAX_D}")
     block_d = triton.next_power_of_2(max(D, 1))
     num_warps = min(max(block_d // 256, 1), 8)
-    # ROWS rows per program: about 8 programs per SM keep enough loads in flight for
-    # these memory-bound kernels; more rows per program mean fewer partial rows to sum.
     if x.device.type == "cuda":
-        target = 8 * sm_count(x.device)
-        rows = max(1, (B * L) // target)
-        rows = min(1 << (rows.bit_length() - 1), 16)
+        rows = rows_per_program(B, L, sm_count(x.device))
     else:
-        rows = 4  # interpreter: fixed, small, and L = 7, 33 still span several chunks
-    rows = min(rows, triton.next_power_of_2(max(L, 1)))
+        rows = min(4, triton.next_power_of_2(max(L, 1)))  # interpreter: small, L = 7, 33 span chunks
     return block_d, rows, triton.cdiv(L, rows), num_warps
+
+
+def rows_per_program(B: int, L: int, sms: int) -> int:
+    """ROWS of a GPU launch (a power of two, at most L's): about 8 programs per SM keep enough
+    loads in flight for these memory-bound kernels; more rows per program mean fewer partial
+    rows to sum in the backward."""
+    rows = max(1, (B * L) // (8 * sms))
+    rows = min(1 << (rows.bit_length() - 1), 16)
+    return min(rows, triton.next_power_of_2(max(L, 1)))
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
