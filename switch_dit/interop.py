@@ -9,6 +9,13 @@ fails with a message that names the mismatch instead of loading silently.
 
 Checkpoints saved through DDP or torch.compile carry ``module.`` / ``_orig_mod.``
 prefixes; they are stripped.
+
+Remix-DiT (docs/design.md §6): our module names and shapes are the published code's
+(VainF/Remix-DiT ``remix_dit.py``: mixed weights (K, out, in), ``coefficients.weight``
+(N, K)), and its ``prior`` is not in its state dict, so ``load_official`` and
+``official_state_dict`` take and give its checkpoints as they are.
+``init_remix_from_dit`` starts a Remix-DiT from a trained DiT (ours or the reference
+code's) as the published ``load_dit_state_dict`` does.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from typing import Any, Mapping
 import torch
 
 from .models import DiT
+from .remix_dit import RemixDiT
 
-__all__ = ["load_official", "official_state_dict", "unwrap_checkpoint"]
+__all__ = ["load_official", "official_state_dict", "unwrap_checkpoint", "init_remix_from_dit"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -53,7 +61,7 @@ def _expect_table(sd: dict, key: str, want: torch.Tensor, what: str) -> None:
         raise ValueError(f"checkpoint {key} differs from this model's {what}: a different alpha/beta or (M, k) setting")
 
 
-def load_official(model: DiT, checkpoint: Any, *, ema: bool = False) -> DiT:
+def load_official(model: DiT | RemixDiT, checkpoint: Any, *, ema: bool = False) -> DiT | RemixDiT:
     """Load a reference-implementation state dict (or training checkpoint) into ``model``.
 
     Raises ValueError naming the keys or shapes that do not match (wrong family, size,
@@ -69,24 +77,33 @@ def load_official(model: DiT, checkpoint: Any, *, ema: bool = False) -> DiT:
             raise ValueError(f"checkpoint holds DTR masks ({key}) but the model has routing={model.routing!r}")
         _expect_table(sd, key, model.dtr_mask, f"DTR mask of T={T}, D={model.hidden_size}")
     # The reference keeps pos_embed as a frozen parameter, ours is a buffer: same key.
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"checkpoint does not fit {_describe(model)}:"]
-        if wrong:
-            lines.append("  shape mismatch: " + "; ".join(wrong[:6]) + (" ..." if len(wrong) > 6 else ""))
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:6]) + (" ..." if len(unexpected) > 6 else ""))
-        raise ValueError("\n".join(lines))
+    _check_fit(model.state_dict(), sd, f"checkpoint does not fit {_describe(model)}:")
     model.load_state_dict(sd, strict=True)
     return model
 
 
-def official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
+def _check_fit(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], header: str) -> None:
+    """Raise ValueError (``header``, then the first few mismatched, missing and unexpected keys)
+    unless ``sd`` has exactly the keys and shapes of ``own``."""
+    def head(items, sep=", "):
+        return sep.join(items[:6]) + (" ..." if len(items) > 6 else "")
+
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = [header]
+        if wrong:
+            lines.append("  shape mismatch: " + head(wrong, "; "))
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + head(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + head(unexpected))
+        raise ValueError("\n".join(lines))
+
+
+def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
     """Our model's weights in the reference implementation's layout (loadable by its DiT)."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = model.pos_embed.device
@@ -99,7 +116,49 @@ def official_state_dict(model: DiT) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _describe(model: DiT) -> str:
+def _describe(model: DiT | RemixDiT) -> str:
+    if isinstance(model, RemixDiT):
+        return (f"Remix-DiT (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
+                f"classes={model.num_classes}, K={model.num_basis}, N={model.num_experts})")
     fam = {"none": "DiT", "dtr": "DTR", "switch": "Switch-DiT"}[model.routing]
     extra = f", M={model.num_experts}, k={model.top_k}" if model.routing == "switch" else ""
     return f"{fam} (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, classes={model.num_classes}{extra})"
+
+
+# Remix-DiT: the layers a DiT's weights are repeated into (published ``load_dit_state_dict``).
+_MIXED = ("attn.qkv.", "attn.proj.", "mlp.fc1.", "mlp.fc2.")
+
+
+def init_remix_from_dit(model: RemixDiT, checkpoint: Any, *, ema: bool | None = None) -> RemixDiT:
+    """Initialise a Remix-DiT from a trained DiT (ours, or the reference code's
+    ``models.py``; a state dict or a training checkpoint), in place.
+
+    As the published ``load_dit_state_dict``: every mixed layer's weight and bias are
+    repeated K times (so every expert starts as the DiT), everything else loads as it
+    is, and the coefficient table keeps the model's prior initialisation. ema: take the
+    checkpoint's EMA weights (None: the EMA when the checkpoint has one, as the
+    published training does). Raises ValueError naming what does not fit.
+    """
+    if not isinstance(model, RemixDiT):
+        raise TypeError(f"init_remix_from_dit needs a RemixDiT, got {type(model).__name__}")
+    if ema is None:
+        ema = isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("ema"), Mapping)
+    sd = unwrap_checkpoint(checkpoint, ema=ema)
+    routed = sorted(k for k in sd if k.startswith(("routers.", "prior.")))
+    if routed:
+        raise ValueError(f"init_remix_from_dit needs a plain DiT checkpoint; this one has routing tables "
+                         f"({', '.join(routed[:3])}{' ...' if len(routed) > 3 else ''}): a Switch-DiT or DTR")
+    sd.pop("full_time", None)
+    K = model.num_basis
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and any(m in k for m in _MIXED) and k.endswith((".weight", ".bias")):
+            v = v.unsqueeze(0).repeat(K, *([1] * v.dim()))
+        out[k] = v
+    if "coefficients.weight" in out:
+        raise ValueError("checkpoint already holds coefficients.weight: it is a Remix-DiT, load it with load_official")
+    out["coefficients.weight"] = model.coefficients.weight.detach().clone()
+    _check_fit(model.state_dict(), out,
+               f"DiT checkpoint does not fit {_describe(model)} (after repeating the mixed layers K={K} times):")
+    model.load_state_dict(out, strict=True)
+    return model

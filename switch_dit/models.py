@@ -44,6 +44,7 @@ __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 FAMILIES = {"DiT": "none", "DTR": "dtr", "Switch-DiT": "switch"}
 MODEL_NAMES = [f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in (2, 4, 8)]
+MODEL_NAMES += [f"Remix-DiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]  # built by switch_dit.remix_dit
 
 
 class DiT(nn.Module):
@@ -266,7 +267,7 @@ def create(
     num_classes: int = 1000,
     learn_sigma: bool = True,
     class_dropout_prob: float = 0.1,
-    num_experts: int = 3,
+    num_experts: int | None = None,
     top_k: int = 2,
     num_timesteps: int = 1000,
     backend: str = "auto",
@@ -275,10 +276,18 @@ def create(
     """Build a model by name, e.g. ``create("Switch-DiT-XL/2")``; names in ``MODEL_NAMES``.
 
     Extra keyword arguments (hidden_size, depth, num_heads, mlp_ratio, dtr_alpha,
-    dtr_beta) override the named size, for small test models.
+    dtr_beta) override the named size, for small test models. num_experts defaults to
+    3 for Switch-DiT; Remix-DiT names go to ``switch_dit.remix_dit.create`` (num_experts
+    20, plus num_basis and mixing; top_k does not apply).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if name.startswith("Remix-DiT-"):
+        from . import remix_dit  # late: remix_dit builds on this module
+
+        return remix_dit.create(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
+                                num_experts=num_experts, num_timesteps=num_timesteps, backend=backend, **kwargs)
     fam_size, patch = name.split("/")
     family, size = fam_size.rsplit("-", 1)
     hidden, depth, heads = SIZES[size]
@@ -292,7 +301,7 @@ def create(
         learn_sigma=learn_sigma,
         class_dropout_prob=class_dropout_prob,
         routing=FAMILIES[family],
-        num_experts=num_experts,
+        num_experts=3 if num_experts is None else num_experts,
         top_k=top_k,
         num_timesteps=num_timesteps,
         backend=backend,

@@ -1,0 +1,386 @@
+"""Remix-DiT (switch_dit.remix_dit): the reference path against a float64 re-statement of
+the published forward, the prior, the initialisation (from scratch and from a DiT), the
+fast paths against the reference (forward and every gradient), gradcheck, bad input.
+
+The Triton kernels run under the interpreter on CPU (tests/conftest.py), in float32.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from switch_dit import interop, remix_dit
+from switch_dit.models import MODEL_NAMES, create
+from tests.test_models import batch, randomize
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+# D = 40 and L = 9 tokens: not multiples of any tile; N = 8 experts over T = 50 (50 mod 8 = 2).
+TINY = dict(input_size=6, in_channels=3, num_classes=5, hidden_size=40, depth=2, num_heads=2, num_timesteps=50,
+            num_basis=4, num_experts=8)
+
+
+def tiny(mixing="batch", backend="reference", seed=7, **kw):
+    torch.manual_seed(seed)
+    return randomize(create("Remix-DiT-S/2", mixing=mixing, backend=backend, **{**TINY, **kw}), seed=seed, std=0.15)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------
+# A float64 re-statement of the published forward (remix_dit.py of VainF/Remix-DiT),
+# written from its code over a plain state dict: broadcast-sum mixing, explicit softmax
+# attention, t // (T // N) experts and the batch mean of the softmaxes.
+# --------------------------------------------------------------------------------------
+
+
+def _pub_linear(x, sd, key, coeffs):
+    w = (coeffs[:, None, None] * sd[key + ".weight"]).sum(0)
+    b = (coeffs[:, None] * sd[key + ".bias"]).sum(0)
+    return x @ w.T + b
+
+
+def _pub_timestep(t, dim=256):
+    # float32, as published (then cast to the model's dtype)
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).double()
+
+
+def _ln(x):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-6)
+
+
+def published_forward(sd, x, t, y, *, patch, heads, num_experts, T):
+    sd = {k: v.double() for k, v in sd.items()}
+    model_id = t // (T // num_experts)
+    coeffs = torch.softmax(sd["coefficients.weight"][model_id], -1).mean(0)
+    B = x.shape[0]
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    h = h + sd["pos_embed"]
+    te = _pub_timestep(t) @ sd["t_embedder.mlp.0.weight"].T + sd["t_embedder.mlp.0.bias"]
+    te = F.silu(te) @ sd["t_embedder.mlp.2.weight"].T + sd["t_embedder.mlp.2.bias"]
+    c = te + sd["y_embedder.embedding_table.weight"][y]
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(n_blocks):
+        p = f"blocks.{i}."
+        ada = F.silu(c) @ sd[p + "adaLN_modulation.1.weight"].T + sd[p + "adaLN_modulation.1.bias"]
+        sm, scm, gm, sf, scf, gf = ada.chunk(6, dim=1)
+        a = _ln(h) * (1 + scm[:, None]) + sm[:, None]
+        L, D = a.shape[1], a.shape[2]
+        qkv = _pub_linear(a, sd, p + "attn.qkv", coeffs).reshape(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * (D // heads) ** -0.5, -1) @ qkv[2]
+        h = h + gm[:, None] * _pub_linear(att.transpose(1, 2).reshape(B, L, D), sd, p + "attn.proj", coeffs)
+        f = _ln(h) * (1 + scf[:, None]) + sf[:, None]
+        f = F.gelu(_pub_linear(f, sd, p + "mlp.fc1", coeffs), approximate="tanh")
+        h = h + gf[:, None] * _pub_linear(f, sd, p + "mlp.fc2", coeffs)
+    ada = F.silu(c) @ sd["final_layer.adaLN_modulation.1.weight"].T + sd["final_layer.adaLN_modulation.1.bias"]
+    shift, scale = ada.chunk(2, dim=1)
+    out = (_ln(h) * (1 + scale[:, None]) + shift[:, None]) @ sd["final_layer.linear.weight"].T
+    out = out + sd["final_layer.linear.bias"]
+    g = int(round(out.shape[1] ** 0.5))
+    C = out.shape[-1] // patch**2
+    out = out.reshape(B, g, g, patch, patch, C)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(B, C, g * patch, g * patch)
+
+
+def _pub(model, x, t, y):
+    return published_forward(model.state_dict(), x, t, y, patch=model.patch_size, heads=model.num_heads,
+                             num_experts=model.num_experts, T=model.num_timesteps)
+
+
+def test_names_and_sizes():
+    assert sum(n.startswith("Remix-DiT-") for n in MODEL_NAMES) == 12
+    m = create("Remix-DiT-XL/2", input_size=8, depth=1)
+    got = (m.hidden_size, m.num_heads, m.patch_size, m.num_basis, m.num_experts, m.mixing)
+    assert got == (1152, 16, 2, 4, 20, "batch")
+    assert tuple(m.blocks[0].attn.qkv.weight.shape) == (4, 3 * 1152, 1152)
+    assert tuple(m.blocks[0].mlp.fc1.bias.shape) == (4, 4 * 1152)
+    assert tuple(m.coefficients.weight.shape) == (20, 4)
+    assert isinstance(m.final_layer.linear, torch.nn.Linear)  # the plain final layer, as published
+
+
+def test_reference_batch_mixing_matches_published_forward():
+    model = tiny("batch").double().eval()
+    x, t, y = batch(model, B=4, seed=3, dtype=torch.float64)
+    t = torch.tensor([0, 13, 30, 49])  # several experts, and the T mod N remainder
+    t[-1] = 47  # the published code cannot index past N - 1: stay inside its range here
+    want = _pub(model, x, t, y)
+    got = model(x, t, y)
+    assert rel(got, want) < 1e-12
+
+
+def test_reference_sample_mixing_is_the_published_forward_per_sample():
+    """mixing="sample" = the published forward run on each sample alone (the batch mean of one)."""
+    model = tiny("sample").double().eval()
+    x, t, y = batch(model, B=3, seed=5, dtype=torch.float64)
+    t = torch.tensor([2, 25, 44])
+    got = model(x, t, y)
+    for b in range(3):
+        want = _pub(model, x[b:b + 1], t[b:b + 1], y[b:b + 1])
+        assert rel(got[b:b + 1], want) < 1e-12
+    # and not the batch-mixed model
+    assert rel(got, _pub(model, x, t, y)) > 1e-3
+
+
+def test_scalar_timestep_equals_a_batch_of_equal_timesteps():
+    for mixing in remix_dit.MIXING:
+        model = tiny(mixing).double().eval()
+        x, _, y = batch(model, B=3, seed=6, dtype=torch.float64)
+        t = torch.tensor(17)
+        assert rel(model(x, t, y), model(x, t.expand(3).clone(), y)) < 1e-13
+
+
+def test_expert_ids_and_remainder_rule():
+    model = tiny()  # T = 50, N = 8: 6 timesteps each, 48 and 49 join expert 7
+    t = torch.arange(50)
+    ids = model.expert_ids(t)
+    assert torch.equal(ids[:48], t[:48] // 6)
+    assert torch.equal(ids[48:], torch.tensor([7, 7]))
+    big = create("Remix-DiT-S/2", depth=1, input_size=8)
+    assert torch.equal(big.expert_ids(torch.arange(1000)), torch.arange(1000) // 50)  # published: 1000 // 20
+
+
+def test_interval_sampling_stays_in_one_interval_and_covers_the_remainder():
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        t = remix_dit.sample_interval_timesteps(16, 50, 8, generator=g)
+        ids = torch.clamp(t // 6, max=7)
+        assert t.dtype == torch.int64 and t.min() >= 0 and t.max() < 50
+        assert (ids == ids[0]).all()
+        seen.update(t.tolist())
+    assert seen == set(range(50))
+
+
+def test_prior_and_prior_loss():
+    model = tiny()
+    prior = model.prior
+    assert torch.equal(prior, torch.eye(4).repeat_interleave(2, 0))
+    logits = model.coefficients.weight
+    want = -torch.log_softmax(logits, -1)[torch.arange(8), torch.arange(8) // 2]
+    torch.testing.assert_close(model.prior_loss_per_expert(), want)
+    torch.testing.assert_close(model.prior_loss(), want.mean())
+    model.prior_loss().backward()
+    assert model.coefficients.weight.grad.abs().min() > 0
+    assert "prior" not in model.state_dict()  # as published: a plain attribute, not saved
+
+
+def test_initialisation_as_published():
+    torch.manual_seed(0)
+    m = create("Remix-DiT-S/2", input_size=8, depth=1, num_experts=400)
+    # coefficient logits: randn + 3 std * prior, so the prior's basis leads by ~3 std
+    logits = m.coefficients.weight.detach()
+    on = logits[m.prior.bool()]
+    off = logits[~m.prior.bool()]
+    assert abs(off.std().item() - 1.0) < 0.1
+    assert abs((on.mean() - off.mean()).item() / off.std().item() - 3.0) < 0.3
+    assert abs(on.std().item() - off.std().item()) < 0.15  # a shift, not a scale
+    # mixed weights: xavier_uniform_ on the (K, out, in) tensor, fans of a 3-D tensor
+    w = m.blocks[0].mlp.fc1.weight.detach()
+    K, out, inp = w.shape
+    bound = math.sqrt(6.0 / (out * inp + K * inp))
+    assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+    assert m.blocks[0].mlp.fc1.bias.abs().sum() == 0
+    for z in (m.final_layer.linear.weight, m.blocks[0].adaLN_modulation[-1].weight):
+        assert z.abs().sum() == 0
+
+
+def test_init_from_dit_repeats_the_mixed_layers_and_matches_the_dit():
+    dit = randomize(create("DiT-S/2", **{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")},
+                           backend="reference"), seed=3, std=0.15).double().eval()
+    for mixing in remix_dit.MIXING:
+        model = create("Remix-DiT-S/2", mixing=mixing, backend="reference", **TINY).double().eval()
+        coef_before = model.coefficients.weight.detach().clone()
+        # a reference-code training checkpoint: the EMA is taken when present, prefixes stripped
+        ckpt = {"model": {"module." + k: torch.zeros_like(v) for k, v in dit.state_dict().items()},
+                "ema": dit.state_dict()}
+        interop.init_remix_from_dit(model, ckpt)
+        sd = model.state_dict()
+        for k, v in dit.state_dict().items():
+            if any(s in k for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")):
+                assert sd[k].shape == (4, *v.shape) and all(torch.equal(sd[k][i], v) for i in range(4)), k
+            else:
+                assert torch.equal(sd[k], v), k
+        assert torch.equal(model.coefficients.weight, coef_before)
+        x, t, y = batch(model, B=3, seed=9, dtype=torch.float64)
+        assert rel(model(x, t, y), dit(x, t, y)) < 1e-12  # every expert starts as the DiT
+
+
+def test_init_from_dit_rejects_what_does_not_fit():
+    model = create("Remix-DiT-S/2", **TINY)
+    sw = create("Switch-DiT-S/2", **{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")})
+    with pytest.raises(ValueError, match="plain DiT"):
+        interop.init_remix_from_dit(model, interop.official_state_dict(sw))
+    wide = create("DiT-S/2", **{**{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")},
+                                "hidden_size": 48})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        interop.init_remix_from_dit(model, wide.state_dict())
+    with pytest.raises(ValueError, match="load_official"):
+        interop.init_remix_from_dit(model, model.state_dict())
+
+
+def test_official_state_dict_round_trip_and_checks():
+    model = tiny("sample")
+    sd = interop.official_state_dict(model)
+    assert set(sd) == set(model.state_dict())
+    other = create("Remix-DiT-S/2", mixing="sample", **TINY)
+    interop.load_official(other, {"model": {"module." + k: v for k, v in sd.items()}})
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v)
+    fewer = create("Remix-DiT-S/2", **{**TINY, "num_basis": 2})
+    with pytest.raises(ValueError, match="K=2"):
+        interop.load_official(fewer, sd)
+
+
+# --------------------------------------------------------------------------------------
+# Fast paths
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixing", remix_dit.MIXING)
+@pytest.mark.parametrize("scalar_t", [False, True])
+def test_fast_path_matches_reference_forward_and_every_gradient(mixing, scalar_t):
+    """As tests/test_fast_path.py: the fast path's float32 error against float64 is at most
+    twice that of the float32 reference path (plus a small atol), and small in absolute terms."""
+    ref = tiny(mixing).double().eval()
+    ref32 = copy.deepcopy(ref).float()
+    fast = copy.deepcopy(ref).float().to(DEV).set_backend("triton")
+    x, t, y = batch(ref, B=3, seed=2, dtype=torch.float64)
+    t = torch.tensor(21) if scalar_t else torch.tensor([3, 21, 49])
+    g = torch.randn(3, 6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for model, dtype, dev in ((ref, torch.float64, "cpu"), (ref32, torch.float32, "cpu"), (fast, torch.float32, DEV)):
+        out = model(x.to(dev, dtype), t.to(dev), y.to(dev))
+        assert torch.isfinite(out).all()
+        (out * g.to(dev, dtype)).sum().backward()
+        outs.append(out.detach().cpu())
+    assert rel(outs[2], outs[0]) <= 2 * rel(outs[1], outs[0]) + 1e-6
+    assert rel(outs[2], outs[0]) < 1e-5
+    params = zip(ref.named_parameters(), ref32.named_parameters(), fast.named_parameters())
+    for (name, p64), (_, p32), (_, pf) in params:
+        assert p64.grad is not None and pf.grad is not None, name
+        if p64.grad.abs().sum() == 0:  # label rows this batch did not use
+            assert pf.grad.abs().sum() == 0, name
+            continue
+        err, base = rel(pf.grad.cpu(), p64.grad), rel(p32.grad, p64.grad)
+        assert err <= 2 * base + 1e-6 and err < 1e-4, (name, err, base)
+    # gradients reach all K bases of every mixed layer and the coefficient rows in use
+    for name, p in fast.named_parameters():
+        if name.endswith(("qkv.weight", "fc2.weight")):
+            assert all(p.grad[k].abs().sum() > 0 for k in range(p.shape[0])), name
+    used = fast.expert_ids(t.to(DEV)).reshape(-1).unique()
+    assert (fast.coefficients.weight.grad[used].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradcheck_shared_mixing(fast):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.randn(3, dtype=torch.float64, generator=g).softmax(-1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: remix_dit.mixed_linear_shared(*a, fast), (x, w, b, c))
+
+
+def test_gradcheck_per_sample_mixing_reference():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.randn(2, 3, dtype=torch.float64, generator=g).softmax(-1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: remix_dit.mixed_linear_per_sample(*a, "reference"), (x, w, b, c))
+
+
+def test_per_sample_fast_equals_formula_with_strided_gradient():
+    """The fast per-sample op on the transposed weight view, against the float64 formula,
+    with an expanded (stride 0) output gradient."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 7, 10, generator=g)
+    w = torch.randn(4, 6, 10, generator=g)
+    b = torch.randn(4, 6, generator=g)
+    c = torch.randn(3, 4, generator=g).softmax(-1)
+    args32 = [a.clone().to(DEV).requires_grad_() for a in (x, w, b, c)]
+    args64 = [a.double().requires_grad_() for a in (x, w, b, c)]
+    out = remix_dit.mixed_linear_per_sample(*args32, "triton")
+    want = remix_dit.mixed_linear_per_sample(*args64, "reference")
+    assert rel(out.cpu(), want) < 1e-6
+    out.sum().backward()
+    want.sum().backward()
+    for a32, a64 in zip(args32, args64):
+        assert rel(a32.grad.cpu(), a64.grad) < 1e-5
+
+
+def test_fast_shared_mixing_under_autocast_keeps_the_mix_in_float32():
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 5, 8, generator=g)
+    w = torch.randn(4, 6, 8, generator=g)
+    b = torch.randn(4, 6, generator=g)
+    c = torch.randn(4, generator=g).softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = remix_dit.mixed_linear_shared(x, w, b, c, True)
+        assert remix_dit.mix_bases(c, w).dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    want = remix_dit.mixed_linear_shared(x.double(), w.double(), b.double(), c.double(), False)
+    assert 1e-4 < rel(out, want) < 1e-2  # bf16 GEMM
+
+
+# --------------------------------------------------------------------------------------
+# Guidance and bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_forward_with_cfg_published_three_channels_and_all_eps_channels():
+    model = tiny("batch", in_channels=4).double().eval()
+    x, t, y = batch(model, B=4, seed=8, dtype=torch.float64)
+    y = torch.tensor([1, 2, 5, 5])  # second half null
+    out = model(torch.cat([x[:2], x[:2]]), t, y)
+    for channels, n in ((None, 3), (4, 4)):
+        got = model.forward_with_cfg(x, t, y, 2.5, channels=channels)
+        guided = out[2:, :n] + 2.5 * (out[:2, :n] - out[2:, :n])
+        assert torch.allclose(got[:2, :n], guided) and torch.allclose(got[2:, :n], guided)
+        assert torch.equal(got[:, n:], out[:, n:])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="multiple of num_basis"):
+        create("Remix-DiT-S/2", **{**TINY, "num_experts": 6})
+    with pytest.raises(ValueError, match="mixing"):
+        create("Remix-DiT-S/2", mixing="token", **TINY)
+    with pytest.raises(ValueError, match="num_timesteps"):
+        create("Remix-DiT-S/2", **{**TINY, "num_timesteps": 4})
+    model = tiny()
+    x, t, y = batch(model, B=2)
+    with pytest.raises(ValueError, match="timesteps"):
+        model(x, torch.tensor([0, 50]), y)
+    with pytest.raises(ValueError, match="timesteps"):
+        model(x, torch.tensor(50), y)
+    with pytest.raises(ValueError, match="shape"):
+        model(x, torch.tensor([1, 2, 3]), y)
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[:, :2], t, y)
+    with pytest.raises(ValueError, match="channels"):
+        model.forward_with_cfg(x, t, y, 1.5, channels=7)
+    with pytest.raises(ValueError, match="timestep sampling"):
+        remix_dit.check_timestep_sampling("log-normal", "sample")
+
+
+def test_uniform_sampling_with_batch_mixing_warns_once():
+    remix_dit._warned_uniform_batch = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        remix_dit.check_timestep_sampling("uniform", "sample")
+        remix_dit.check_timestep_sampling("interval", "batch")
+        assert not caught
+        remix_dit.check_timestep_sampling("uniform", "batch")
+        remix_dit.check_timestep_sampling("uniform", "batch")
+    assert len(caught) == 1 and "blurs the experts" in str(caught[0].message)
