@@ -1,0 +1,169 @@
+"""The routed linear as compositions of cuBLAS calls: strategies "bmm" and "grouped" (docs/design.md §3).
+
+    composed_mixed_linear(x, W, b, idx, coef, strategy=..., add_one=False)   -> y (or m with add_one)
+    composed_expert_mask_and_apply(x, W, b, idx, coef, strategy=...)         -> (m, r0 = x * m)
+
+Same semantics, shapes and dtypes as ``switch_dit.ops.mixed_linear`` / ``expert_mask`` /
+``expert_mask_and_apply``; the math of each strategy is in its own module:
+``switch_dit.ops.mixed_bmm`` (mixed weights per sample, then bmm; the weight gradient as row-scaled
+GEMMs) and ``switch_dit.ops.expert_grouped`` (samples grouped by expert, grouped GEMMs).
+
+Each is one ``torch.library`` custom op forward and one backward, with fake kernels, so that
+``torch.compile(fullgraph=True)`` and CUDA graphs see one op per call. Both bodies run with
+autocast off on tensors already cast (as ``torch.amp.custom_fwd(cast_inputs=...)`` +
+``custom_bwd`` would): under autocast x, weight and bias take the autocast dtype like F.linear,
+coef keeps its own, and the backward sees exactly the dtypes of the forward. Gradients come back
+in each input's dtype.
+
+Default for fp32 without TF32 (``torch.backends.cuda.matmul.allow_tf32 = False``, PyTorch's
+default for fp32): "bmm". Every Triton forward/dx config of the fp32 "ieee" path spills registers
+(issue analysis of the kernels at XL shapes), while cuBLAS's SGEMM does not; "bmm" runs fp32 at
+cuBLAS speed with one dense linear's FLOPs forward and two backward. "grouped" is not sync-free on
+CUDA in fp32 (see expert_grouped), so it is never the fp32 default.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from switch_dit import _checks
+from switch_dit.ops import expert_grouped, mixed_bmm
+
+__all__ = ["COMPOSED_STRATEGIES", "composed_mixed_linear", "composed_expert_mask_and_apply"]
+
+_IMPLS = {"bmm": mixed_bmm, "grouped": expert_grouped}
+COMPOSED_STRATEGIES = tuple(_IMPLS)
+
+
+def _impl(strategy: str):
+    try:
+        return _IMPLS[strategy]
+    except KeyError:
+        raise ValueError(f"strategy must be one of {COMPOSED_STRATEGIES}, got {strategy!r}") from None
+
+
+class _NoAutocast:
+    """Autocast off inside an op body, only when it is on (entering it costs time)."""
+
+    def __init__(self, device_type: str):
+        on = torch.is_autocast_enabled(device_type)
+        self.ctx = torch.autocast(device_type, enabled=False) if on else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _check_idx_values(idx: Tensor, num_experts: int) -> None:
+    # Values are checked on CPU; on CUDA only when asked (a host sync), see switch_dit._checks.
+    if idx.numel() and _checks._should_check_values(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_idx values must be in [0, {num_experts}) (M = weight.shape[0]), "
+                             f"got range [{lo}, {hi}]")
+
+
+def _none(x: Tensor) -> Tensor:
+    # Custom ops return tensors only: a fresh empty tensor stands for "not computed".
+    return x.new_empty((0,))
+
+
+@torch.library.custom_op("switch_dit::composed_mixed_linear", mutates_args=())
+def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
+                add_one: bool, apply: bool, strategy: str) -> tuple[Tensor, Tensor]:
+    _check_idx_values(idx, weight.shape[0])
+    with _NoAutocast(x.device.type):
+        y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one)
+        return y, (x * y if apply else _none(x))
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, idx, coef, add_one, apply, strategy):
+    shape = (x.shape[0], x.shape[1], weight.shape[2])
+    return x.new_empty(shape), (x.new_empty(shape) if apply else _none(x))
+
+
+@torch.library.custom_op("switch_dit::composed_mixed_linear_backward", mutates_args=())
+def _backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, m: Optional[Tensor],
+                 weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, need_dx: bool,
+                 need_dw: bool, need_db: bool, need_dc: bool, strategy: str
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _NoAutocast(x.device.type):
+        # r0 = x * m: its gradient reaches m as grad_r * x and x as grad_r * m.
+        dA = grad_y.to(x.dtype) if grad_y is not None else None
+        if grad_r is not None:
+            dA = grad_r * x if dA is None else dA + grad_r * x
+        if dA is None:
+            dA = x.new_zeros(x.shape[0], x.shape[1], weight.shape[2])
+        dx, dw, db, dc = _impl(strategy).backward(dA, x, weight, bias, idx, coef, need_dx, need_dw,
+                                                  need_db and bias is not None, need_dc)
+        if need_dx and grad_r is not None:
+            dx = dx + (grad_r * m).to(x.dtype)
+    return tuple(t if t is not None else _none(x) for t in (dx, dw, db, dc))
+
+
+@_backward_op.register_fake
+def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, need_dc, strategy):
+    return (x.new_empty(x.shape) if need_dx else _none(x),
+            weight.new_empty(weight.shape) if need_dw else _none(x),
+            bias.new_empty(bias.shape) if need_db and bias is not None else _none(x),
+            coef.new_empty(coef.shape) if need_dc else _none(x))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, idx, coef, _, apply, strategy = inputs
+    ctx.returns_r0, ctx.strategy = apply, strategy
+    ctx.save_for_backward(x, weight, bias, idx, coef, output[0] if apply else None)
+
+
+def _backward(ctx, grad_y, grad_r):
+    x, weight, bias, idx, coef, m = ctx.saved_tensors
+    nx, nw, nb, _, nc = ctx.needs_input_grad[:5]
+    nb = nb and bias is not None
+    dx, dw, db, dc = _backward_op(grad_y, grad_r if ctx.returns_r0 else None, x, m, weight, bias, idx, coef,
+                                  nx, nw, nb, nc, ctx.strategy)
+    return (dx if nx else None, dw if nw else None, db if nb else None, None, dc if nc else None,
+            None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    # Like F.linear under autocast; coef keeps its dtype. A no-op on inputs cast already.
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+def composed_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
+                          strategy: str = "bmm", add_one: bool = False) -> Tensor:
+    """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj] (+ 1 with add_one).
+
+    x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
+    -> (B, L, D_out) in x's dtype; differentiable in x, weight, bias and coef. Arguments are
+    expected valid (``switch_dit.ops.mixed_linear`` checks them, then calls this for
+    ``backend="bmm"`` / ``"grouped"``); only the strategy name and index values are checked here.
+    """
+    _impl(strategy)
+    x, weight, bias = _autocast(x, weight, bias)
+    return _forward_op(x, weight, bias, idx, coef, bool(add_one), False, strategy)[0]
+
+
+def composed_expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
+                                   coef: Tensor, *, strategy: str = "bmm") -> tuple[Tensor, Tensor]:
+    """(m = 1 + mixed_linear(x, ...), r0 = x * m), both (B, L, D); arguments as composed_mixed_linear."""
+    _impl(strategy)
+    x, weight, bias = _autocast(x, weight, bias)
+    m, r0 = _forward_op(x, weight, bias, idx, coef, True, True, strategy)
+    return m, r0
