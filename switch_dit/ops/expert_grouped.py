@@ -63,14 +63,16 @@ def native_grouped_mm(dtype: torch.dtype, device: torch.device, d_in: int, d_out
         return False, f"torch {torch.__version__} has no torch._grouped_mm"
     size = torch.empty((), dtype=dtype).element_size()
     if (d_in * size) % 16 or (d_out * size) % 16:
-        return False, f"grouped GEMM needs rows of a multiple of 16 bytes, got D_in = {d_in}, D_out = {d_out} in {dtype}"
+        return False, (f"grouped GEMM needs rows of a multiple of 16 bytes, got D_in = {d_in}, "
+                       f"D_out = {d_out} in {dtype}")
     if device.type == "cpu":
         if dtype not in (torch.float32, torch.bfloat16):
             return False, f"torch._grouped_mm on CPU takes float32 or bfloat16, got {dtype}"
         return True, "torch._grouped_mm (CPU)"
     if device.type == "cuda":
         if dtype != torch.bfloat16:
-            return False, f"torch._grouped_mm is sync-free on CUDA only in bfloat16 (ATen's fallback copies the offsets to the host), got {dtype}"
+            return False, (f"torch._grouped_mm is sync-free on CUDA only in bfloat16 (ATen's fallback "
+                           f"copies the offsets to the host), got {dtype}")
         major = torch.cuda.get_device_capability(device)[0]
         if major not in (9, 10):
             return False, f"torch._grouped_mm's grouped kernel needs sm90 or sm100, this device is sm{major}x"
