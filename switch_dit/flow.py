@@ -1,0 +1,181 @@
+"""Rectified flow: the training objective and the Euler / Heun samplers (DiffMoE's objective).
+
+The convention is the public DiffMoE code's (``diffusion/rectified_flow.py``):
+  t ~ U[0, 1), one per sample, handed to the model as a float (its timestep embedder takes
+  fractional t);  x1 = data, z0 ~ N(0, I);
+  z_t = t * x1 + (1 - t) * z0,   target velocity u = x1 - z0;
+  loss = mean over (C, H, W) of (v - u)^2 with v the first C output channels (a model with
+  learned sigma outputs 2C channels; the second half gets no gradient from this loss).
+Sampling integrates dz/dt = v(z, t) from t = 0 (noise) to t = 1 (data) with ``steps`` equal
+steps; guidance mixes two forward passes, v = v_uncond + cfg * (v_cond - v_uncond), on all C
+channels. The two passes are separate calls (not one doubled batch) because a DiffMoE eval
+forward chooses tokens over the whole batch: batching them together would change the result.
+
+Model contract: ``model(z, t, y) -> (B, C or 2C, H, W)`` with t float (B,) in [0, 1]; models
+whose ``objective`` attribute is "flow" accept such t (see ``switch_dit.models``). Any family
+trains with this objective or with ``switch_dit.diffusion``'s Gaussian diffusion.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from ._checks import _should_check_values
+
+__all__ = ["RectifiedFlow", "check_flow_time", "sample"]
+
+Tensor = torch.Tensor
+
+
+def check_flow_time(t: Tensor, batch: Optional[int] = None, *, closed: bool = False, name: str = "t") -> None:
+    """t must be a floating (B,) tensor with values in [0, 1) ([0, 1] with ``closed``).
+
+    The values of a CUDA tensor are checked only with SWITCH_DIT_CHECK_VALUES=1 (a host sync).
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor of flow times in [0, 1), got {t.dtype} "
+            "(integer timesteps belong to Gaussian diffusion: build the model with objective='diffusion')"
+        )
+    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+        want = f"({batch},)" if batch is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if _should_check_values(t) and t.numel():
+        lo, hi = float(t.min()), float(t.max())
+        bad_hi = hi > 1.0 if closed else hi >= 1.0
+        if lo < 0.0 or bad_hi or lo != lo or hi != hi:
+            interval = "[0, 1]" if closed else "[0, 1)"
+            raise ValueError(f"{name} values must lie in {interval}, got range [{lo}, {hi}]")
+
+
+def _mean_flat(x: Tensor) -> Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _velocity(out: Tensor, z: Tensor) -> Tensor:
+    """The velocity channels of a model output: all of them, or the first C of 2C."""
+    if out.shape[1] == z.shape[1]:
+        return out
+    if out.shape[1] != 2 * z.shape[1]:
+        raise ValueError(f"model output must have {z.shape[1]} or {2 * z.shape[1]} channels, got {out.shape[1]}")
+    return out[:, : z.shape[1]]
+
+
+def _expand(t: Tensor, like: Tensor) -> Tensor:
+    return t.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class RectifiedFlow:
+    """The rectified-flow objective; the trainer's counterpart of ``GaussianDiffusion``."""
+
+    objective = "flow"
+
+    def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """t ~ U[0, 1), float32 (B,)."""
+        return torch.rand(batch, device=device, generator=generator, dtype=torch.float32)
+
+    @staticmethod
+    def interpolate(x1: Tensor, z0: Tensor, t: Tensor) -> Tensor:
+        """z_t = t * x1 + (1 - t) * z0 for data x1, noise z0 (B, ...), t (B,)."""
+        texp = _expand(t, x1)
+        return texp * x1 + (1 - texp) * z0
+
+    def training_losses(
+        self, model: Callable, x1: Tensor, t: Tensor, y: Optional[Tensor] = None, noise: Optional[Tensor] = None
+    ) -> Dict[str, Tensor]:
+        """Per-sample loss of one batch: x1 (B, C, H, W) data, t float (B,) in [0, 1), y (B,).
+
+        Returns "loss" (B,) = "mse" (B,) (the velocity error), plus "vb" (B,) zeros and
+        "prior" a zero scalar, the keys of ``GaussianDiffusion.training_losses``.
+        """
+        if not isinstance(x1, Tensor) or x1.ndim < 2:
+            raise ValueError("x1 must be a tensor of shape (B, C, ...)")
+        check_flow_time(t, x1.shape[0])
+        z0 = torch.randn_like(x1) if noise is None else noise
+        if z0.shape != x1.shape:
+            raise ValueError(f"noise must have the shape of x1 {tuple(x1.shape)}, got {tuple(z0.shape)}")
+        z_t = self.interpolate(x1, z0, t)
+        v = _velocity(model(z_t, t, y), z_t)
+        mse = _mean_flat((v - (x1 - z0)) ** 2)
+        return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse), "prior": mse.new_zeros(())}
+
+
+@torch.no_grad()
+def sample(
+    model: Callable,
+    y: Tensor,
+    *,
+    steps: int = 50,
+    method: str = "euler",
+    cfg_scale: float = 1.0,
+    null_class: Optional[int] = None,
+    shape: Optional[Sequence[int]] = None,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Samples (B, C, H, W) for labels y (B,) by integrating the flow from t = 0 to 1.
+
+    method "euler": z += dt * v(z, t_i);  "heun": z~ = z + dt * v(z, t_i), then
+    z += dt / 2 * (v(z, t_i) + v(z~, t_{i+1})), with t_i = i / steps. As the public code, Heun
+    also corrects the last step, so the model sees t = 1 there. cfg_scale != 1 guides with a
+    second pass on the null class (null_class, default model.num_classes).
+    shape: per-sample (C, H, W), default from noise (B, C, H, W) if given, else from
+    model.in_channels and model.input_size.
+    Put the model in eval mode first (training mode drops labels and, for DiffMoE, chooses
+    tokens by the training rule).
+    """
+    if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
+        raise ValueError("y must be an int64 tensor of labels with shape (B,)")
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
+        raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
+    if shape is None and noise is not None:
+        shape = tuple(noise.shape[1:])
+    if shape is None:
+        try:
+            shape = (model.in_channels, model.input_size, model.input_size)
+        except AttributeError:
+            raise ValueError("shape is required when the model has no in_channels/input_size") from None
+    shape = (y.shape[0], *shape)
+    try:
+        dtype = next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        dtype = torch.float32
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        z = noise
+    else:
+        z = torch.randn(shape, generator=generator, device=y.device, dtype=dtype)
+    y_null = None
+    if cfg_scale != 1.0:
+        if null_class is None:
+            null_class = getattr(model, "num_classes", None)
+            if null_class is None:
+                raise ValueError("null_class is required when the model has no num_classes")
+        y_null = torch.full_like(y, null_class)
+
+    def velocity(z: Tensor, t: float) -> Tensor:
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.float32)
+        v = _velocity(model(z, tt, y), z)
+        if y_null is not None:
+            vu = _velocity(model(z, tt, y_null), z)
+            v = vu + cfg_scale * (v - vu)
+        return v
+
+    dt = 1.0 / steps
+    for i in range(steps):
+        v = velocity(z, i / steps)
+        if method == "euler":
+            z = z + dt * v
+        else:
+            v_next = velocity(z + dt * v, (i + 1) / steps)
+            z = z + 0.5 * dt * (v + v_next)
+    return z
