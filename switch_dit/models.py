@@ -45,6 +45,7 @@ SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152
 FAMILIES = {"DiT": "none", "DTR": "dtr", "Switch-DiT": "switch"}
 MODEL_NAMES = [f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in (2, 4, 8)]
 MODEL_NAMES += [f"Remix-DiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]  # built by switch_dit.remix_dit
+MODEL_NAMES += [f"DiffMoE-{size}/{p}" for size in SIZES for p in (2, 4, 8)]  # built by switch_dit.diffmoe
 
 
 class DiT(nn.Module):
@@ -278,7 +279,8 @@ def create(
     Extra keyword arguments (hidden_size, depth, num_heads, mlp_ratio, dtr_alpha,
     dtr_beta) override the named size, for small test models. num_experts defaults to
     3 for Switch-DiT; Remix-DiT names go to ``switch_dit.remix_dit.create`` (num_experts
-    20, plus num_basis and mixing; top_k does not apply).
+    20, plus num_basis and mixing; top_k does not apply). DiffMoE names build
+    ``switch_dit.diffmoe.DiffMoE`` (num_experts 16, plus capacity, interleave, objective, ...).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
@@ -290,6 +292,17 @@ def create(
                                 num_experts=num_experts, num_timesteps=num_timesteps, backend=backend, **kwargs)
     fam_size, patch = name.split("/")
     family, size = fam_size.rsplit("-", 1)
+    if family == "DiffMoE":
+        from . import diffmoe  # late: the MoE model is a separate class
+
+        hidden, depth, heads = diffmoe.SIZES[size]
+        cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
+        cfg.update(kwargs)
+        return diffmoe.DiffMoE(
+            input_size=input_size, patch_size=int(patch), in_channels=in_channels, num_classes=num_classes,
+            learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
+            num_experts=16 if num_experts is None else num_experts, num_timesteps=num_timesteps, backend=backend, **cfg,
+        )
     hidden, depth, heads = SIZES[size]
     cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
     cfg.update(kwargs)

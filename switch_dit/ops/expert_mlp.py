@@ -1,0 +1,173 @@
+"""Expert MLPs over chosen tokens (DiffMoE's expert choice), with several strategies.
+
+E experts, each a DiT MLP (D -> H -> D, tanh GELU), weights stacked:
+  w1 (E, H, D), b1 (E, H), w2 (E, D, H), b2 (E, D)   (nn.Linear's (out, in) layout per expert)
+Expert e processes the tokens ``index[e, :]`` of the pool x (S, D), each output scaled by its
+gate score ``gating[e, :]``; a token's output is the sum over the experts that chose it:
+
+  y[s] = sum over (e, c) with index[e, c] = s and valid[e, c] of gating[e, c] * mlp_e(x[s])
+
+``valid`` (E, C) bool, or None for all: in training every expert takes exactly C tokens (fixed
+capacity); at evaluation expert e takes its first k_e tokens of a per-expert ranking
+(valid[e, c] = c < k_e), with k_e on the device (docs/design.md §6, DiffMoE).
+Index rows must not repeat a token within one expert (topk and argsort guarantee it).
+
+Strategies (all compute the same function; autograd flows to x, gating and the weights):
+  "reference"  a Python loop over experts, boolean selection (host syncs): the ground truth.
+  "bmm"        gather (E, C, D), two batched GEMMs, combine. Every slot is computed, so it fits
+               fixed capacity (training); at evaluation it costs C = S rows per expert.
+  "grouped"    the valid pairs packed by expert (``switch_dit.grouping``), two grouped GEMMs
+               (``torch._grouped_mm``) over the packed rows, combine. Sizes are bounds known on
+               the host (E * C rows), the counts stay on the device: no host sync, CUDA-graph
+               capturable. Where ``torch._grouped_mm`` cannot run (float64, misaligned
+               strides) a per-expert loop over the same packed rows stands in (host reads).
+The combine is deterministic in every strategy (no float atomics): each token gathers its E
+candidate rows, zero where an expert did not choose it, and sums them over the experts in
+expert order, as the public code's (E*S, D) scatter-and-sum does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from switch_dit import grouping
+
+__all__ = ["STRATEGIES", "expert_mlp", "expert_mlp_reference", "check_expert_mlp_args"]
+
+Tensor = torch.Tensor
+STRATEGIES = ("reference", "bmm", "grouped")
+
+
+def check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2) -> None:
+    """Shapes, dtypes and devices (no tensor values are read)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (S, D), got shape {tuple(x.shape)}")
+    S, D = x.shape
+    if w1.dim() != 3 or w1.shape[2] != D:
+        raise ValueError(f"w1 must be (E, H, D) with D = {D}, got {tuple(w1.shape)}")
+    E, H, _ = w1.shape
+    want = {"b1": (b1, (E, H)), "w2": (w2, (E, D, H)), "b2": (b2, (E, D))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if index.dim() != 2 or index.shape[0] != E:
+        raise ValueError(f"index must be (E, C) with E = {E}, got {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise ValueError(f"index must be int64, got {index.dtype}")
+    if tuple(gating.shape) != tuple(index.shape):
+        raise ValueError(f"gating must have the shape of index {tuple(index.shape)}, got {tuple(gating.shape)}")
+    if valid is not None and (tuple(valid.shape) != tuple(index.shape) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be None or bool of shape {tuple(index.shape)}, got {valid.dtype} {tuple(valid.shape)}")
+    if index.shape[1] > S:
+        raise ValueError(f"index has C = {index.shape[1]} slots per expert but the pool has only S = {S} tokens")
+    for name, t in (("index", index), ("gating", gating), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def _mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+
+def expert_mlp_reference(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+    """The plainest form: one expert at a time, as the public code's loop."""
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        idx, g = index[e], gating[e]
+        if valid is not None:
+            idx, g = idx[valid[e]], g[valid[e]]
+        y = y.index_add(0, idx, g.unsqueeze(-1).to(x.dtype) * _mlp(x[idx], w1[e], b1[e], w2[e], b2[e]))
+    return y
+
+
+def _combine(rows: Tensor, slot: Tensor) -> Tensor:
+    """rows (R, D) expert outputs; slot (E, S) int64 row of (expert, token) or -1 -> (S, D).
+
+    Gather-and-sum over experts: deterministic, no atomics (the gather's backward is a
+    scatter of distinct rows)."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return padded[torch.where(slot >= 0, slot, rows.shape[0])].sum(0)
+
+
+def _bmm(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+    E, C = index.shape
+    xg = x[index]  # (E, C, D)
+    h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), approximate="tanh")
+    o = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (E, C, D)
+    g = gating if valid is None else torch.where(valid, gating, 0)
+    o = o * g.unsqueeze(-1).to(o.dtype)
+    rows = torch.arange(E * C, device=x.device).view(E, C)
+    if valid is not None:
+        rows = torch.where(valid, rows, -1)
+    slot = torch.full((E, x.shape[0]), -1, dtype=torch.int64, device=x.device).scatter_(1, index, rows)
+    return _combine(o.reshape(E * C, -1), slot)
+
+
+def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if a.is_cuda and a.dtype == torch.float32:
+        return False  # the CUDA kernels take bf16 (and fp16/fp32 only on some builds)
+    es = a.element_size()
+    return (a.shape[1] * es) % 16 == 0 and (b.shape[1] * es) % 16 == 0 and (b.shape[2] * es) % 16 == 0
+
+
+def _grouped_linear(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """Rows of a (R, K) packed by group, group g = rows offs[g-1]:offs[g] -> a @ w[g].T (R, N).
+
+    w (G, N, K). Rows past offs[-1] come back as zeros."""
+    wt = w.transpose(1, 2)  # (G, K, N), a view: _grouped_mm takes the transposed layout
+    if _grouped_mm_ok(a, wt):
+        out = torch._grouped_mm(a, wt, offs=offs.to(torch.int32))
+        rows = torch.arange(a.shape[0], device=a.device)
+        return torch.where((rows < offs[-1]).unsqueeze(-1), out, 0)
+    # Fallback: a loop with the group bounds read on the host (float64 tests, odd widths).
+    out = a.new_zeros(a.shape[0], w.shape[1])
+    bounds = [0] + offs.tolist()
+    parts = [a[lo:hi] @ wt[g] for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return torch.cat(parts + [out[bounds[-1] :]]) if parts else out
+
+
+def _grouped(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+    E, C = index.shape
+    plan = grouping.group_tokens(index, valid)
+    tok = plan.tokens.clamp(min=0)  # (E*C,) packed token ids; the unused tail gathers token 0
+    used = plan.tokens >= 0
+    eid = plan.row_expert.clamp(min=0)  # expert of each packed row
+    xs = x[tok]
+    h = F.gelu(_grouped_linear(xs, w1, plan.offsets[1:]) + b1[eid], approximate="tanh")
+    o = _grouped_linear(h, w2, plan.offsets[1:]) + b2[eid]
+    g = torch.where(used, gating.reshape(-1)[plan.pair.clamp(min=0)], 0)
+    o = o * g.unsqueeze(-1).to(o.dtype)
+    slot = torch.full((E, x.shape[0]), -1, dtype=torch.int64, device=x.device)
+    slot = slot.scatter_(1, index, plan.position)  # position is -1 for invalid pairs
+    return _combine(o, slot)
+
+
+_IMPLS = {"reference": expert_mlp_reference, "bmm": _bmm, "grouped": _grouped}
+
+
+def expert_mlp(
+    x: Tensor,
+    index: Tensor,
+    gating: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    valid: Optional[Tensor] = None,
+    *,
+    strategy: str = "reference",
+) -> Tensor:
+    """y (S, D) = sum over chosen (e, c) of gating[e, c] * mlp_e(x[index[e, c]]) (module doc).
+
+    x (S, D); index (E, C) int64; gating (E, C); weights as the module doc; valid (E, C) bool
+    or None; strategy in STRATEGIES.
+    """
+    if strategy not in _IMPLS:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2)
+    return _IMPLS[strategy](x, index, gating, valid, w1, b1, w2, b2)

@@ -1,0 +1,240 @@
+"""DiffMoE (switch_dit.diffmoe) against a float64 restatement of the public code's MoE layer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from switch_dit import models
+from switch_dit.diffmoe import SIZES, ExpertChoiceMoE, capacity_at
+
+STRATS = ["reference", "bmm", "grouped"]
+
+
+def _layer(D=8, E=4, capacity=1.0, seed=0, strategy="reference", shared=False):
+    torch.manual_seed(seed)
+    layer = ExpertChoiceMoE(D, E, capacity, mlp_ratio=2.0, shared_expert=shared, strategy=strategy).double()
+    with torch.no_grad():  # non-zero biases, so that a lost bias shows
+        for p in (layer.fc1_bias, layer.fc2_bias):
+            p.normal_()
+        layer.gate_weight.normal_(std=1.0)  # spread scores: no near-ties
+    return layer
+
+
+def _expert(layer, e, x):
+    h = F.gelu(x @ layer.fc1_weight[e].t() + layer.fc1_bias[e], approximate="tanh")
+    return h @ layer.fc2_weight[e].t() + layer.fc2_bias[e]
+
+
+def _public_train(layer, x, threshold):
+    """forward_train + update_threshold of the public SparseMoEBlock, restated (one rank)."""
+    B, s, D = x.shape
+    x = x.reshape(-1, D)
+    S, E = x.shape[0], layer.num_experts
+    pred = layer.capacity_predictor(x.detach())
+    k = int((S / E) * layer.capacity)
+    scores = F.linear(x, layer.gate_weight).softmax(dim=-1).permute(1, 0)
+    gating, index = torch.topk(scores, k=k, dim=-1, sorted=False)
+    mask = torch.zeros(E, S, dtype=x.dtype).scatter_(1, index, 1.0)
+    outs = torch.stack([_expert(layer, e, x[index[e]]) for e in range(E)]) * gating.unsqueeze(-1)
+    y = torch.zeros(S * E, D, dtype=x.dtype)
+    flat_index = (index + torch.arange(E).unsqueeze(1) * S).view(-1)
+    y = torch.scatter(y, 0, flat_index.unsqueeze(1).expand(-1, D), outs.view(-1, D)).view(E, S, D).sum(0)
+    threshold = threshold.clone()
+    sig = torch.sigmoid(pred)
+    for i in range(E):
+        q = torch.topk(sig[:, i], k=k, sorted=True).values[-1]
+        threshold[i] = threshold[i] * layer.ema_decay + (1 - layer.ema_decay) * q  # the (1,) buffer, 0.95
+    bce = torch.nn.BCEWithLogitsLoss()(pred.view(B, s, E), mask.permute(1, 0).reshape(B, s, E))
+    return y.view(B, s, D), threshold, bce, index
+
+
+def _public_eval(layer, x):
+    """forward_eval of the public SparseMoEBlock, restated: k_i from the predictor, tokens by score."""
+    B, s, D = x.shape
+    x = x.reshape(-1, D)
+    pred = torch.sigmoid(layer.capacity_predictor(x))
+    scores = F.linear(x, layer.gate_weight).softmax(dim=-1).permute(1, 0)
+    y = torch.zeros_like(x)
+    ks, sets = [], []
+    for i in range(layer.num_experts):
+        k_fixed = int(torch.where(pred[:, i] > layer.expert_threshold[i], 1, 0).sum())
+        gating, index = torch.topk(scores[i], k=k_fixed, sorted=False)
+        y[index, :] += gating.unsqueeze(-1) * _expert(layer, i, x[index])
+        ks.append(k_fixed)
+        sets.append((set(index.tolist()), set(torch.nonzero(pred[:, i] > layer.expert_threshold[i]).flatten().tolist())))
+    return y.view(B, s, D), ks, sets
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("capacity", [1.0, 1.5, 0.5])
+def test_train_forward_matches_public(strategy, capacity):
+    layer = _layer(capacity=capacity, strategy=strategy)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g)
+    thr0 = torch.rand(4, dtype=torch.float64, generator=g)
+    layer.expert_threshold.copy_(thr0)
+    want_y, want_thr, want_bce, index = _public_train(layer, x, thr0)
+    layer.train()
+    y = layer(x)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.expert_threshold, want_thr, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.aux_loss(), want_bce, rtol=1e-12, atol=0)
+    # The case the combine must get right: some token chosen by several experts.
+    if capacity >= 1:
+        assert torch.bincount(index.flatten()).max() > 1
+
+
+def test_threshold_ema_over_steps():
+    layer = _layer().train()
+    g = torch.Generator().manual_seed(2)
+    thr = layer.expert_threshold.clone()
+    for _ in range(3):
+        x = torch.randn(2, 6, 8, dtype=torch.float64, generator=g)
+        _, thr, _, _ = _public_train(layer, x, thr)
+        layer(x)
+        torch.testing.assert_close(layer.expert_threshold, thr, rtol=1e-12, atol=0)
+    assert (layer.expert_threshold > 0).all()
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_eval_forward_matches_public_including_quirk(strategy):
+    layer = _layer(E=5, strategy=strategy).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 8, dtype=torch.float64, generator=g)
+    # Expert 0 takes no token, expert 1 all S, the others a data-dependent share.
+    thr = torch.tensor([2.0, -1.0, 0.45, 0.5, 0.55], dtype=torch.float64)
+    layer.expert_threshold.copy_(thr)
+    want, ks, sets = _public_eval(layer, x)
+    assert ks[0] == 0 and ks[1] == 14 and any(0 < k < 14 for k in ks[2:]), ks
+    # The quirk is exercised: some expert's tokens (by gate score) differ from its tokens above threshold.
+    assert any(a != b for a, b in sets[2:]), sets
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert int(layer.last_tokens) == sum(ks)
+
+
+@pytest.mark.parametrize("strategy", ["bmm", "grouped"])
+@pytest.mark.parametrize("training", [True, False])
+def test_strategies_match_reference_backward(strategy, training):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 8, dtype=torch.float64, generator=g)
+    thr = torch.tensor([2.0, -1.0, 0.5, 0.52], dtype=torch.float64)
+    grads = {}
+    for strat in ("reference", strategy):
+        layer = _layer(strategy=strat, shared=True).train(training)
+        layer.expert_threshold.copy_(thr)
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        (y * dy).sum().backward()
+        grads[strat] = [y.detach(), xx.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+    for a, b in zip(grads["reference"], grads[strategy]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert len(grads["reference"]) == len(grads[strategy])
+
+
+def test_gradcheck_bmm_layer():
+    layer = _layer(D=4, E=2, strategy="bmm").train()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+
+
+def _tiny(name="DiffMoE-S/2", **kw):
+    torch.manual_seed(0)
+    args = dict(input_size=8, num_classes=5, hidden_size=32, depth=4, num_heads=4, num_experts=4)
+    return models.create(name, **{**args, **kw})
+
+
+def test_every_name_builds():
+    with torch.device("meta"):
+        for name in [n for n in models.MODEL_NAMES if n.startswith("DiffMoE")]:
+            m = models.create(name)
+            D, depth, heads = SIZES[name.split("-")[1].split("/")[0]]
+            assert (m.hidden_size, m.depth, m.num_heads, m.patch_size) == (D, depth, heads, int(name[-1]))
+            assert m.blocks[1].mlp.fc1_weight.shape == (16, 4 * D, D)
+
+
+def test_create_and_layout():
+    assert "DiffMoE-XL/2" in models.MODEL_NAMES and "DiffMoE-S/8" in models.MODEL_NAMES
+    m = models.create("DiffMoE-S/2", input_size=16, num_classes=10, depth=2)  # depth 2: a quick build
+    assert (m.hidden_size, m.num_heads, m.num_experts, m.capacity) == (384, 16, 16, 1.0)
+    m = models.create("DiffMoE-S/2", input_size=16, num_classes=10, hidden_size=32, num_experts=2)
+    assert m.depth == 12 and m.moe_blocks == [1, 3, 5, 7, 9, 11] and m.objective == "flow"
+    assert models.create("DiffMoE-B/4", input_size=16, num_classes=10, num_heads=6, depth=2).num_heads == 6
+    m = _tiny(interleave=False)
+    assert m.moe_blocks == [0, 1, 2, 3]
+    # The interleaved model's dense blocks keep DiT's MLP.
+    m = _tiny()
+    assert type(m.blocks[0].mlp).__name__ == "Mlp" and isinstance(m.blocks[1].mlp, ExpertChoiceMoE)
+
+
+@pytest.mark.parametrize("strategy", ["bmm", "grouped"])
+def test_model_train_and_eval_forward(strategy):
+    m = _tiny().double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.rand(3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (3,), generator=g)
+    with torch.no_grad():  # make the blocks non-trivial (adaLN-Zero starts them at zero)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=g))
+    ref = _tiny().double()
+    ref.load_state_dict(m.state_dict())
+    ref.set_strategy("reference")
+    m.set_strategy(strategy)
+    for mode in (True, False):
+        m.train(mode)
+        ref.train(mode)
+        torch.manual_seed(8)
+        out_ref = ref(x, t, y)
+        torch.manual_seed(8)
+        out = m(x, t, y)
+        assert out.shape == (3, 8, 8, 8)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+        if mode:
+            aux = m.aux_loss()
+            assert aux.shape == () and aux > 0
+            torch.testing.assert_close(aux, ref.aux_loss(), rtol=1e-12, atol=0)
+            torch.testing.assert_close(aux, sum(l.aux_loss() for l in m.moe_layers()) * m.capacity_loss_weight)
+
+
+def test_capacity_schedule():
+    assert capacity_at(0, 1.0, 16, 10, 20) == 16
+    assert capacity_at(15, 1.0, 16, 10, 20) == pytest.approx(1 + 15 * 5 / 10)
+    assert capacity_at(21, 1.0, 16, 10, 20) == 1.0
+    m = _tiny(capacity_schedule=(2, 4)).train()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.int64)
+    m.training_iters = 0
+    m(x, t, y)
+    assert all(layer.capacity == 4 for layer in m.moe_layers())
+
+
+def test_bad_input():
+    x, y = torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="capacity must be > 0"):
+        _tiny(capacity=0.0)
+    m = _tiny(capacity=0.01).train()
+    with pytest.raises(ValueError, match="C = int"):
+        m(x, torch.rand(2), y)
+    m = _tiny(input_size=2).train()  # S = B * L = 2 tokens < 4 experts
+    with pytest.raises(ValueError, match="exceeds the pool"):
+        m(torch.randn(2, 4, 2, 2), torch.rand(2), y)
+    m = _tiny()
+    with pytest.raises(ValueError, match="floating-point"):
+        m(x, torch.tensor([1, 2]), y)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m(x, torch.tensor([0.5, 1.5]), y)
+    md = _tiny(objective="diffusion")
+    with pytest.raises(ValueError, match="int64 timesteps"):
+        md(x, torch.tensor([0.5, 0.2]), y)
+    md.eval()(x, torch.tensor([3, 999]), y)  # int timesteps are fine for a diffusion model
+    sd = m.state_dict()
+    sd["blocks.1.mlp.expert_threshold"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="expert_threshold has shape"):
+        m.load_state_dict(sd)
+    with pytest.raises(ValueError, match="strategy"):
+        m.set_strategy("magic")
+    with pytest.raises(RuntimeError, match="training-mode forward"):
+        _tiny().aux_loss()
