@@ -9,6 +9,9 @@ Model contract (see switch_dit/models.py):
     model(x, t, y)                       -> (B, C_out, H, W)
     model.forward_with_cfg(x, t, y, cfg_scale) -> same, batch = [cond; null]
     model.prior_loss(t)                  -> scalar tensor (diffusion prior loss)
+A model whose ``accepts_shared_timestep`` attribute is true also takes t as one 0-d
+tensor for the whole batch; the samplers then pass that (every sample of a sampling
+step has the same t), which lets Switch-DiT mix its experts once per block.
 With learned sigma C_out = 2C: channels [:C] predict epsilon, channels [C:]
 hold v in [-1, 1], the interpolation between log(beta_tilde_t) and log(beta_t).
 
@@ -41,6 +44,7 @@ __all__ = [
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "GaussianDiffusion",
+    "accepts_shared_timestep",
     "create_diffusion",
     "sample",
 ]
@@ -177,6 +181,13 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(
         x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin)
     )
+
+
+def accepts_shared_timestep(model: Callable) -> bool:
+    """Whether ``model`` (a module, or a bound method such as ``forward_with_cfg``) takes one
+    0-d timestep for the whole batch: its ``accepts_shared_timestep`` attribute."""
+    owner = getattr(model, "__self__", model)
+    return bool(getattr(owner, "accepts_shared_timestep", False))
 
 
 def _mean_flat(x: Tensor) -> Tensor:
@@ -389,14 +400,19 @@ class GaussianDiffusion:
         t: Tensor,
         model_kwargs: Optional[dict] = None,
         clip_denoised: bool = False,
+        *,
+        shared_t: bool = False,
     ) -> Dict[str, Tensor]:
         """Run model(x, t_orig, **model_kwargs) and return p(x_{t-1} | x_t).
 
         x: (B, C, ...), t: int64 (B,) steps of this process. Returns a dict with
         "mean", "variance", "log_variance" (all (B, C, ...)), "pred_xstart", "eps".
+        shared_t: every entry of t is the same step (the caller's promise, not checked:
+        that would sync); the model gets it as one 0-d timestep (see the model contract).
         """
         self._check_t(t, x.shape[0])
-        out = model(x, self.model_timesteps(t), **(model_kwargs or {}))
+        t_model = self.model_timesteps(t[0] if shared_t else t)
+        out = model(x, t_model, **(model_kwargs or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
 
     # -- training ------------------------------------------------------------
@@ -469,9 +485,12 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         clip_denoised: bool = False,
         generator: Optional[torch.Generator] = None,
+        *,
+        shared_t: bool = False,
     ) -> Dict[str, Tensor]:
-        """One ancestral (DDPM) step x_t -> x_{t-1}. Returns "sample" and "pred_xstart"."""
-        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        """One ancestral (DDPM) step x_t -> x_{t-1}. Returns "sample" and "pred_xstart".
+        shared_t: as in p_mean_variance."""
+        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised, shared_t=shared_t)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         # No noise is added on the last step: x_0 is the mean.
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
@@ -487,11 +506,14 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
+        *,
+        shared_t: bool = False,
     ) -> Dict[str, Tensor]:
-        """One DDIM step x_t -> x_{t-1} (eta = 0: deterministic; eta = 1: DDPM-like variance)."""
+        """One DDIM step x_t -> x_{t-1} (eta = 0: deterministic; eta = 1: DDPM-like variance).
+        shared_t: as in p_mean_variance."""
         if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
             raise ValueError(f"eta must be a non-negative number, got {eta!r}")
-        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+        out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised, shared_t=shared_t)
         # Epsilon is re-derived from x0 so that clipping x0 is honoured.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar = self._extract("alphas_cumprod", t, x)
@@ -538,13 +560,15 @@ class GaussianDiffusion:
     ) -> Tensor:
         """Ancestral sampling from pure noise over every step of this process.
 
-        model is called as model(x, t_orig, **model_kwargs). Returns x_0 of `shape`.
-        With a generator (on `device`) the result is deterministic.
+        model is called as model(x, t_orig, **model_kwargs), t_orig one 0-d timestep
+        for the batch when the model accepts it (accepts_shared_timestep), else (B,).
+        Returns x_0 of `shape`. With a generator (on `device`) the result is deterministic.
         """
         x = self._initial_noise(shape, noise, generator, device, dtype)
+        shared = accepts_shared_timestep(model)
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x = self.p_sample(model, x, t, model_kwargs, clip_denoised, generator)["sample"]
+            x = self.p_sample(model, x, t, model_kwargs, clip_denoised, generator, shared_t=shared)["sample"]
         return x
 
     @torch.no_grad()
@@ -562,11 +586,13 @@ class GaussianDiffusion:
         device=None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """DDIM sampling over every step of this process (respace for fewer steps)."""
+        """DDIM sampling over every step of this process (respace for fewer steps); the model
+        gets one 0-d timestep per step when it accepts it, as in p_sample_loop."""
         x = self._initial_noise(shape, noise, generator, device, dtype)
+        shared = accepts_shared_timestep(model)
         for i in self._steps(progress):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-            x = self.ddim_sample(model, x, t, model_kwargs, clip_denoised, eta, generator)["sample"]
+            x = self.ddim_sample(model, x, t, model_kwargs, clip_denoised, eta, generator, shared_t=shared)["sample"]
         return x
 
 

@@ -37,6 +37,7 @@ from .layers import (  # noqa: F401  the building blocks stay importable from he
     modulate,
 )
 from .layers import use_fused as _use_fused
+from .ops.shared_mix import shared_expert_mask
 
 __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
 
@@ -53,7 +54,11 @@ class DiT(nn.Module):
 
     forward(x (B, C, H, W), t (B,) int64 in [0, T), y (B,) int64) -> (B, C_out, H, W),
     C_out = 2C with learned sigma (epsilon first, then the variance interpolation).
+    t may also be one timestep for the whole batch (a Python int or a 0-d tensor).
     """
+
+    # The samplers of switch_dit.diffusion pass one 0-d timestep per step to models that say so.
+    accepts_shared_timestep = True
 
     def __init__(
         self,
@@ -180,12 +185,27 @@ class DiT(nn.Module):
             raise ValueError(f"x must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-        check_timesteps(t, self.num_timesteps, batch=x.shape[0])
+        if isinstance(t, torch.Tensor) and t.dim() == 0:  # one timestep for the batch
+            check_timesteps(t.reshape(1), self.num_timesteps)
+        else:
+            check_timesteps(t, self.num_timesteps, batch=x.shape[0])
         check_labels(y, self.y_embedder.embedding_table.num_embeddings, batch=x.shape[0])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _shared_timestep(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """A Python int timestep -> a 0-d int64 tensor on x's device (a fill, not a host copy)."""
+        if isinstance(t, bool) or not 0 <= t < self.num_timesteps:
+            raise ValueError(f"t (timesteps) must be in [0, {self.num_timesteps}), got {t!r}")
+        return torch.full((), t, dtype=torch.int64, device=x.device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), y (B,) labels; t (B,) timesteps, or one timestep for the whole batch
+        (a Python int or a 0-d tensor, as in sampling): then the timestep is embedded once, and a
+        Switch-DiT block mixes its k experts once and runs one dense GEMM (ops.shared_mix)."""
+        if isinstance(t, int):
+            t = self._shared_timestep(t, x)
         self._check_inputs(x, t, y)
-        t_emb = self.t_embedder(t)  # (B, D)
+        shared = t.dim() == 0
+        t_emb = self.t_embedder(t.reshape(1) if shared else t)  # (B, D), or (1, D) when shared
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, L, D)
         c = t_emb + self.y_embedder(y, self.training)  # (B, D)
         # Each block runs its own adaLN linear. One GEMM for all N would need their (6D, D)
@@ -193,11 +213,16 @@ class DiT(nn.Module):
         # an H100) to save 27 launches of ~10 us, and nothing at all under CUDA graphs. The
         # gates are different: N * M rows in all, so they do run as one GEMM (gate_probs).
         if self.routing == "switch":
-            topk_idx, topk_w = self.route(t_emb)  # (N, B, k) each
+            topk_idx, topk_w = self.route(t_emb)  # (N, B, k) each, (N, 1, k) when shared
             for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
-                h = block(h, c, router(h, topk_idx[i], topk_w[i]))
+                if shared:
+                    experts = router.experts
+                    m = shared_expert_mask(h, experts.w, experts.b, topk_idx[i, 0], topk_w[i, 0])
+                else:
+                    m = router(h, topk_idx[i], topk_w[i])
+                h = block(h, c, m)
         elif self.routing == "dtr":
-            mask = self.dtr_mask[t].unsqueeze(1).to(h.dtype)  # (B, 1, D)
+            mask = self.dtr_mask[t.expand(x.shape[0]) if shared else t].unsqueeze(1).to(h.dtype)  # (B, 1, D)
             for block in self.blocks:
                 h = block(h, c, mask)
         else:
