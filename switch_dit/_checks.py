@@ -12,7 +12,6 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
 _value_checks_on_device = os.environ.get("SWITCH_DIT_CHECK_VALUES", "0") not in ("", "0")
 
 
@@ -26,14 +25,6 @@ def _should_check_values(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return x.device.type == "cpu" or _value_checks_on_device
-
-
-def check_backend(backend: str | None) -> str:
-    """None -> "auto"; anything outside BACKENDS raises."""
-    backend = "auto" if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return backend
 
 
 def check_index(x: torch.Tensor, upper: int, name: str, batch: int | None = None) -> None:

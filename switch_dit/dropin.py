@@ -68,7 +68,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prior as prior_lib
-from ._checks import check_backend, check_timesteps
+from ._checks import check_timesteps
+from .ops.dispatch import check_backend
 from .layers import adaln_zero_block, ln_modulate, use_fused
 from .ops import expert_mask
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prior as prior_lib
-from ._checks import check_backend
+from .ops.dispatch import check_backend
 from .ops import expert_mask, expert_mask_and_apply, fused_block, mask_ln_modulate
 
 __all__ = [

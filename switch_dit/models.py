@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prior as prior_lib
-from ._checks import check_backend, check_labels, check_timesteps
+from ._checks import check_labels, check_timesteps
+from .ops.dispatch import check_backend
 from .layers import (  # noqa: F401  the building blocks stay importable from here
     Attention,
     DiTBlock,

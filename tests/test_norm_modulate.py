@@ -19,9 +19,10 @@ if not CUDA:
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from switch_dit.ops import dispatch  # noqa: E402
 from switch_dit.ops import norm_modulate as nm  # noqa: E402
 
-K = nm._K
+K = dispatch.kernels("norm_modulate")
 needs_triton = pytest.mark.skipif(K is None, reason="Triton not importable")
 needs_gpu = pytest.mark.skipif(not CUDA or K is None, reason="needs a CUDA GPU and Triton")
 # Kernels take CPU tensors only when they were decorated under the interpreter.
@@ -157,11 +158,11 @@ def test_gated_residual_float32(B, L, D):
 
 
 @pytest.mark.parametrize("mmode", ["full", "bcast", None])
-def test_torch_impl_float32(mmode):
-    """The "torch" impl (the kernels' PyTorch formulas) matches the reference too."""
-    compare(mln("torch"), mln("reference"), make_mln(2, 7, 40, mmode, 1), torch.float32, F32_TOL, "cpu")
-    compare(rlm("torch"), rlm("reference"), make_rlm(2, 7, 40, 2), torch.float32, F32_TOL, "cpu")
-    compare(gr("torch"), gr("reference"), make_gr(2, 7, 40, 3), torch.float32, F32_TOL, "cpu")
+def test_emulated_float32(mmode):
+    """The "emulated" strategy (the kernels' PyTorch formulas) matches the reference too."""
+    compare(mln("emulated"), mln("reference"), make_mln(2, 7, 40, mmode, 1), torch.float32, F32_TOL, "cpu")
+    compare(rlm("emulated"), rlm("reference"), make_rlm(2, 7, 40, 2), torch.float32, F32_TOL, "cpu")
+    compare(gr("emulated"), gr("reference"), make_gr(2, 7, 40, 3), torch.float32, F32_TOL, "cpu")
 
 
 @needs_kernels
@@ -201,7 +202,7 @@ def _strided(B, L, D, seed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "emulated"])
 def test_non_contiguous_inputs_and_stride0_grads(backend):
     B, L, D = 2, 7, 40
     rows, ada = _strided(B, L, D, 9)
@@ -252,7 +253,7 @@ def test_gradients_bitwise_identical_run_to_run():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "emulated", "triton"])
 def test_gradcheck_float64(backend):
     if backend == "triton" and not CPU_KERNELS and not CUDA:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
@@ -281,29 +282,29 @@ def _op_samples(impl, dev):
     _, mb, _, _ = leafs(make_mln(B, L, D, "bcast", 31), torch.float32, dev)
     z, r0, a, g, s2, c2 = leafs(make_rlm(B, L, D, 32), torch.float32, dev)
     with torch.no_grad():
-        _, _, mean, rstd = nm._mln_op(x, m, s, c, 1e-6, True, impl)
-        _, _, mean2, rstd2 = nm._rlm_op(z, r0, a, g, s2, c2, 1e-6, impl)
+        _, _, mean, rstd = nm._mask_ln_modulate_op(x, m, s, c, 1e-6, True, impl)
+        _, _, mean2, rstd2 = nm._residual_ln_modulate_op(z, r0, a, g, s2, c2, 1e-6, impl)
     dh = torch.randn(B, L, D, device=dev)
     f32 = torch.float32
     return [
-        (nm._mln_op, (x, m, s, c, 1e-6, True, impl)),
-        (nm._mln_op, (x, mb, s, c, 1e-6, False, impl)),
-        (nm._mln_op, (x, None, s, c, 1e-6, True, impl)),
-        (nm._mln_bwd_op, (x.detach(), m.detach(), c.detach(), mean, rstd, dh, dh.clone(), True, f32, impl)),
-        (nm._mln_bwd_op, (x.detach(), mb.detach(), c.detach(), mean, rstd, dh, None, True, f32, impl)),
-        (nm._rlm_op, (z, r0, a, g, s2, c2, 1e-6, impl)),
-        (nm._rlm_bwd_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, dh.clone(), dh, f32, impl)),
-        (nm._rlm_bwd_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, None, dh, f32, impl)),
-        (nm._gr_op, (z, a, g, impl)),
-        (nm._gr_bwd_op, (a.detach(), g.detach(), dh, impl)),
+        (nm._mask_ln_modulate_op, (x, m, s, c, 1e-6, True, impl)),
+        (nm._mask_ln_modulate_op, (x, mb, s, c, 1e-6, False, impl)),
+        (nm._mask_ln_modulate_op, (x, None, s, c, 1e-6, True, impl)),
+        (nm._mask_ln_modulate_backward_op, (x.detach(), m.detach(), c.detach(), mean, rstd, dh, dh.clone(), True, f32, impl)),
+        (nm._mask_ln_modulate_backward_op, (x.detach(), mb.detach(), c.detach(), mean, rstd, dh, None, True, f32, impl)),
+        (nm._residual_ln_modulate_op, (z, r0, a, g, s2, c2, 1e-6, impl)),
+        (nm._residual_ln_modulate_backward_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, dh.clone(), dh, f32, impl)),
+        (nm._residual_ln_modulate_backward_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, None, dh, f32, impl)),
+        (nm._gated_residual_op, (z, a, g, impl)),
+        (nm._gated_residual_backward_op, (a.detach(), g.detach(), dh, impl)),
     ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["emulated", "fused"])
 def test_opcheck(impl):
-    if impl == "triton" and KERNEL_DEV is None:
+    if impl == "fused" and KERNEL_DEV is None:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    dev = KERNEL_DEV if impl == "triton" else "cpu"
+    dev = KERNEL_DEV if impl == "fused" else "cpu"
     for op, args in _op_samples(impl, dev):
         torch.library.opcheck(op, args)
 
@@ -354,7 +355,7 @@ def _block_grads(block, ins, attn, mlp, seed, **kw):
 
 
 @pytest.mark.parametrize("mmode", ["random", "binary", None])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["emulated", "triton"])
 def test_fused_block_reproduces_reference_block_float64(mmode, backend):
     """Identity (b): ops 1-3 with plain attention / MLP give r = z*m; r += a; r += f;
     out = r + (1 - m) * z, outputs and every gradient, in float64."""
@@ -412,14 +413,14 @@ def test_mask_without_grad():
 def test_auto_backend_on_cpu_is_reference(monkeypatch):
     x, m, s, c = make_mln(1, 3, 8, "full", 60)
     if K is not None:
-        monkeypatch.setattr(nm, "_impl", lambda name: pytest.fail("auto on CPU must not launch kernels"))
+        monkeypatch.setattr(nm, "_functions", lambda strategy: pytest.fail("auto on CPU must not launch kernels"))
     for backend in (None, "auto"):
         nm.mask_ln_modulate(x, m, s, c, backend=backend)
         nm.residual_ln_modulate(*make_rlm(1, 3, 8, 61), backend=backend)
         nm.gated_residual(*make_gr(1, 3, 8, 62), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["emulated", "triton"])
 def test_empty_sequence(backend):
     if backend == "triton" and KERNEL_DEV is None:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
@@ -454,7 +455,7 @@ def test_bad_inputs():
         nm.mask_ln_modulate(x.long(), m, s, c)
     with pytest.raises(ValueError, match="eps must be a positive"):
         nm.mask_ln_modulate(x, m, s, c, eps=0.0)
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="not a strategy of mask_ln_modulate.*reference"):
         nm.mask_ln_modulate(x, m, s, c, backend="cuda")
     with pytest.raises(ValueError, match="m is on meta"):
         nm.mask_ln_modulate(x, m.to("meta"), s, c)

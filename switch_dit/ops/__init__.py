@@ -1,11 +1,19 @@
-from switch_dit.ops.norm_modulate import (  # noqa: F401  fused block ops (issue 5)
+"""The ops of switch-dit: each a public function with a plain PyTorch twin and named strategies.
+
+``strategies(op)`` lists an op's strategies, ``backend="<name>"`` selects one, ``backend="auto"``
+(or None) chooses, and ``explain(op, *args, **kw)`` says which would run and why
+(``switch_dit.ops.dispatch``; docs/design.md §3).
+"""
+
+from switch_dit.ops.dispatch import explain, register, strategies  # noqa: F401  the registry
+from switch_dit.ops.norm_modulate import (  # noqa: F401  fused block ops
     fused_block,
     gated_residual,
     mask_ln_modulate,
     reference_block,
     residual_ln_modulate,
 )
-from switch_dit.ops.routed_linear import (  # noqa: F401  routed expert linear (issue 4)
+from switch_dit.ops.routed_linear import (  # noqa: F401  routed expert linear
     expert_mask,
     expert_mask_and_apply,
     mixed_linear,

@@ -13,28 +13,24 @@ modulate(h, shift, scale) = h * (1 + scale[:, None]) + shift[:, None]):
 Together they compute a masked DiT block without ever forming (1 - m) * z:
 ``fused_block`` is that composition, ``reference_block`` the block as the paper writes it.
 
-Backends: "reference" is the plain PyTorch twin (autograd does the gradients);
-"triton" runs the Triton kernels of ``switch_dit.kernels.norm_modulate`` inside one
-torch.library custom op per direction, saving only the inputs and the per-row
-mean / rstd; "torch" is the same custom ops with every kernel replaced by its PyTorch
-formula (CPU-friendly, float64-exact, used to gradcheck the hand-written backward);
-None / "auto" picks "triton" for CUDA tensors when Triton is importable, else "reference".
+Strategies (``backend=``; switch_dit.ops.dispatch, ``strategies("mask_ln_modulate")``):
+"reference" is the plain PyTorch twin (autograd does the gradients); "fused" (alias
+"triton") runs the Triton kernels of ``switch_dit.kernels.norm_modulate`` inside one
+torch.library custom op per direction, saving only the inputs and the per-row mean / rstd;
+"emulated" is the same custom ops with every kernel replaced by its PyTorch formula
+(float64-exact on any device: it checks the hand-written backward, and is never chosen by
+"auto"); None / "auto" chooses (docs/design.md §3).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton is optional: without it only "reference" and "torch" run.
-    from switch_dit.kernels import norm_modulate as _K
-except Exception:  # pragma: no cover - depends on the install
-    _K = None
+from switch_dit.ops import dispatch
 
 __all__ = [
     "mask_ln_modulate",
@@ -45,10 +41,8 @@ __all__ = [
     "gated_residual_reference",
     "fused_block",
     "reference_block",
-    "NORM_MODULATE_BACKENDS",
 ]
 
-NORM_MODULATE_BACKENDS = ("auto", "reference", "torch", "triton")
 _EPS = 1e-6
 
 
@@ -83,11 +77,11 @@ def gated_residual_reference(z, y, gate) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------
-# PyTorch formulas of the kernels ("torch" impl): same inputs, outputs, saved state
+# PyTorch formulas of the kernels ("emulated"): same inputs, outputs, saved state
 # ----------------------------------------------------------------------------------
 
 
-def _cdt(*ts: Optional[Tensor]) -> torch.dtype:
+def _compute_dtype(*ts: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
@@ -102,17 +96,17 @@ def _ln_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
     return (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
 
 
-def _mln_fwd_torch(x, m, shift, scale, eps, write_r0):
-    c = _cdt(x, m, shift, scale)
+def _emulated_mask_ln_modulate_fwd(x, m, shift, scale, eps, write_r0):
+    c = _compute_dtype(x, m, shift, scale)
     r = x.to(c) if m is None else x.to(c) * m.to(c)
     mean, rstd = _stats(r, eps)
     h = (r - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.to(c).unsqueeze(1)) + shift.to(c).unsqueeze(1)
-    r0_dtype, h_dtype = _mln_dtypes(x, m, shift, scale)
+    r0_dtype, h_dtype = _mask_ln_modulate_dtypes(x, m, shift, scale)
     r0 = r.to(r0_dtype) if (write_r0 and m is not None) else None
     return r0, h.to(h_dtype), mean, rstd
 
 
-def _mln_bwd_torch(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype):
+def _emulated_mask_ln_modulate_bwd(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype):
     c = mean.dtype
     r = x.to(c) if m is None else x.to(c) * m.to(c)
     n = (r - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
@@ -128,17 +122,17 @@ def _mln_bwd_torch(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype):
     return dx.to(x.dtype), dm, dshift.to(shift_dtype), dscale.to(scale.dtype)
 
 
-def _rlm_fwd_torch(z, r0, attn_out, gate, shift, scale, eps):
-    c = _cdt(z, r0, attn_out, gate, shift, scale)
+def _emulated_residual_ln_modulate_fwd(z, r0, attn_out, gate, shift, scale, eps):
+    c = _compute_dtype(z, r0, attn_out, gate, shift, scale)
     a = gate.to(c).unsqueeze(1) * attn_out.to(c)
     u = r0.to(c) + a
     mean, rstd = _stats(u, eps)
     h = (u - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.to(c).unsqueeze(1)) + shift.to(c).unsqueeze(1)
-    zr_dtype, h_dtype = _rlm_dtypes(z, r0, attn_out, gate, shift, scale)
+    zr_dtype, h_dtype = _residual_ln_modulate_dtypes(z, r0, attn_out, gate, shift, scale)
     return (z.to(c) + a).to(zr_dtype), h.to(h_dtype), mean, rstd
 
 
-def _rlm_bwd_torch(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype):
+def _emulated_residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype):
     c = mean.dtype
     g, attn = gate.to(c).unsqueeze(1), attn_out.to(c)
     n = (r0.to(c) + g * attn - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
@@ -151,59 +145,52 @@ def _rlm_bwd_torch(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype):
     )
 
 
-def _gr_fwd_torch(z, y, gate):
-    c = _cdt(z, y, gate)
-    return (z.to(c) + gate.to(c).unsqueeze(1) * y.to(c)).to(_gr_dtype(z, y, gate))
+def _emulated_gated_residual_fwd(z, y, gate):
+    c = _compute_dtype(z, y, gate)
+    return (z.to(c) + gate.to(c).unsqueeze(1) * y.to(c)).to(_gated_residual_dtype(z, y, gate))
 
 
-def _gr_bwd_torch(y, gate, dout):
-    c = _cdt(y, gate, dout)
+def _emulated_gated_residual_bwd(y, gate, dout):
+    c = _compute_dtype(y, gate, dout)
     do = dout.to(c)
     return (gate.to(c).unsqueeze(1) * do).to(y.dtype), (do * y.to(c)).sum(1).to(gate.dtype)
 
 
 # Output dtypes follow PyTorch's promotion of the reference expressions.
-def _mln_dtypes(x, m, shift, scale):
+def _mask_ln_modulate_dtypes(x, m, shift, scale):
     r0 = x.dtype if m is None else torch.promote_types(x.dtype, m.dtype)
     return r0, torch.promote_types(r0, torch.promote_types(shift.dtype, scale.dtype))
 
 
-def _rlm_dtypes(z, r0, attn_out, gate, shift, scale):
+def _residual_ln_modulate_dtypes(z, r0, attn_out, gate, shift, scale):
     a = torch.promote_types(gate.dtype, attn_out.dtype)
     h = torch.promote_types(torch.promote_types(r0.dtype, a), torch.promote_types(shift.dtype, scale.dtype))
     return torch.promote_types(z.dtype, a), h
 
 
-def _gr_dtype(z, y, gate):
+def _gated_residual_dtype(z, y, gate):
     return torch.promote_types(z.dtype, torch.promote_types(gate.dtype, y.dtype))
 
 
-def _on_its_device(launch):
-    """Triton launches on the current CUDA device: make it that of the first tensor."""
+class _Emulated:
+    """The kernels' functions as PyTorch formulas: the "emulated" strategy runs the custom ops and
+    their hand-written backward with these in place of the Triton launches."""
 
-    @functools.wraps(launch)
-    def run(first: Tensor, *args, **kwargs):
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-            return launch(first, *args, **kwargs)
+    mask_ln_modulate_fwd = staticmethod(_emulated_mask_ln_modulate_fwd)
+    mask_ln_modulate_bwd = staticmethod(_emulated_mask_ln_modulate_bwd)
+    residual_ln_modulate_fwd = staticmethod(_emulated_residual_ln_modulate_fwd)
+    residual_ln_modulate_bwd = staticmethod(_emulated_residual_ln_modulate_bwd)
+    gated_residual_fwd = staticmethod(_emulated_gated_residual_fwd)
+    gated_residual_bwd = staticmethod(_emulated_gated_residual_bwd)
 
-    return run
 
-
-@functools.lru_cache(maxsize=None)
-def _impl(name: str):
-    if name == "triton":
-        if _K is None:
-            raise RuntimeError("backend 'triton' needs Triton, which could not be imported")
-        return {key: _on_its_device(fn) for key, fn in (
-            ("mln_fwd", _K.mask_ln_modulate_fwd), ("mln_bwd", _K.mask_ln_modulate_bwd),
-            ("rlm_fwd", _K.residual_ln_modulate_fwd), ("rlm_bwd", _K.residual_ln_modulate_bwd),
-            ("gr_fwd", _K.gated_residual_fwd), ("gr_bwd", _K.gated_residual_bwd),
-        )}
-    return {
-        "mln_fwd": _mln_fwd_torch, "mln_bwd": _mln_bwd_torch,
-        "rlm_fwd": _rlm_fwd_torch, "rlm_bwd": _rlm_bwd_torch,
-        "gr_fwd": _gr_fwd_torch, "gr_bwd": _gr_bwd_torch,
-    }
+def _functions(strategy: str):
+    """The kernel functions a custom op runs: Triton's for "fused", their formulas for "emulated"."""
+    if strategy == "fused":
+        return dispatch.kernels("norm_modulate")
+    if strategy == "emulated":
+        return _Emulated
+    raise ValueError(f"the norm custom ops run strategy 'fused' or 'emulated', got {strategy!r}")
 
 
 # ----------------------------------------------------------------------------------
@@ -217,73 +204,77 @@ def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op("switch_dit::mask_ln_modulate", mutates_args=())
-def _mln_op(
-    x: Tensor, m: Optional[Tensor], shift: Tensor, scale: Tensor, eps: float, write_r0: bool, impl: str
+def _mask_ln_modulate_op(
+    x: Tensor, m: Optional[Tensor], shift: Tensor, scale: Tensor, eps: float, write_r0: bool, strategy: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r0, h, mean, rstd = _impl(impl)["mln_fwd"](x, m, shift, scale, eps, write_r0)
+    with dispatch.on_device(x):
+        r0, h, mean, rstd = _functions(strategy).mask_ln_modulate_fwd(x, m, shift, scale, eps, write_r0)
     return (r0 if r0 is not None else _empty(x, h.dtype)), h, mean, rstd
 
 
-@_mln_op.register_fake
-def _(x, m, shift, scale, eps, write_r0, impl):
+@_mask_ln_modulate_op.register_fake
+def _(x, m, shift, scale, eps, write_r0, strategy):
     B, L, D = x.shape
-    r0_dtype, h_dtype = _mln_dtypes(x, m, shift, scale)
-    c = _cdt(x, m, shift, scale)
+    r0_dtype, h_dtype = _mask_ln_modulate_dtypes(x, m, shift, scale)
+    c = _compute_dtype(x, m, shift, scale)
     r0 = x.new_empty((B, L, D), dtype=r0_dtype) if (write_r0 and m is not None) else _empty(x, h_dtype)
     return r0, x.new_empty((B, L, D), dtype=h_dtype), x.new_empty((B, L), dtype=c), x.new_empty((B, L), dtype=c)
 
 
 @torch.library.custom_op("switch_dit::mask_ln_modulate_backward", mutates_args=())
-def _mln_bwd_op(
+def _mask_ln_modulate_backward_op(
     x: Tensor, m: Optional[Tensor], scale: Tensor, mean: Tensor, rstd: Tensor, dh: Tensor,
-    dr0: Optional[Tensor], need_dm: bool, shift_dtype: torch.dtype, impl: str,
+    dr0: Optional[Tensor], need_dm: bool, shift_dtype: torch.dtype, strategy: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dm, dshift, dscale = _impl(impl)["mln_bwd"](x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype)
+    with dispatch.on_device(x):
+        dx, dm, dshift, dscale = _functions(strategy).mask_ln_modulate_bwd(
+            x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype)
     return dx, (dm if dm is not None else _empty(x, x.dtype)), dshift, dscale
 
 
-@_mln_bwd_op.register_fake
-def _(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype, impl):
+@_mask_ln_modulate_backward_op.register_fake
+def _(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype, strategy):
     B, L, D = x.shape
     dm = m.new_empty(m.shape) if (m is not None and need_dm) else _empty(x, x.dtype)
     return x.new_empty(x.shape), dm, x.new_empty((B, D), dtype=shift_dtype), scale.new_empty((B, D))
 
 
-def _mln_setup(ctx, inputs, output):
-    x, m, shift, scale, eps, write_r0, impl = inputs
+def _mask_ln_modulate_setup(ctx, inputs, output):
+    x, m, shift, scale, eps, write_r0, strategy = inputs
     _, _, mean, rstd = output
     ctx.save_for_backward(x, m, scale, mean, rstd)
     ctx.write_r0 = write_r0 and m is not None
-    ctx.impl = impl
+    ctx.strategy = strategy
     ctx.shift_dtype = shift.dtype
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _mln_backward(ctx, dr0, dh, _dmean, _drstd):
+def _mask_ln_modulate_backward(ctx, dr0, dh, _dmean, _drstd):
     x, m, scale, mean, rstd = ctx.saved_tensors
     if dh is None:
         dh = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     dr0 = dr0 if ctx.write_r0 else None
     need_dm = m is not None and ctx.needs_input_grad[1]
-    dx, dm, dshift, dscale = _mln_bwd_op(x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.impl)
+    dx, dm, dshift, dscale = _mask_ln_modulate_backward_op(x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.strategy)
     return dx, (dm if need_dm else None), dshift, dscale, None, None, None
 
 
-_mln_op.register_autograd(_mln_backward, setup_context=_mln_setup)
+_mask_ln_modulate_op.register_autograd(_mask_ln_modulate_backward, setup_context=_mask_ln_modulate_setup)
 
 
 @torch.library.custom_op("switch_dit::residual_ln_modulate", mutates_args=())
-def _rlm_op(
-    z: Tensor, r0: Tensor, attn_out: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float, impl: str
+def _residual_ln_modulate_op(
+    z: Tensor, r0: Tensor, attn_out: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float, strategy: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_impl(impl)["rlm_fwd"](z, r0, attn_out, gate, shift, scale, eps))
+    with dispatch.on_device(z):
+        return tuple(_functions(strategy).residual_ln_modulate_fwd(z, r0, attn_out, gate, shift, scale, eps))
 
 
-@_rlm_op.register_fake
-def _(z, r0, attn_out, gate, shift, scale, eps, impl):
+@_residual_ln_modulate_op.register_fake
+def _(z, r0, attn_out, gate, shift, scale, eps, strategy):
     B, L, D = z.shape
-    zr_dtype, h_dtype = _rlm_dtypes(z, r0, attn_out, gate, shift, scale)
-    c = _cdt(z, r0, attn_out, gate, shift, scale)
+    zr_dtype, h_dtype = _residual_ln_modulate_dtypes(z, r0, attn_out, gate, shift, scale)
+    c = _compute_dtype(z, r0, attn_out, gate, shift, scale)
     return (
         z.new_empty((B, L, D), dtype=zr_dtype), z.new_empty((B, L, D), dtype=h_dtype),
         z.new_empty((B, L), dtype=c), z.new_empty((B, L), dtype=c),
@@ -291,15 +282,17 @@ def _(z, r0, attn_out, gate, shift, scale, eps, impl):
 
 
 @torch.library.custom_op("switch_dit::residual_ln_modulate_backward", mutates_args=())
-def _rlm_bwd_op(
+def _residual_ln_modulate_backward_op(
     r0: Tensor, attn_out: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-    dzr: Optional[Tensor], dh: Tensor, shift_dtype: torch.dtype, impl: str,
+    dzr: Optional[Tensor], dh: Tensor, shift_dtype: torch.dtype, strategy: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_impl(impl)["rlm_bwd"](r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype))
+    with dispatch.on_device(r0):
+        return tuple(_functions(strategy).residual_ln_modulate_bwd(
+            r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype))
 
 
-@_rlm_bwd_op.register_fake
-def _(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype, impl):
+@_residual_ln_modulate_backward_op.register_fake
+def _(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype, strategy):
     B, L, D = r0.shape
     return (
         r0.new_empty(r0.shape), attn_out.new_empty(attn_out.shape), gate.new_empty((B, D)),
@@ -307,23 +300,23 @@ def _(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype, impl):
     )
 
 
-def _rlm_setup(ctx, inputs, output):
-    z, r0, attn_out, gate, shift, scale, eps, impl = inputs
+def _residual_ln_modulate_setup(ctx, inputs, output):
+    z, r0, attn_out, gate, shift, scale, eps, strategy = inputs
     _, _, mean, rstd = output
     # z is not needed: dz is the incoming gradient of zr itself.
     ctx.save_for_backward(r0, attn_out, gate, scale, mean, rstd)
-    ctx.impl = impl
+    ctx.strategy = strategy
     ctx.shift_dtype = shift.dtype
     ctx.z_dtype = z.dtype
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _rlm_backward(ctx, dzr, dh, _dmean, _drstd):
+def _residual_ln_modulate_backward(ctx, dzr, dh, _dmean, _drstd):
     r0, attn_out, gate, scale, mean, rstd = ctx.saved_tensors
     if dh is None:
         dh = torch.zeros(r0.shape, dtype=r0.dtype, device=r0.device)
-    dr0, dattn, dgate, dshift, dscale = _rlm_bwd_op(
-        r0, attn_out, gate, scale, mean, rstd, dzr, dh, ctx.shift_dtype, ctx.impl
+    dr0, dattn, dgate, dshift, dscale = _residual_ln_modulate_backward_op(
+        r0, attn_out, gate, scale, mean, rstd, dzr, dh, ctx.shift_dtype, ctx.strategy
     )
     dz = None
     if ctx.needs_input_grad[0]:
@@ -331,44 +324,46 @@ def _rlm_backward(ctx, dzr, dh, _dmean, _drstd):
     return dz, dr0, dattn, dgate, dshift, dscale, None, None
 
 
-_rlm_op.register_autograd(_rlm_backward, setup_context=_rlm_setup)
+_residual_ln_modulate_op.register_autograd(_residual_ln_modulate_backward, setup_context=_residual_ln_modulate_setup)
 
 
 @torch.library.custom_op("switch_dit::gated_residual", mutates_args=())
-def _gr_op(z: Tensor, y: Tensor, gate: Tensor, impl: str) -> Tensor:
-    return _impl(impl)["gr_fwd"](z, y, gate)
+def _gated_residual_op(z: Tensor, y: Tensor, gate: Tensor, strategy: str) -> Tensor:
+    with dispatch.on_device(z):
+        return _functions(strategy).gated_residual_fwd(z, y, gate)
 
 
-@_gr_op.register_fake
-def _(z, y, gate, impl):
-    return z.new_empty(z.shape, dtype=_gr_dtype(z, y, gate))
+@_gated_residual_op.register_fake
+def _(z, y, gate, strategy):
+    return z.new_empty(z.shape, dtype=_gated_residual_dtype(z, y, gate))
 
 
 @torch.library.custom_op("switch_dit::gated_residual_backward", mutates_args=())
-def _gr_bwd_op(y: Tensor, gate: Tensor, dout: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    return tuple(_impl(impl)["gr_bwd"](y, gate, dout))
+def _gated_residual_backward_op(y: Tensor, gate: Tensor, dout: Tensor, strategy: str) -> tuple[Tensor, Tensor]:
+    with dispatch.on_device(y):
+        return tuple(_functions(strategy).gated_residual_bwd(y, gate, dout))
 
 
-@_gr_bwd_op.register_fake
-def _(y, gate, dout, impl):
+@_gated_residual_backward_op.register_fake
+def _(y, gate, dout, strategy):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-def _gr_setup(ctx, inputs, output):
-    z, y, gate, impl = inputs
+def _gated_residual_setup(ctx, inputs, output):
+    z, y, gate, strategy = inputs
     ctx.save_for_backward(y, gate)
-    ctx.impl = impl
+    ctx.strategy = strategy
     ctx.z_dtype = z.dtype
 
 
-def _gr_backward(ctx, dout):
+def _gated_residual_backward(ctx, dout):
     y, gate = ctx.saved_tensors
-    dy, dgate = _gr_bwd_op(y, gate, dout, ctx.impl)
+    dy, dgate = _gated_residual_backward_op(y, gate, dout, ctx.strategy)
     dz = dout.to(ctx.z_dtype) if ctx.needs_input_grad[0] else None
     return dz, dy, dgate, None
 
 
-_gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+_gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
 
 
 # ----------------------------------------------------------------------------------
@@ -412,22 +407,6 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _resolve(backend: Optional[str], x: Tensor) -> str:
-    b = "auto" if backend is None else backend
-    if b not in NORM_MODULATE_BACKENDS:
-        raise ValueError(f"backend must be one of {NORM_MODULATE_BACKENDS} or None, got {backend!r}")
-    if b == "auto":
-        fits = _K is not None and x.shape[-1] <= _K.MAX_D
-        return "triton" if (x.is_cuda and fits) else "reference"
-    if b == "triton" and _K is None:
-        raise RuntimeError("backend='triton' needs Triton, which could not be imported")
-    if x.numel() == 0:
-        # Nothing to compute; custom ops also may not return several empty tensors
-        # (they share the null storage and read as aliases).
-        return "reference"
-    return b
-
-
 # ----------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------
@@ -456,14 +435,7 @@ def mask_ln_modulate(
             raise ValueError(f"m is on {m.device} but x is on {x.device}")
     _check_vecs("x", x, [("shift", shift), ("scale", scale)])
     eps = _check_eps(eps)
-    impl = _resolve(backend, x)
-    if impl == "reference":
-        r0, h = mask_ln_modulate_reference(x, m, shift, scale, eps)
-    else:
-        r0, h, _, _ = _mln_op(x, m, shift, scale, eps, bool(return_r0), impl)
-        if m is None:
-            r0 = x
-    return (r0, h) if return_r0 else h
+    return dispatch.call("mask_ln_modulate", backend, x, m, shift, scale, eps=eps, return_r0=bool(return_r0))
 
 
 def residual_ln_modulate(
@@ -479,21 +451,65 @@ def residual_ln_modulate(
     _check_rows("z", z, [("r0", r0), ("attn_out", attn_out)])
     _check_vecs("z", z, [("gate", gate), ("shift", shift), ("scale", scale)])
     eps = _check_eps(eps)
-    impl = _resolve(backend, z)
-    if impl == "reference":
-        return residual_ln_modulate_reference(z, r0, attn_out, gate, shift, scale, eps)
-    zr, h, _, _ = _rlm_op(z, r0, attn_out, gate, shift, scale, eps, impl)
-    return zr, h
+    return dispatch.call("residual_ln_modulate", backend, z, r0, attn_out, gate, shift, scale, eps=eps)
 
 
 def gated_residual(z: Tensor, y: Tensor, gate: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """z + gate[:, None] * y: z, y (B, L, D), gate (B, D) -> (B, L, D). Gradients reach all three."""
     _check_rows("z", z, [("y", y)])
     _check_vecs("z", z, [("gate", gate)])
-    impl = _resolve(backend, z)
-    if impl == "reference":
-        return gated_residual_reference(z, y, gate)
-    return _gr_op(z, y, gate, impl)
+    return dispatch.call("gated_residual", backend, z, y, gate)
+
+
+# ----------------------------------------------------------------------------------
+# Strategies: each impl has its op's signature without backend (switch_dit.ops.dispatch)
+# ----------------------------------------------------------------------------------
+
+
+def _reference_mask_ln_modulate(x, m, shift, scale, eps=_EPS, return_r0=False):
+    r0, h = mask_ln_modulate_reference(x, m, shift, scale, eps)
+    return (r0, h) if return_r0 else h
+
+
+def _reference_residual_ln_modulate(z, r0, attn_out, gate, shift, scale, eps=_EPS):
+    return residual_ln_modulate_reference(z, r0, attn_out, gate, shift, scale, eps)
+
+
+def _custom_op_strategy(strategy: str):
+    """The three ops through their custom ops and hand-written backward, kernels by ``strategy``."""
+
+    def mask_ln_modulate_impl(x, m, shift, scale, eps=_EPS, return_r0=False):
+        r0, h, _, _ = _mask_ln_modulate_op(x, m, shift, scale, eps, return_r0, strategy)
+        return ((x if m is None else r0), h) if return_r0 else h
+
+    def residual_ln_modulate_impl(z, r0, attn_out, gate, shift, scale, eps=_EPS):
+        zr, h, _, _ = _residual_ln_modulate_op(z, r0, attn_out, gate, shift, scale, eps, strategy)
+        return zr, h
+
+    def gated_residual_impl(z, y, gate):
+        return _gated_residual_op(z, y, gate, strategy)
+
+    return {"mask_ln_modulate": mask_ln_modulate_impl, "residual_ln_modulate": residual_ln_modulate_impl,
+            "gated_residual": gated_residual_impl}
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_unavailable(x, *args, **kw):
+    reason = dispatch.kernels_unavailable("norm_modulate", _FUSED_DTYPES, x)
+    if reason is None and x.shape[-1] > dispatch.kernels("norm_modulate").MAX_D:
+        reason = f"holds a whole row of D in one program: D = {x.shape[-1]} exceeds its limit"
+    return reason
+
+
+for _op, _reference in (("mask_ln_modulate", _reference_mask_ln_modulate),
+                        ("residual_ln_modulate", _reference_residual_ln_modulate),
+                        ("gated_residual", gated_residual_reference)):
+    dispatch.register(_op, "reference", _reference)
+    dispatch.register(_op, "fused", _custom_op_strategy("fused")[_op], supports=_fused_unavailable)
+    # A test tool (checks the hand-written backward in float64, on any device), never faster than reference.
+    dispatch.register(_op, "emulated", _custom_op_strategy("emulated")[_op], tunable=False)
 
 
 # ----------------------------------------------------------------------------------

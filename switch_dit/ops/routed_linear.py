@@ -9,14 +9,14 @@ idx (B, k) int64/int32 with values in [0, M) and 1 <= k <= M; coef (B, k) float 
 dtype, may differ from x's: gate probabilities are often float32 under bf16 autocast).
 Outputs in x's dtype. expert_mask* need D_in == D_out.
 
-backend: "reference" (plain PyTorch, a per-slot loop of gathered bmm: the ground truth,
-any dtype, float64 and gradcheck included), "triton" (the fused kernels of
+Strategies (``backend=``, see switch_dit.ops.dispatch; ``strategies("mixed_linear")`` lists
+them all): "reference" (plain PyTorch, a per-slot loop of gathered bmm: the ground truth, any
+dtype, float64 and gradcheck included), "fused" (alias "triton": the kernels of
 switch_dit.kernels.routed_linear, fp16/bf16/fp32; CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1), None/"auto" (triton on CUDA tensors when Triton imports, else
-reference). The Triton path is one torch.library custom op per call (forward) and one for
-the backward, with fake implementations, so torch.compile(fullgraph=True) and CUDA graphs
-see through it. Under autocast, x, weight and bias are cast to the autocast dtype (like
-F.linear); coef keeps its dtype, gradients come back in each input's dtype.
+TRITON_INTERPRET=1), None/"auto" (chosen per call, docs/design.md §3). The fused path is one
+torch.library custom op per call (forward) and one for the backward, with fake
+implementations, so torch.compile(fullgraph=True) and CUDA graphs see through it. Under
+autocast, x, weight and bias are cast to the autocast dtype (like F.linear); coef keeps its dtype, gradients come back in each input's dtype.
 """
 
 from __future__ import annotations
@@ -27,24 +27,15 @@ import torch
 from torch import Tensor
 
 from switch_dit import _checks
+from switch_dit.ops import dispatch
 
 __all__ = ["mixed_linear", "expert_mask", "expert_mask_and_apply", "mixed_linear_reference"]
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_kernels = None
-_kernels_error: Optional[BaseException] = None
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _load_kernels():
-    """The Triton module, or None when Triton cannot be imported (reference fallback)."""
-    global _kernels, _kernels_error
-    if _kernels is None and _kernels_error is None:
-        try:
-            from switch_dit.kernels import routed_linear as k
-            _kernels = k
-        except Exception as err:  # no triton, or a triton that cannot initialise
-            _kernels_error = err
-    return _kernels
+def _kernels():
+    return dispatch.kernels("routed_linear")
 
 
 # --------------------------------------------------------------------------- reference
@@ -78,40 +69,12 @@ def _check_idx_values(idx: Tensor, num_experts: int) -> None:
                              f"got range [{lo}, {hi}]")
 
 
-class _NoAutocast:
-    """Disable autocast inside an op body only when it is on (entering it costs time)."""
-
-    def __init__(self, device_type: str):
-        self.ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device_guard(x: Tensor):
-    # Triton launches on the current device: make it x's.
-    return torch.cuda.device(x.device) if x.is_cuda else _Null()
-
-
 @torch.library.custom_op("switch_dit::mixed_linear", mutates_args=())
 def _mixed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
                      add_one: bool) -> Tensor:
     _check_idx_values(idx, weight.shape[0])
-    with _device_guard(x), _NoAutocast(x.device.type):
-        return _load_kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=add_one)
+    with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
+        return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=add_one)
 
 
 @_mixed_linear_op.register_fake
@@ -123,8 +86,8 @@ def _(x, weight, bias, idx, coef, add_one):
 def _expert_mask_apply_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
                           coef: Tensor) -> tuple[Tensor, Tensor]:
     _check_idx_values(idx, weight.shape[0])
-    with _device_guard(x), _NoAutocast(x.device.type):
-        return _load_kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=True, apply=True)
+    with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
+        return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=True, apply=True)
 
 
 @_expert_mask_apply_op.register_fake
@@ -138,8 +101,8 @@ def _mixed_linear_backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor]
                               weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
                               need_dx: bool, need_dw: bool, need_db: bool, need_dc: bool
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with _device_guard(x), _NoAutocast(x.device.type):
-        dx, dw, db, dc = _load_kernels().mixed_linear_backward(
+    with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
+        dx, dw, db, dc = _kernels().mixed_linear_backward(
             grad_y, grad_r, x, m, weight, bias, idx, coef,
             need_dx=need_dx, need_dw=need_dw, need_db=need_db and bias is not None, need_dc=need_dc)
     # custom ops return tensors only: a fresh empty tensor stands for "not computed"
@@ -230,24 +193,6 @@ def _check_dtypes(x, weight, bias) -> None:
         raise ValueError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
 
 
-def _choose_backend(backend, x: Tensor) -> str:
-    backend = _checks.check_backend(backend)
-    if backend == "auto":
-        if x.is_cuda and x.dtype in _TRITON_DTYPES and _load_kernels() is not None:
-            return "triton"
-        return "reference"
-    if backend == "triton":
-        k = _load_kernels()
-        if k is None:
-            raise RuntimeError(f"backend='triton' needs Triton, which failed to import: {_kernels_error}")
-        if x.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"backend='triton' supports x of dtype {_TRITON_DTYPES}, got {x.dtype}")
-        if not x.is_cuda and not k.INTERPRET:
-            raise ValueError(f"backend='triton' needs CUDA tensors (x is on {x.device}), or TRITON_INTERPRET=1 "
-                             "set before Triton is imported to run the kernels on CPU")
-    return backend
-
-
 def _autocast(x, weight, bias):
     # Like F.linear under autocast; coef keeps its dtype (the kernel mixes it in fp32).
     dev = x.device.type
@@ -258,11 +203,11 @@ def _autocast(x, weight, bias):
     return x, weight, bias
 
 
-def _prepare(x, weight, bias, idx, coef, backend, square):
+def _prepare(x, weight, bias, idx, coef, square):
     _validate(x, weight, bias, idx, coef, square)
     x, weight, bias = _autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
-    return x, weight, bias, _choose_backend(backend, x)
+    return x, weight, bias
 
 
 def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
@@ -271,13 +216,10 @@ def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
 
     x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
     -> (B, L, D_out) in x's dtype. Differentiable in x, weight, bias and coef.
+    backend: a name of ``switch_dit.ops.strategies("mixed_linear")``, "auto" or None.
     """
-    x, weight, bias, backend = _prepare(x, weight, bias, idx, coef, backend, square=False)
-    if backend == "reference":
-        if not torch.compiler.is_compiling():
-            _check_idx_values(idx, weight.shape[0])
-        return mixed_linear_reference(x, weight, bias, idx, coef)
-    return _mixed_linear_op(x, weight, bias, idx, coef, False)
+    x, weight, bias = _prepare(x, weight, bias, idx, coef, square=False)
+    return dispatch.call("mixed_linear", backend, x, weight, bias, idx, coef)
 
 
 def expert_mask(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
@@ -287,21 +229,42 @@ def expert_mask(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Ten
     x (B, L, D), weight (M, D, D), bias (M, D) or None, topk_idx (B, k), topk_w (B, k)
     -> m (B, L, D) in x's dtype.
     """
-    x, weight, bias, backend = _prepare(x, weight, bias, topk_idx, topk_w, backend, square=True)
-    if backend == "reference":
-        if not torch.compiler.is_compiling():
-            _check_idx_values(topk_idx, weight.shape[0])
-        return mixed_linear_reference(x, weight, bias, topk_idx, topk_w, add_one=True)
-    return _mixed_linear_op(x, weight, bias, topk_idx, topk_w, True)
+    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, square=True)
+    return dispatch.call("expert_mask", backend, x, weight, bias, topk_idx, topk_w)
 
 
 def expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
                           backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """(m, r0 = x * m) in one pass; shapes as expert_mask. The block's fast path consumes both."""
-    x, weight, bias, backend = _prepare(x, weight, bias, topk_idx, topk_w, backend, square=True)
-    if backend == "reference":
-        if not torch.compiler.is_compiling():
-            _check_idx_values(topk_idx, weight.shape[0])
-        m = mixed_linear_reference(x, weight, bias, topk_idx, topk_w, add_one=True)
-        return m, x * m
-    return _expert_mask_apply_op(x, weight, bias, topk_idx, topk_w)
+    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, square=True)
+    return dispatch.call("expert_mask_and_apply", backend, x, weight, bias, topk_idx, topk_w)
+
+
+# --------------------------------------------------------------------------- strategies
+# Each impl takes the op's arguments (x, weight, bias, idx, coef) after validation and the
+# autocast cast; see switch_dit.ops.dispatch.
+
+
+def _reference_checked(x, weight, bias, idx, coef, add_one=False):
+    if not torch.compiler.is_compiling():
+        _check_idx_values(idx, weight.shape[0])
+    return mixed_linear_reference(x, weight, bias, idx, coef, add_one=add_one)
+
+
+def _reference_mask_and_apply(x, weight, bias, idx, coef):
+    m = _reference_checked(x, weight, bias, idx, coef, add_one=True)
+    return m, x * m
+
+
+def _fused_unavailable(x, *_):
+    return dispatch.kernels_unavailable("routed_linear", _FUSED_DTYPES, x)
+
+
+dispatch.register("mixed_linear", "reference", _reference_checked)
+dispatch.register("expert_mask", "reference", lambda x, w, b, i, c: _reference_checked(x, w, b, i, c, add_one=True))
+dispatch.register("expert_mask_and_apply", "reference", _reference_mask_and_apply)
+dispatch.register("mixed_linear", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, False),
+                  supports=_fused_unavailable)
+dispatch.register("expert_mask", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, True),
+                  supports=_fused_unavailable)
+dispatch.register("expert_mask_and_apply", "fused", _expert_mask_apply_op, supports=_fused_unavailable)
