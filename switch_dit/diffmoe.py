@@ -32,9 +32,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_backend, check_labels, check_timesteps
+from ._checks import check_labels, check_timesteps
 from .flow import check_flow_time
 from .layers import DiTBlock, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .ops.dispatch import check_backend
 from .ops.expert_mlp import STRATEGIES, expert_mlp
 
 __all__ = ["ExpertChoiceMoE", "DiffMoE", "SIZES", "capacity_at"]

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_backend, check_index, check_labels
+from ._checks import check_index, check_labels
 from .layers import (
     LN_EPS,
     FinalLayer,
@@ -53,6 +53,7 @@ from .layers import (
 )
 from .models import DiT
 from .ops import mixed_linear
+from .ops.dispatch import check_backend
 
 __all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "expert_prior", "mix_bases",
            "mixed_linear_shared", "mixed_linear_per_sample"]
