@@ -95,13 +95,19 @@ def accelerate(model: nn.Module, *, backend: str = "auto", prior: str = "matched
     "reference" (plain PyTorch ops, still without host syncs in the routing). prior:
     "matched" (deterministic, sync-free matching) or "reference" (the model's own
     DiffusionPrior, random shuffle, host solve per step); see the module doc.
-    Calling it again changes backend / prior. Returns ``model``.
+    Calling it again changes backend / prior. Returns ``model``. A Remix-DiT built by the
+    published remix_dit.py is patched by ``switch_dit.remix_dit.accelerate_published``.
     Raises TypeError / ValueError naming what was expected when ``model`` is not such a model.
     """
     backend = check_backend(backend)
     if prior not in PRIOR_MODES:
         raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
     target = _unwrap(model)
+    from .remix_dit import accelerate_published, is_published_remix  # late: remix_dit builds on this module
+
+    if is_published_remix(target):  # the published Remix-DiT (switch_dit/remix_dit.py); it has no prior modes
+        accelerate_published(target, backend)
+        return model
     routing = _check_reference_model(target, prior)
     for block in target.blocks:
         _patch(block, _AcceleratedBlock, backend)
@@ -128,8 +134,9 @@ def _unwrap(model):
     if hasattr(model, "_orig_mod"):
         raise TypeError("accelerate() must run before torch.compile: call switch_dit.accelerate(model), then compile it")
     from .models import DiT as OwnDiT
+    from .remix_dit import RemixDiT
 
-    if isinstance(model, OwnDiT):
+    if isinstance(model, (OwnDiT, RemixDiT)):
         raise TypeError("this is switch_dit's own DiT, which has the fast path built in: use model.set_backend(...) instead of accelerate()")
     return model
 

@@ -1,4 +1,4 @@
-"""Remix-DiT: N timestep experts mixed from K basis models (docs/design.md §6).
+"""Remix-DiT: N timestep experts mixed from K basis models (docs/design.md §1.5).
 
 Published semantics (Fang et al., public code VainF/Remix-DiT ``remix_dit.py``):
   - The qkv, proj, fc1 and fc2 linears of every block are *mixed linears*: weight
@@ -16,7 +16,7 @@ Published semantics (Fang et al., public code VainF/Remix-DiT ``remix_dit.py``):
   - Initialisation from a trained DiT repeats every mixed layer's weight and bias K
     times (``interop.init_remix_from_dit``).
 
-Fast paths (backend "triton", or "auto" on CUDA), docs/design.md §2:
+Fast paths (backend "triton", or "auto" on CUDA), docs/design.md §2.1 and §2.3:
   - shared coefficients (mixing="batch", or one timestep for the whole batch as in
     sampling): each layer's K bases are mixed once by a (1, K) x (K, out*in) GEMM on the
     device (no host reads), then one dense F.linear (cuBLAS);
@@ -40,7 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dropin
 from ._checks import check_index, check_labels
+from .dropin import _Patched
 from .layers import (
     LN_EPS,
     FinalLayer,
@@ -215,8 +217,8 @@ def expert_prior(num_experts: int, num_basis: int) -> torch.Tensor:
 class RemixDiT(nn.Module):
     """Remix-DiT (see the module doc).
 
-    forward(x (B, C, H, W), t (B,) int64 in [0, T) or a 0-d tensor (one timestep for the
-    whole batch), y (B,) int64) -> (B, C_out, H, W), C_out = 2C with learned sigma.
+    forward(x (B, C, H, W), t (B,) int64 in [0, T), or an int or 0-d tensor (one timestep
+    for the whole batch), y (B,) int64) -> (B, C_out, H, W), C_out = 2C with learned sigma.
     Parameter names and shapes are the published code's, so its state dicts load as they are.
     """
 
@@ -361,7 +363,9 @@ class RemixDiT(nn.Module):
             check_index(t, self.num_timesteps, "t (timesteps)", batch=x.shape[0])
         check_labels(y, self.y_embedder.embedding_table.num_embeddings, batch=x.shape[0])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, int):  # one timestep for the batch (docs/design.md §2.3)
+            t = torch.tensor(t, device=x.device)
         self._check_inputs(x, t, y)
         coef = self.mixing_coefficients(t)  # (K,) or (B, K)
         if t.dim() == 0:  # one timestep for the batch: embed it once
@@ -444,3 +448,127 @@ def sample_interval_timesteps(batch: int, num_timesteps: int, num_experts: int, 
     width = torch.where(e == num_experts - 1, num_timesteps - lo, torch.full_like(lo, per))
     u = torch.rand(batch, device=device, generator=generator)
     return lo + torch.clamp((u * width).long(), max=width - 1)
+
+
+#################################################################################
+#              Drop-in: a model built by the published remix_dit.py             #
+#################################################################################
+
+_PUBLISHED = ("a Remix-DiT built by the published code (remix_dit.py of VainF/Remix-DiT): attributes x_embedder, "
+              "t_embedder, y_embedder, pos_embed, blocks (MixedDiTBlocks with norm1, attn (qkv, proj: mixed linears "
+              "with weight (K, out, in) and bias (K, out)), norm2, mlp (fc1, act, fc2: mixed), adaLN_modulation), "
+              "final_layer, coefficients (nn.Embedding(N, K)), n_timesteps_per_expert and unpatchify")
+
+
+def is_published_remix(model: nn.Module) -> bool:
+    """Whether ``model`` looks like the published RemixDiT (what ``accelerate`` dispatches on)."""
+    return isinstance(getattr(model, "coefficients", None), nn.Embedding) and hasattr(model, "n_timesteps_per_expert")
+
+
+def accelerate_published(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Patch a published RemixDiT in place (``switch_dit.accelerate`` calls this).
+
+    Class swap only, as ``switch_dit.dropin`` does for Switch-DiT: the same parameters,
+    state-dict keys and outputs (mixing="batch" as published). The fast path mixes each
+    mixed layer's K bases once per batch (``mix_bases``) and runs the fused adaLN-Zero
+    block ops; the model also accepts one timestep for the whole batch (an int or a 0-d
+    tensor), as our models do. Raises ValueError naming what does not fit.
+    """
+    backend = check_backend(backend)
+    _check_published(model)
+    for block in model.blocks:
+        dropin._patch(block, _AcceleratedMixedBlock, backend)
+    dropin._patch(model.final_layer, dropin._AcceleratedFinalLayer, backend)
+    dropin._patch(model, _AcceleratedPublishedRemix, backend)
+    return model
+
+
+def _check_published(model: nn.Module) -> None:
+    def problem(msg):
+        return ValueError(f"accelerate() expects {_PUBLISHED}.\nThis model does not fit: {msg}")
+
+    for name in ("x_embedder", "t_embedder", "y_embedder", "pos_embed", "blocks", "final_layer", "unpatchify"):
+        if not hasattr(model, name):
+            raise problem(f"it has no attribute {name!r} ({type(model).__name__})")
+    if not isinstance(model.blocks, nn.ModuleList) or len(model.blocks) == 0:
+        raise problem("blocks must be a non-empty nn.ModuleList")
+    N, K = model.coefficients.weight.shape
+    if not isinstance(model.n_timesteps_per_expert, int) or model.n_timesteps_per_expert < 1:
+        raise problem(f"n_timesteps_per_expert must be a positive int, got {model.n_timesteps_per_expert!r}")
+    D = model.pos_embed.shape[-1]
+    for i, block in enumerate(model.blocks):
+        for name in ("norm1", "norm2", "adaLN_modulation", "attn", "mlp"):
+            if not isinstance(getattr(block, name, None), nn.Module):
+                raise problem(f"blocks[{i}] has no submodule {name!r}")
+        for norm in (block.norm1, block.norm2):
+            if not isinstance(norm, nn.LayerNorm) or norm.elementwise_affine or tuple(norm.normalized_shape) != (D,):
+                raise problem(f"blocks[{i}] norms must be nn.LayerNorm({D}, elementwise_affine=False)")
+        for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            layer = block.get_submodule(path)
+            w, b = getattr(layer, "weight", None), getattr(layer, "bias", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != K:
+                raise problem(f"blocks[{i}].{path}.weight must be (K={K}, out, in), got "
+                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else w!r}")
+            if b is not None and tuple(b.shape) != (K, w.shape[1]):
+                raise problem(f"blocks[{i}].{path}.bias must be (K={K}, {w.shape[1]}), got {tuple(b.shape)}")
+        if not hasattr(block.attn, "num_heads"):
+            raise problem(f"blocks[{i}].attn must have num_heads")
+
+
+class _AcceleratedPublishedRemix(_Patched):
+    """forward(x, t, y) of the published RemixDiT; t may also be one timestep for the batch."""
+
+    def forward(self, x, t, y):
+        if isinstance(t, int):
+            t = torch.tensor(t, device=x.device)
+        per = self.n_timesteps_per_expert
+        check_index(t.reshape(-1), per * self.coefficients.num_embeddings, "t (timesteps)",
+                    batch=None if t.dim() == 0 else x.shape[0])
+        logits = self.coefficients(torch.div(t, per, rounding_mode="floor"))
+        coeffs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        if t.dim() == 0:
+            t_emb = self.t_embedder(t.reshape(1)).expand(x.shape[0], -1)
+        else:
+            coeffs = coeffs.mean(0)
+            t_emb = self.t_embedder(t)
+        h = self.x_embedder(x) + self.pos_embed
+        c = t_emb + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            h = block(h, c, coeffs)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+class _AcceleratedMixedBlock(_Patched):
+    """forward(x, c, coeffs) of the published MixedDiTBlock through the fused block ops, each
+    mixed layer's bases mixed once (``mix_bases``)."""
+
+    def forward(self, x, c, coeffs):
+        backend = self._switch_dit_backend
+        if not use_fused(backend, x):
+            return super().forward(x, c, coeffs)  # the published code itself
+        attn, mlp = self.attn, self.mlp
+
+        def run_attn(h):
+            B, L, D = h.shape
+            qkv = mixed_linear_shared(h, attn.qkv.weight, attn.qkv.bias, coeffs, True)
+            q, k, v = qkv.reshape(B, L, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
+            q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
+            drop = getattr(attn, "attn_drop", None)
+            p = drop.p if drop is not None and self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, L, D)
+            out = mixed_linear_shared(out, attn.proj.weight, attn.proj.bias, coeffs, True)
+            return getattr(attn, "proj_drop", nn.Identity())(out)
+
+        def run_mlp(h):
+            h = mlp.act(mixed_linear_shared(h, mlp.fc1.weight, mlp.fc1.bias, coeffs, True))
+            h = getattr(mlp, "norm", nn.Identity())(getattr(mlp, "drop1", nn.Identity())(h))
+            h = mixed_linear_shared(h, mlp.fc2.weight, mlp.fc2.bias, coeffs, True)
+            return getattr(mlp, "drop2", nn.Identity())(h)
+
+        return adaln_zero_block(x, c, None, self.adaLN_modulation, run_attn, run_mlp, eps=self.norm1.eps,
+                                backend=backend)
+
+
+
+for _mixin in (_AcceleratedPublishedRemix, _AcceleratedMixedBlock):
+    _mixin._switch_dit_mixin = _mixin

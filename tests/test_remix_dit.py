@@ -138,6 +138,7 @@ def test_scalar_timestep_equals_a_batch_of_equal_timesteps():
         x, _, y = batch(model, B=3, seed=6, dtype=torch.float64)
         t = torch.tensor(17)
         assert rel(model(x, t, y), model(x, t.expand(3).clone(), y)) < 1e-13
+        assert torch.equal(model(x, 17, y), model(x, t, y))
 
 
 def test_expert_ids_and_remainder_rule():
@@ -384,3 +385,86 @@ def test_uniform_sampling_with_batch_mixing_warns_once():
         remix_dit.check_timestep_sampling("uniform", "batch")
         remix_dit.check_timestep_sampling("uniform", "batch")
     assert len(caught) == 1 and "blurs the experts" in str(caught[0].message)
+
+
+# --------------------------------------------------------------------------------------
+# Drop-in: switch_dit.accelerate on a stand-in of the published classes
+# --------------------------------------------------------------------------------------
+
+
+def published_standin(seed=0, **kw):
+    from benchmarks.remix_reference_code import PublishedRemixDiT
+
+    torch.manual_seed(seed)
+    model = PublishedRemixDiT(input_size=6, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5,
+                              n_basis=4, n_experts=8, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(model.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_accelerate_published_model_in_place_same_keys_and_outputs(backend):
+    import switch_dit
+
+    plain = published_standin().double().eval()
+    model = copy.deepcopy(plain).float().to(DEV)
+    params = {k: id(v) for k, v in model.named_parameters()}
+    keys = list(model.state_dict())
+    assert switch_dit.accelerate(model, backend=backend) is model
+    assert {k: id(v) for k, v in model.named_parameters()} == params and list(model.state_dict()) == keys
+    assert type(model).__name__ == "AcceleratedPublishedRemixDiT" and isinstance(model, type(plain))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=g)
+    t = torch.tensor([5, 130, 620, 999])
+    y = torch.tensor([0, 4, 2, 5])
+    want = plain(x, t, y)
+    got = model(x.float().to(DEV), t.to(DEV), y.to(DEV))
+    assert rel(got.cpu(), want) < 1e-5
+    # gradients of every parameter, the coefficient table included
+    dy = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    (want * dy).sum().backward()
+    (got * dy.float().to(DEV)).sum().backward()
+    for (name, p64), (_, pf) in zip(plain.named_parameters(), model.named_parameters()):
+        if p64.grad is None:
+            assert pf.grad is None, name
+            continue
+        if p64.grad.abs().sum() == 0:
+            assert pf.grad.abs().sum() == 0, name
+            continue
+        assert rel(pf.grad.cpu(), p64.grad) < 1e-4, name
+    # one timestep for the batch = a batch of equal timesteps, as published
+    t0 = torch.tensor(404)
+    assert rel(model(x.float().to(DEV), t0.to(DEV), y.to(DEV)).cpu(), plain(x, t0.expand(4).clone(), y)) < 1e-5
+    # copies stay accelerated
+    twin = copy.deepcopy(model)
+    assert type(twin) is type(model) and type(twin.blocks[0]) is type(model.blocks[0])
+
+
+def test_accelerate_matches_our_remix_dit_after_load_official():
+    """The published model and ours load the same state dict and agree (batch mixing)."""
+    import switch_dit
+
+    plain = published_standin().double().eval()
+    ours = create("Remix-DiT-S/2", input_size=6, in_channels=3, num_classes=5, hidden_size=40, depth=2, num_heads=2,
+                  num_basis=4, num_experts=8, backend="reference").double().eval()
+    interop.load_official(ours, plain.state_dict())
+    switch_dit.accelerate(plain, backend="reference")
+    x, t, y = batch(ours, B=3, seed=4, dtype=torch.float64)
+    t = torch.tensor([10, 500, 980])  # T = 1000 as published
+    assert rel(ours(x, t, y), plain(x, t, y)) < 1e-12
+    ours_sd = interop.official_state_dict(ours)
+    assert set(ours_sd) == set(plain.state_dict())
+
+
+def test_accelerate_rejects_what_it_cannot_patch():
+    import switch_dit
+
+    with pytest.raises(TypeError, match="built in"):
+        switch_dit.accelerate(tiny())
+    bad = published_standin()
+    bad.blocks[1].mlp.fc1.weight = torch.nn.Parameter(torch.zeros(3, 160, 40))
+    with pytest.raises(ValueError, match=r"blocks\[1\].mlp.fc1.weight must be \(K=4"):
+        switch_dit.accelerate(bad)
