@@ -84,6 +84,13 @@ def mix_bases(coef: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
         return (coef.to(bases.dtype).unsqueeze(0) @ bases.flatten(1)).view(bases.shape[1:])
 
 
+def _fast(backend: str, x: torch.Tensor) -> bool:
+    """The mixed layers' fast paths run for every backend but "reference", and for "auto" on
+    CUDA tensors only (on the CPU "auto" is the reference, as for every op). A strategy name
+    (e.g. "bmm") is handed on to ``ops.mixed_linear``."""
+    return backend != "reference" and (backend != "auto" or x.is_cuda)
+
+
 class _nullctx:
     def __enter__(self):
         return None
@@ -112,7 +119,7 @@ def mixed_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     (K, in, out), which is a transposed *view* of ours (the kernels take any strides).
     Reference: the formula in plain PyTorch.
     """
-    if use_fused(backend, x):
+    if _fast(backend, x):
         K = weight.shape[0]
         idx = torch.arange(K, device=x.device).expand(x.shape[0], K)
         return mixed_linear(x, weight.transpose(1, 2), bias, idx, coef, backend=backend)
@@ -144,7 +151,7 @@ class MixedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, coef: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         if coef.dim() == 1:
-            return mixed_linear_shared(x, self.weight, self.bias, coef, use_fused(backend, x))
+            return mixed_linear_shared(x, self.weight, self.bias, coef, _fast(backend, x))
         return mixed_linear_per_sample(x, self.weight, self.bias, coef, backend)
 
     def extra_repr(self) -> str:
@@ -223,6 +230,7 @@ class RemixDiT(nn.Module):
     """
 
     routing = "remix"  # the family tag other modules read (``DiT.routing`` is none/dtr/switch)
+    accepts_shared_timestep = True  # the samplers may pass one 0-d t per step (docs/design.md §2.3)
 
     def __init__(
         self,
@@ -365,7 +373,7 @@ class RemixDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
         if isinstance(t, int):  # one timestep for the batch (docs/design.md §2.3)
-            t = torch.tensor(t, device=x.device)
+            t = _shared_timestep(t, self.num_timesteps, x)
         self._check_inputs(x, t, y)
         coef = self.mixing_coefficients(t)  # (K,) or (B, K)
         if t.dim() == 0:  # one timestep for the batch: embed it once
@@ -395,6 +403,13 @@ class RemixDiT(nn.Module):
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def _shared_timestep(t: int, num_timesteps: int, x: torch.Tensor) -> torch.Tensor:
+    """A Python int timestep -> a 0-d int64 tensor on x's device (a fill, not a host copy)."""
+    if isinstance(t, bool) or not 0 <= t < num_timesteps:
+        raise ValueError(f"t (timesteps) must be in [0, {num_timesteps}), got {t!r}")
+    return torch.full((), t, dtype=torch.int64, device=x.device)
 
 
 #################################################################################
@@ -518,10 +533,12 @@ def _check_published(model: nn.Module) -> None:
 class _AcceleratedPublishedRemix(_Patched):
     """forward(x, t, y) of the published RemixDiT; t may also be one timestep for the batch."""
 
+    accepts_shared_timestep = True
+
     def forward(self, x, t, y):
-        if isinstance(t, int):
-            t = torch.tensor(t, device=x.device)
         per = self.n_timesteps_per_expert
+        if isinstance(t, int):
+            t = _shared_timestep(t, per * self.coefficients.num_embeddings, x)
         check_index(t.reshape(-1), per * self.coefficients.num_embeddings, "t (timesteps)",
                     batch=None if t.dim() == 0 else x.shape[0])
         logits = self.coefficients(torch.div(t, per, rounding_mode="floor"))

@@ -141,6 +141,32 @@ def test_scalar_timestep_equals_a_batch_of_equal_timesteps():
         assert torch.equal(model(x, 17, y), model(x, t, y))
 
 
+@pytest.mark.parametrize("mixing", remix_dit.MIXING)
+def test_sampling_passes_one_timestep_and_equals_per_sample(mixing, monkeypatch):
+    from switch_dit import diffusion as diffusion_lib
+
+    model = tiny(mixing).double().eval()
+    diff = diffusion_lib.create_diffusion("5", diffusion_steps=50)
+    y = torch.tensor([0, 4])
+    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    shapes = []
+    forward = remix_dit.RemixDiT.forward
+
+    def spy(self, x, t, y):
+        shapes.append(tuple(t.shape))
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(remix_dit.RemixDiT, "forward", spy)
+    shared = diffusion_lib.sample(model, diff, y, cfg_scale=3.0, method="ddim", noise=noise,
+                                  generator=torch.Generator().manual_seed(7))
+    assert shapes == [()] * 5
+    monkeypatch.setattr(model, "accepts_shared_timestep", False, raising=False)
+    per_sample = diffusion_lib.sample(model, diff, y, cfg_scale=3.0, method="ddim", noise=noise,
+                                      generator=torch.Generator().manual_seed(7))
+    assert shapes[5:] == [(4,)] * 5
+    assert rel(shared, per_sample) < 1e-10
+
+
 def test_expert_ids_and_remainder_rule():
     model = tiny()  # T = 50, N = 8: 6 timesteps each, 48 and 49 join expert 7
     t = torch.arange(50)
@@ -365,6 +391,9 @@ def test_bad_input():
         model(x, torch.tensor([0, 50]), y)
     with pytest.raises(ValueError, match="timesteps"):
         model(x, torch.tensor(50), y)
+    for bad in (50, -1, True):
+        with pytest.raises(ValueError, match="timesteps"):
+            model(x, bad, y)
     with pytest.raises(ValueError, match="shape"):
         model(x, torch.tensor([1, 2, 3]), y)
     with pytest.raises(ValueError, match="x must be"):
