@@ -104,8 +104,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
     """Arguments of ``models.create`` read off the tensor shapes of a reference-layout state dict.
 
     Returns {"name", "input_size", "in_channels", "num_classes", "learn_sigma", "num_timesteps",
-    and for Switch-DiT "num_experts", "top_k"; plus hidden_size/depth/num_heads when they are not a
-    named size}. The head count is not visible in the weights: it comes from the named size whose
+    and for Switch-DiT "num_experts", "top_k", for Remix-DiT "num_experts", "num_basis"; plus
+    hidden_size/depth/num_heads when they are not a named size}. The head count is not visible in the weights: it comes from the named size whose
     width matches, or from ``num_heads``.
     """
     sd = state_dict
@@ -125,6 +125,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         family = "Switch-DiT"
     elif any(k.startswith("routers.") and k.endswith("_unit_mapping") for k in sd):
         family = "DTR"
+    elif "coefficients.weight" in sd:  # the published Remix-DiT (switch_dit.remix_dit)
+        family = "Remix-DiT"
     else:
         family = "DiT"
     if patch not in (2, 4, 8):
@@ -150,6 +152,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         prior = sd.get("prior._unit_mapping")
         # w_prior has k*N ones per row; without it fall back to the paper's k = 2.
         kw["top_k"] = int(round(float(prior[0].sum()) / depth)) if prior is not None else min(2, kw["num_experts"])
+    if family == "Remix-DiT":
+        kw["num_experts"], kw["num_basis"] = sd["coefficients.weight"].shape
     kw["name"] = f"{family}-{size}/{patch}"
     return kw
 
