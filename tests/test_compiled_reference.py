@@ -94,3 +94,15 @@ def test_inside_an_outer_compile_the_twin_is_traced():
         CR._TWINS["mask_ln_modulate"] = saved
     assert calls and all(calls)  # traced by the outer compile, not a nested compiled call
     assert rel(out, mask_ln_modulate_reference(x, None, shift, scale, 1e-6)[1]) < 1e-12
+
+
+def test_selectable_by_name_through_the_public_ops():
+    from switch_dit import ops
+
+    for op in ("mask_ln_modulate", "residual_ln_modulate", "gated_residual"):
+        assert "compiled" in ops.strategies(op)
+    z, y = rand(2, 3, 8, dtype=torch.float64, seed=1), rand(2, 3, 8, dtype=torch.float64, seed=2)
+    gate = rand(2, 8, dtype=torch.float64, seed=3)  # the signature compiled above: no new compilation
+    check(ops.gated_residual(z, y, gate, backend="compiled"), gated_residual_reference(z, y, gate), (z, y, gate),
+          torch.float64)
+    assert "'compiled' (named by backend)" in ops.explain("gated_residual", z, y, gate, backend="compiled")

@@ -255,3 +255,22 @@ def test_bad_input():
         composed_mixed_linear(x, w, b, idx, g, strategy="fused")
     with pytest.raises(ValueError, match=r"topk_idx values must be in \[0, 3\)"):
         composed_mixed_linear(x, w, b, idx + 1, g, strategy="bmm")
+
+
+def test_selectable_by_name_through_the_public_ops():
+    from switch_dit import ops
+
+    for op in ("mixed_linear", "expert_mask", "expert_mask_and_apply"):
+        assert set(STRATEGIES) <= set(ops.strategies(op))
+    x, w, b, idx, g = make(3, 4, 12, 4, 2, "duplicate", seed=43)
+    m_ref, (x6, w6, b6, g6) = reference64(x, w, b, idx, g, add_one=True)
+    for strategy in STRATEGIES:
+        assert rel(ops.mixed_linear(x, w, b, idx, g, backend=strategy), m_ref - 1) < 1e-5
+        m = ops.expert_mask(x, w, b, idx, g, backend=strategy)
+        m2, r0 = ops.expert_mask_and_apply(x, w, b, idx, g, backend=strategy)
+        assert rel(m, m_ref) < 1e-5 and rel(m2, m_ref) < 1e-5 and rel(r0, x6 * m_ref) < 1e-5
+        got = torch.autograd.grad(r0.sum(), (x, w, b, g))
+        want = torch.autograd.grad((x6 * m_ref).sum(), (x6, w6, b6, g6), retain_graph=True)
+        for a, r in zip(got, want):
+            assert rel(a, r) < 1e-5
+        assert f"'{strategy}' (named by backend)" in ops.explain("expert_mask", x, w, b, idx, g, backend=strategy)

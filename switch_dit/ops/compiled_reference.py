@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from switch_dit.ops import dispatch
 from switch_dit.ops.norm_modulate import (
     gated_residual_reference,
     mask_ln_modulate_reference,
@@ -71,3 +72,9 @@ def residual_ln_modulate_compiled(z: Tensor, r0: Tensor, attn_out: Tensor, gate:
 def gated_residual_compiled(z: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """z + gate[:, None] * y: z, y (B, L, D), gate (B, D) -> (B, L, D)."""
     return _run("gated_residual", z, y, gate)
+
+
+# backend="compiled" of the three ops (switch_dit.ops.dispatch): any device and dtype torch.compile takes.
+dispatch.register("mask_ln_modulate", "compiled", mask_ln_modulate_compiled)
+dispatch.register("residual_ln_modulate", "compiled", residual_ln_modulate_compiled)
+dispatch.register("gated_residual", "compiled", gated_residual_compiled)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from switch_dit import _checks
-from switch_dit.ops import expert_grouped, mixed_bmm
+from switch_dit.ops import dispatch, expert_grouped, mixed_bmm
 
 __all__ = ["COMPOSED_STRATEGIES", "composed_mixed_linear", "composed_expert_mask_and_apply"]
 
@@ -43,22 +43,6 @@ def _impl(strategy: str):
         return _IMPLS[strategy]
     except KeyError:
         raise ValueError(f"strategy must be one of {COMPOSED_STRATEGIES}, got {strategy!r}") from None
-
-
-class _NoAutocast:
-    """Autocast off inside an op body, only when it is on (entering it costs time)."""
-
-    def __init__(self, device_type: str):
-        on = torch.is_autocast_enabled(device_type)
-        self.ctx = torch.autocast(device_type, enabled=False) if on else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _check_idx_values(idx: Tensor, num_experts: int) -> None:
@@ -79,7 +63,7 @@ def _none(x: Tensor) -> Tensor:
 def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
                 add_one: bool, apply: bool, strategy: str) -> tuple[Tensor, Tensor]:
     _check_idx_values(idx, weight.shape[0])
-    with _NoAutocast(x.device.type):
+    with dispatch.no_autocast(x.device.type):
         y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one)
         return y, (x * y if apply else _none(x))
 
@@ -95,7 +79,7 @@ def _backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, 
                  weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, need_dx: bool,
                  need_dw: bool, need_db: bool, need_dc: bool, strategy: str
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with _NoAutocast(x.device.type):
+    with dispatch.no_autocast(x.device.type):
         # r0 = x * m: its gradient reaches m as grad_r * x and x as grad_r * m.
         dA = grad_y.to(x.dtype) if grad_y is not None else None
         if grad_r is not None:
@@ -167,3 +151,27 @@ def composed_expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Ten
     x, weight, bias = _autocast(x, weight, bias)
     m, r0 = _forward_op(x, weight, bias, idx, coef, True, True, strategy)
     return m, r0
+
+
+# --------------------------------------------------------------------------- registration
+# backend="bmm" / "grouped" of the three routed-linear ops (switch_dit.ops.dispatch). They run on
+# any device and floating dtype, so they support every call the ops accept.
+
+
+def _register(strategy: str) -> None:
+    def linear(x, weight, bias, idx, coef):
+        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy)
+
+    def mask(x, weight, bias, idx, coef):
+        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy, add_one=True)
+
+    def mask_and_apply(x, weight, bias, idx, coef):
+        return composed_expert_mask_and_apply(x, weight, bias, idx, coef, strategy=strategy)
+
+    dispatch.register("mixed_linear", strategy, linear)
+    dispatch.register("expert_mask", strategy, mask)
+    dispatch.register("expert_mask_and_apply", strategy, mask_and_apply)
+
+
+for _strategy in COMPOSED_STRATEGIES:
+    _register(_strategy)

@@ -11,9 +11,13 @@ follow docs/design.md §2 and the expert reading of the kernels in the strategy 
 (bf16, XL shapes, H100): the fused forward/dx kernels are estimated at 50-70 us against ~35 us
 for one dense cuBLAS GEMM, and the fused weight gradient at 140-230 us (4 MMA steps per sample,
 the pipeline drained after each) against M row-scaled cuBLAS GEMMs of ~40 us each; so for
-training the cuBLAS compositions ("grouped" over the routing plan's order, then "bmm") are
-predicted ahead of "fused". In fp32 without TF32 every fused candidate spills, so fp32 goes to
-the compositions, then to the reference (itself cuBLAS bmm), before "fused". The norm/residual
+training the cuBLAS compositions are predicted ahead of "fused". Of the two, "bmm" does one
+dense linear's FLOPs forward and two backward (dx, and P = x^T dA giving dW and dcoef), where
+"grouped" does k each way (switch_dit.perf_model: 237 against 290 us fwd+bwd at XL, bf16, k = 2,
+H100), so "bmm" comes first. In fp32 without TF32 every fused candidate spills, so fp32 goes to
+"bmm" (cuBLAS SGEMM, the documented fp32 default of switch_dit.ops.composed_linear), then the
+reference (itself cuBLAS bmm); "grouped" in fp32 on CUDA has no sync-free grouped GEMM and runs
+its per-pair fallback, so it comes after them, and "fused" last. The norm/residual
 ops are memory-bound single passes: "fused" reads and writes each row once, the minimum; the
 compiled reference ("compiled") should be close, the eager reference several passes behind.
 When a GPU run measures them, replace the orders with the measured winners and change
@@ -30,8 +34,8 @@ _ROUTED = ("mixed_linear", "expert_mask", "expert_mask_and_apply")
 _NORM = ("mask_ln_modulate", "residual_ln_modulate", "gated_residual")
 _HALF = (torch.float16, torch.bfloat16)
 
-_ROUTED_HALF = ("grouped", "bmm", "fused", "reference")
-_ROUTED_FP32 = ("grouped", "bmm", "reference", "fused")
+_ROUTED_HALF = ("bmm", "grouped", "fused", "reference")
+_ROUTED_FP32 = ("bmm", "reference", "grouped", "fused")
 _NORM_ANY = ("fused", "compiled", "reference")
 
 # device pattern -> {(op, dtype): order of preference}
