@@ -37,16 +37,9 @@ from pathlib import Path
 # set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import _guidance, _non_negative_int, _positive_float, _positive_int  # noqa: E402  (argparse types)
-from .models import MODEL_NAMES  # noqa: E402  (imports torch)
+from .config import _guidance, _model_name, _non_negative_int, _positive_float, _positive_int  # noqa: E402
 
 __all__ = ["main", "build_parser"]
-
-
-def _model_name(text: str) -> str:
-    if text not in MODEL_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return text
 
 
 def _int_list(text: str) -> list[int]:
@@ -72,6 +65,12 @@ def _families(text: str) -> list[str]:
 def _threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_non_negative_int, default=0,
                    help="CPU threads for torch; 0 keeps torch's default (default %(default)s)")
+
+
+def _tf32_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 for fp32 matmuls and convolutions on CUDA, as in training (default on; "
+                        "--no-tf32 for full fp32)")
 
 
 def _add_sample_parser(sub) -> None:
@@ -113,6 +112,7 @@ def _add_sample_parser(sub) -> None:
     s.add_argument("--vae", default="ema",
                    help="latent models: the VAE that decodes them, ema, mse or a local folder (default %(default)s)")
     s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)")
+    _tf32_option(s)
     s.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     _threads_option(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -135,6 +135,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--no-prc", action="store_true", help="skip precision and recall")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="(default %(default)s)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    _tf32_option(e)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     _threads_option(e)
 
@@ -189,7 +190,7 @@ def _add_compare_parser(sub, d) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(prog="switch-dit", description=__doc__.split("\n\n")[0])
@@ -258,33 +259,24 @@ def _digits_report(result: dict) -> str:
 def _sample(args) -> int:
     import torch
 
-    from . import metrics, sampling
-    from .train import resolve_device
+    from . import checkpoint, distributed, metrics, sampling
+    from . import vae as vae_lib
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.rank_and_world()[1]
     if args.npz is None and args.num_samples is not None:
         raise ValueError("--num-samples needs --npz DIR (the folder of the sample set)")
     if args.npz is not None and args.num_samples is None:
         raise ValueError("--npz needs --num-samples N")
     if args.npz is None and world > 1:
         raise ValueError("several torchrun ranks sample .npz sets only: add --npz DIR --num-samples N")
-    device = resolve_device(args.device)
-    distributed = world > 1
-    if distributed:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            from .distributed import init_group
-
-            init_group(device)
+    ctx = distributed.setup(args.device)  # under torchrun: this rank's GPU, and the process group
+    device = ctx.device
+    distributed.set_tf32(device, args.tf32)
     try:
-        model, info = sampling.load_model(args.ckpt, ema=not args.raw_weights, device=device,
-                                          model_name=args.model, num_heads=args.num_heads)
+        model, info = checkpoint.load_model(args.ckpt, ema=not args.raw_weights, device=device,
+                                            model_name=args.model, num_heads=args.num_heads)
         settings = _sampler_settings(args, info)
-        vae = sampling.load_vae(args.vae, device=device) if model.in_channels == 4 else None
+        vae = vae_lib.load_vae(args.vae, device=device) if model.in_channels == 4 else None
         weights = f"{'trained' if args.raw_weights else 'EMA'} weights of step {info.get('step') or '?'}"
         if args.classes is not None and any(not 0 <= c < model.num_classes for c in args.classes):
             raise ValueError(f"--classes must be in [0, {model.num_classes}), got {args.classes}")
@@ -305,7 +297,7 @@ def _sample(args) -> int:
         x = sampling.generate(model, labels, seed=args.seed, clip_denoised=vae is None, progress=not args.no_progress,
                               **settings)
         if vae is not None:
-            x = sampling.decode(x, vae)
+            x = vae_lib.decode(vae, x)
         sampling.save_grid(x, out, nrow=per_class, scale=2 if x.shape[-1] <= 64 else 1)
         print(f"wrote {out} ({len(labels)} images, {len(classes)} classes x {per_class}, {weights}, "
               f"{settings['method']} {settings['steps']} steps, guidance {settings['cfg_scale']})")
@@ -313,8 +305,8 @@ def _sample(args) -> int:
             print(_digits_report(metrics.digits_metrics(x.cpu(), labels.cpu())))
         return 0
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        if ctx.owns_group:
+            distributed.cleanup()
 
 
 def _sample_npz(args, model, vae, settings: dict, weights: str) -> int:
@@ -340,14 +332,13 @@ def _sample_npz(args, model, vae, settings: dict, weights: str) -> int:
 
 def _eval(args) -> int:
     from . import metrics
-    from .train import resolve_device
 
     if args.ref is None:
         result = {"kind": "digits", **metrics.digits_metrics_npz(args.samples)}
     else:
         result = {"kind": "fidelity", **metrics.fidelity_metrics(
             args.samples, args.ref, backend=args.backend, isc=not args.no_isc, prc=not args.no_prc,
-            device=resolve_device(args.device), batch_size=args.batch_size, weights_path=args.weights)}
+            device=_device_with_tf32(args), batch_size=args.batch_size, weights_path=args.weights)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -355,8 +346,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _device_with_tf32(args):
+    from . import distributed
+
+    device = distributed.resolve_device(args.device)
+    distributed.set_tf32(device, args.tf32)
+    return device
+
+
 def _figure(args) -> int:
-    from . import figures, sampling
+    from . import checkpoint, figures
 
     run = Path(args.run) if args.run else None
     if run is not None and not run.is_dir():
@@ -369,7 +368,7 @@ def _figure(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     figures._figure_class()  # say what to install before any work
     if ckpt is not None:
-        model, info = sampling.load_model(ckpt, ema=not args.raw_weights, num_heads=args.num_heads)
+        model, info = checkpoint.load_model(ckpt, ema=not args.raw_weights, num_heads=args.num_heads)
         if model.routing != "switch":
             print(f"no denoising paths: {ckpt} holds a {'DTR' if model.routing == 'dtr' else 'DiT'} model (no experts)")
         else:

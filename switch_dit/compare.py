@@ -100,7 +100,7 @@ def forward_gflops(model, batch: int = 1) -> float:
 
 
 def _train_config(cfg: CompareConfig, family: str, seed: int, out: Path):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(
         model=f"{family}-{cfg.size}", hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
@@ -116,7 +116,8 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
     from .figures import read_log
     from .metrics import digits_metrics
     from .models import count_params
-    from .sampling import generate, load_model
+    from .checkpoint import load_model
+    from .sampling import generate
     from .train import train
 
     out = Path(cfg.out) if cfg.out else Path("runs") / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}"

@@ -12,6 +12,11 @@ A run's configuration is resolved in three layers, each overriding the one befor
 
 The resolved config is written into the run folder as ``config.json`` and stored in
 every checkpoint; ``--resume`` starts from the checkpoint's config (``resume_config``).
+
+Adding a field: declare it in ``TrainConfig`` (a default, or None to take it from both
+recipes), check it in ``_validate``, give it a flag in ``_FLAGS`` (the assert below makes
+that compulsory), and add it to ``RESUMABLE_FIELDS`` if a resumed run may change it.
+Checkpoints written before the field existed resume with its default.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
+COMPILE_MODES = ("auto", "none", "default", "max-autotune")
 
 
 @dataclass
@@ -64,6 +70,8 @@ class TrainConfig:
     num_experts: int = 3
     top_k: int = 2
     backend: str = "auto"
+    compile: str = "auto"  # torch.compile mode of the training step: auto = "default" on CUDA, "none" on the CPU
+    tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (training and the samples after it)
     # optimisation
     steps: int | None = None
     batch_size: int | None = None
@@ -171,7 +179,7 @@ assert set(PAPER_RECIPE) == set(DIGITS_PRESET)
 RESUMABLE_FIELDS = frozenset({
     "steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "progress", "max_bad_steps", "device",
     "backend", "parallel", "sample", "sample_method", "sample_steps", "cfg_scale", "samples_per_class",
-    "figure_every",
+    "figure_every", "compile", "tf32",
 })
 
 # field -> "int", "float", "bool" or "str" (annotations are strings here; drop "| None")
@@ -203,7 +211,7 @@ def _validate(c: TrainConfig) -> None:
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "a positive integer")
     for name in ("hidden_size", "depth", "num_heads", "warmup_steps", "image_size", "seed", "figure_every"):
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, "a non-negative integer")
-    for name in ("flip", "ema_warmup", "progress", "sample"):
+    for name in ("flip", "ema_warmup", "progress", "sample", "tf32"):
         need(isinstance(getattr(c, name), bool), name, "true or false")
     need(isinstance(c.model, str) and c.model in MODEL_NAMES, "model", f"one of {', '.join(MODEL_NAMES)}")
     need(_is_number(c.lr) and c.lr > 0, "lr", "a positive finite number")
@@ -217,6 +225,7 @@ def _validate(c: TrainConfig) -> None:
     need(c.parallel in PARALLEL, "parallel", " or ".join(repr(p) for p in PARALLEL))
     need(c.backend in ("auto", "reference", "triton"), "backend", "'auto', 'reference' or 'triton'")
     need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
+    need(c.compile in COMPILE_MODES, "compile", " or ".join(repr(m) for m in COMPILE_MODES))
     need(isinstance(c.device, str) and bool(c.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(isinstance(c.data, str) and bool(c.data), "data", "'digits' or a latents folder written by extract-latents")
     need(c.out is None or isinstance(c.out, str), "out", "a folder path")
@@ -398,6 +407,9 @@ _FLAGS = {
     "num_experts": (dict(type=_positive_int), "M, experts per block"),
     "top_k": (dict(type=_positive_int), "k, experts per sample"),
     "backend": (dict(choices=("auto", "reference", "triton")), "kernels: auto = Triton on CUDA"),
+    "compile": (dict(choices=COMPILE_MODES), "torch.compile mode of the model in training; auto = default on "
+                "CUDA, none on the CPU"),
+    "tf32": (dict(action=argparse.BooleanOptionalAction), "TF32 for fp32 matmuls and convolutions on CUDA"),
     "data": (dict(), "'digits' (embedded demo) or a latents folder from `switch-dit extract-latents`"),
     "image_size": (dict(type=_non_negative_int), "image pixels; 0 = from the data"),
     "flip": (dict(action=argparse.BooleanOptionalAction), "random horizontal flips"),

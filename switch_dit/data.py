@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DigitsSplit", "load_digits", "batches", "NUM_CLASSES"]
+__all__ = ["DigitsSplit", "load_digits", "batches", "NUM_CLASSES", "DigitsData", "open_training_data", "data_info"]
 
 NUM_CLASSES = 10
 _PIXEL_MAX = 16.0  # sklearn digits are integers in [0, 16]
@@ -95,3 +95,44 @@ def batches(data: DigitsSplit, batch_size: int, generator: torch.Generator):
         for i in range(0, n - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
             yield data.images[idx], data.labels[idx]
+
+
+# -----------------------------------------------------------------------------
+# The trainer's view of a dataset
+# -----------------------------------------------------------------------------
+
+
+class DigitsData:
+    """The digits' training split in memory, with the interface of latents.LatentsDataset:
+    ``len``, ``get(indices, flip)`` and the in_channels / input_size / num_classes of the data."""
+
+    def __init__(self, image_size: int, device="cpu"):
+        split, _ = load_digits(size=image_size)
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.in_channels, self.input_size, self.num_classes = 1, image_size, NUM_CLASSES
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def get(self, indices: torch.Tensor, flip: torch.Tensor | None = None):
+        """Images (n, 1, S, S) and labels (n,) of ``indices``; rows with ``flip`` true mirrored."""
+        idx = indices.to(self.images.device)
+        x = self.images[idx]
+        if flip is not None:
+            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, self.labels[idx]
+
+
+def open_training_data(data: str, image_size: int, device="cpu"):
+    """The training set a config names: "digits" (held on ``device``) or a latents folder
+    (``latents.LatentsDataset``, memory-mapped on the CPU, its image size checked)."""
+    if data == "digits":
+        return DigitsData(image_size, device)
+    from .latents import LatentsDataset
+
+    return LatentsDataset(data, expected_image_size=image_size)
+
+
+def data_info(data) -> dict:
+    """What the model's shape depends on: {"in_channels", "input_size", "num_classes"}."""
+    return {"in_channels": data.in_channels, "input_size": data.input_size, "num_classes": data.num_classes}

@@ -26,6 +26,10 @@ import torch.nn as nn
 
 __all__ = [
     "Context",
+    "resolve_device",
+    "set_tf32",
+    "rank_and_world",
+    "barrier",
     "setup",
     "cleanup",
     "init_group",
@@ -72,6 +76,54 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {text!r}") from None
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """A device name, checked: "auto" is GPU ``local_rank`` when there are GPUs, else the CPU;
+    "cuda" without an index is GPU ``local_rank`` too (torchrun gives each rank its own)."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        elif world_size > 1:
+            raise ValueError(f"device {name!r} names one GPU, but {world_size} processes run: use 'cuda' or 'auto'")
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
+def set_tf32(device: torch.device, enabled: bool = True) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (``enabled``) or not.
+
+    Training, sampling and evaluation all call this, so that a model is sampled with the
+    arithmetic it was trained with; DiT's public scripts do the same. The flags are global to
+    the process. Nothing changes on the CPU, which has no TF32. See docs/design.md §4."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if enabled else "highest")  # the legacy and new flags alike
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else torchrun's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
+def barrier() -> None:
+    """Wait for every rank when a process group is up; nothing otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def setup(device: str = "auto") -> Context:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPUs), or stay alone.
 
@@ -82,24 +134,7 @@ def setup(device: str = "auto") -> Context:
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK ({rank}) and WORLD_SIZE ({world}) from the environment are inconsistent")
-    if device == "auto":
-        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
-            if dev.index is None:
-                dev = torch.device("cuda", local)
-            elif world > 1:
-                raise ValueError(f"device {device!r} names one GPU, but {world} processes run: use 'cuda' or 'auto'")
-            if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    dev = resolve_device(device, local_rank=local, world_size=world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False
@@ -162,11 +197,22 @@ def wrap(model: nn.Module, ctx: Context, parallel: str = "ddp", with_prior: bool
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Buffers (position embedding, prior table) are fixed: no need to broadcast them each step.
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(net, device_ids=ids, broadcast_buffers=False)
+        return DDP(net, device_ids=ids, **_no_forward_buffer_sync(DDP))
     shard_module(net, ctx)
     return net
+
+
+def _no_forward_buffer_sync(ddp_class) -> dict:
+    """DDP's argument that skips the buffer broadcast before every forward. The buffers
+    (position embedding, prior table) are fixed and equal on every rank, so the broadcast
+    is pure overhead. torch >= 2.13 names it ``forward_sync_buffers`` and warns on every
+    construction with the deprecated ``broadcast_buffers``; older versions know only that."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}  # buffers still synced once at init: they are equal anyway
+    return {"broadcast_buffers": False}
 
 
 def shard_module(module: nn.Module, ctx: Context) -> nn.Module:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import DigitsSplit
+from .data import DigitsSplit, load_digits
 
-__all__ = ["DigitsClassifier", "sample_accuracy"]
+__all__ = ["DigitsClassifier", "sample_accuracy", "evaluate_samples"]
 
 
 class DigitsClassifier:
@@ -83,3 +83,20 @@ def sample_accuracy(classifier: DigitsClassifier, samples: torch.Tensor, request
     hit = (pred == requested).float()
     per_class = {int(c): float(hit[requested == c].mean()) for c in torch.unique(requested)}
     return {"accuracy": float(hit.mean()), "per_class": per_class}
+
+
+def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, image_size: int) -> dict:
+    """Fit the classifier on the real training digits of ``image_size`` and score the samples.
+
+    Returns classifier_test_accuracy (its accuracy on the held-out real digits, the ceiling),
+    sample_accuracy (how often it sees the requested class), per_class and num_samples.
+    """
+    train_split, test_split = load_digits(size=image_size)
+    clf = DigitsClassifier().fit(train_split)
+    result = sample_accuracy(clf, samples, labels)
+    return {
+        "classifier_test_accuracy": clf.accuracy(test_split.images, test_split.labels),
+        "sample_accuracy": result["accuracy"],
+        "per_class": result["per_class"],
+        "num_samples": int(labels.shape[0]),
+    }

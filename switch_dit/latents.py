@@ -31,20 +31,19 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import vae as vae_lib
+
 __all__ = [
-    "SCALE",
     "IMAGE_EXTENSIONS",
     "find_images",
     "center_crop",
-    "load_vae",
+    "vae_encoder",
     "extract_latents",
     "LatentsDataset",
     "add_extract_arguments",
     "extract_from_args",
 ]
 
-SCALE = 0.18215  # Stable Diffusion's latent scale (the VAE's latents have std ~1 after it)
-VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
 MANIFEST = "manifest.json"
 FORMAT_NAME = "switch-dit-latents"
@@ -132,30 +131,16 @@ class _ImageFiles(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 
 
-def load_vae(name: str = "ema", device="cpu") -> Encoder:
-    """diffusers' AutoencoderKL as an encoder: images (B, 3, S, S) in [-1, 1] -> latents * 0.18215.
+def vae_encoder(name: str = "ema", device="cpu") -> Encoder:
+    """The encoder of ``extract_latents``: images (B, 3, S, S) in [-1, 1] -> scaled latents, through
+    ``switch_dit.vae`` ("ema", "mse", a Hugging Face id or a local folder). It carries the VAE's
+    ``name`` and ``device`` for the manifest and the per-shard generators."""
+    model = vae_lib.load_vae(name, device)
 
-    name: "ema", "mse" (stabilityai/sd-vae-ft-*), a Hugging Face id or a local folder.
-    The latent is a sample of the encoder's Gaussian (as DiT's training does), drawn
-    from the generator passed with each batch.
-    """
-    repo = VAES.get(name, name)
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise ImportError("extract-latents needs diffusers to run the VAE: pip install diffusers") from None
-    try:
-        vae = AutoencoderKL.from_pretrained(repo).to(device).eval().requires_grad_(False)
-    except Exception as e:
-        raise RuntimeError(f"could not load the VAE {repo!r}: {e}\nThe weights are downloaded from the Hugging "
-                           "Face hub on first use; without network access, download them elsewhere and pass "
-                           "--vae /path/to/the/folder.") from None
-
-    @torch.no_grad()
     def encode(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return vae.encode(x.to(device)).latent_dist.sample(generator=generator) * SCALE
+        return vae_lib.encode(model, x, generator)
 
-    encode.name = repo
+    encode.name, encode.device = model.name, torch.device(device)
     return encode
 
 
@@ -321,7 +306,7 @@ def extract_latents(
         "version": FORMAT_VERSION,
         "source": str(Path(image_folder).resolve()),
         "vae": vae_name,
-        "scale": SCALE,
+        "scale": vae_lib.SCALE,
         "image_size": image_size,
         "latent_shape": list(shapes.pop()),
         "flips": flips,
@@ -489,8 +474,7 @@ def extract_from_args(args: argparse.Namespace) -> int:
     find_images(args.images, args.unconditional)
     ctx = distributed.setup(args.device)
     try:
-        encoder = load_vae(args.vae, ctx.device)
-        encoder.device = ctx.device
+        encoder = vae_encoder(args.vae, ctx.device)
         extract_latents(
             args.images, args.out, encoder, image_size=args.image_size, shard_size=args.shard_size,
             batch_size=args.batch_size, flips=args.flips, dtype=getattr(torch, args.dtype),

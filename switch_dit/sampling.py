@@ -1,11 +1,13 @@
-"""Sampling from a trained model: checkpoints, image grids and sharded ``.npz`` sample sets.
+"""Sampling from a trained model: image batches, PNG grids and sharded ``.npz`` sample sets.
 
-    load_model(path, ema=True)           our training checkpoint or the reference layout
     generate(model, labels, ...)         (B, C, H, W) samples: DDPM respaced or DDIM, guidance
-    decode(x, vae)                       latents -> images in [-1, 1] through diffusers' AutoencoderKL
+    grid_labels(per_class)               the labels of a grid with one row per class
     to_uint8(images)                     (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3), the ADM layout
     save_grid(images, path, nrow)        a PNG grid
     sample_to_npz(model, out_dir, n)     any number of images, sharded over torchrun ranks, resumable
+
+Models come from ``switch_dit.checkpoint.load_model``; latent models decode through
+``switch_dit.vae``.
 
 The ``.npz`` layout is the one the ADM evaluation suite (and DiT's ``sample_ddp.py``) writes and
 reads: ``arr_0`` uint8 (N, H, W, 3), here with the requested classes in ``arr_1`` int64 (N,).
@@ -17,225 +19,31 @@ shard rewritten after an interruption is the shard that would have been written 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from . import distributed
+from . import vae as vae_lib
+from .data import NUM_CLASSES
 from .diffusion import create_diffusion, sample as diffusion_sample
-from .models import DiT, FAMILIES, SIZES, create
+from .models import DiT
 
 __all__ = [
-    "LATENT_SCALE",
-    "find_checkpoint",
-    "load_model",
-    "infer_model_kwargs",
     "sampling_diffusion",
     "generate",
-    "load_vae",
-    "decode",
+    "grid_labels",
     "to_uint8",
     "save_grid",
     "shard_seed",
-    "dist_info",
     "sample_to_npz",
     "read_npz",
 ]
-
-LATENT_SCALE = 0.18215  # SD VAE latents are divided by this before decoding (DiT, LDM)
-VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints
-# -----------------------------------------------------------------------------
-
-
-class _Opaque:
-    """Loaded in place of an object whose class torch's weights-only loader does not allow,
-    such as the Hydra/OmegaConf config that the reference training script stores under
-    "config": its data is dropped and none of its code runs."""
-
-    def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def _torch_load(path: Path):
-    """torch.load with weights_only, allowing the argparse.Namespace that reference training
-    scripts store under "args" (a plain attribute bag, safe to unpickle); other classes
-    outside torch's allow list (a Hydra config) load as empty stand-ins, never as themselves."""
-
-    def load(extra: list):
-        with torch.serialization.safe_globals([argparse.Namespace, *extra]):
-            try:  # mapped: the ranks of a sharded sampler share the page cache, not 8 copies in RAM
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
-                return torch.load(path, map_location="cpu", weights_only=True)
-
-    try:
-        return load([])
-    except Exception as e:  # noqa: BLE001 - retried below, reported as a ValueError
-        first = e
-    try:
-        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - not a zip checkpoint, unreadable: report the first error
-        unknown = []
-    if unknown:
-        try:
-            return load([(_Opaque, name) for name in unknown])
-        except Exception as e:  # noqa: BLE001
-            first = e
-    raise ValueError(f"checkpoint {str(path)!r} could not be read: {first}") from first
-
-
-def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
-    """Arguments of ``models.create`` read off the tensor shapes of a reference-layout state dict.
-
-    Returns {"name", "input_size", "in_channels", "num_classes", "learn_sigma", "num_timesteps",
-    and for Switch-DiT "num_experts", "top_k", for Remix-DiT "num_experts", "num_basis"; plus
-    hidden_size/depth/num_heads when they are not a named size}. The head count is not visible in the weights: it comes from the named size whose
-    width matches, or from ``num_heads``.
-    """
-    sd = state_dict
-    try:
-        proj = sd["x_embedder.proj.weight"]  # (D, C, p, p)
-        pos = sd["pos_embed"]  # (1, L, D)
-        table = sd["y_embedder.embedding_table.weight"]  # (classes + 1, D)
-        final = sd["final_layer.linear.weight"]  # (p*p*C_out, D)
-    except KeyError as e:
-        raise ValueError(f"checkpoint is not a switch-dit training checkpoint nor a DiT-family state dict "
-                         f"(no {e.args[0]!r})") from None
-    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    grid = math.isqrt(pos.shape[1])
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    out_channels = final.shape[0] // (patch * patch)
-    if any(k.startswith("routers.") and k.endswith("experts.w") for k in sd):
-        family = "Switch-DiT"
-    elif any(k.startswith("routers.") and k.endswith("_unit_mapping") for k in sd):
-        family = "DTR"
-    elif "coefficients.weight" in sd:  # the published Remix-DiT (switch_dit.remix_dit)
-        family = "Remix-DiT"
-    else:
-        family = "DiT"
-    if patch not in (2, 4, 8):
-        raise ValueError(f"checkpoint has patch size {patch}; the named models have 2, 4 or 8")
-    size = next((s for s, (d, n, _) in SIZES.items() if d == hidden and n == depth), None)
-    kw = dict(
-        input_size=grid * patch,
-        in_channels=in_channels,
-        num_classes=table.shape[0] - 1,  # the last row is the null class of guidance
-        learn_sigma=out_channels == 2 * in_channels,
-        num_timesteps=int(sd["full_time"].shape[0]) if "full_time" in sd else 1000,
-    )
-    if size is None:
-        heads = num_heads or next((h for d, _, h in SIZES.values() if d == hidden), None)
-        if heads is None:
-            raise ValueError(f"checkpoint has width {hidden}, not a named size: pass num_heads (--num-heads)")
-        size = "S"
-        kw.update(hidden_size=hidden, depth=depth, num_heads=heads)
-    elif num_heads:
-        kw["num_heads"] = num_heads
-    if family == "Switch-DiT":
-        kw["num_experts"] = sd["routers.0.experts.w"].shape[0]
-        prior = sd.get("prior._unit_mapping")
-        # w_prior has k*N ones per row; without it fall back to the paper's k = 2.
-        kw["top_k"] = int(round(float(prior[0].sum()) / depth)) if prior is not None else min(2, kw["num_experts"])
-    if family == "Remix-DiT":
-        kw["num_experts"], kw["num_basis"] = sd["coefficients.weight"].shape
-    kw["name"] = f"{family}-{size}/{patch}"
-    return kw
-
-
-def find_checkpoint(path) -> Path:
-    """``path`` itself if it is a file; for a run folder its ``checkpoint.pt`` (a finished
-    run), else the newest ``ckpt-<step>.pt`` in it or in its ``checkpoints/`` (a run in
-    progress). Raises FileNotFoundError naming what was looked for."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / "checkpoint.pt").is_file():
-            return path / "checkpoint.pt"
-        for folder in (path, path / "checkpoints"):
-            steps = sorted(folder.glob("ckpt-*.pt"), key=lambda p: p.name)  # zero-padded steps sort by name
-            if steps:
-                return steps[-1]
-        raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt "
-                                "(in it or in its checkpoints/)")
-    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-
-
-def load_model(
-    path,
-    *,
-    ema: bool = True,
-    device="cpu",
-    model_name: str | None = None,
-    num_heads: int | None = None,
-    backend: str = "auto",
-) -> tuple[DiT, dict]:
-    """A model in eval mode from a checkpoint file (or a run folder, see ``find_checkpoint``),
-    with its EMA weights by default.
-
-    Reads our training checkpoints (``switch_dit.train``: the model is rebuilt from the stored
-    arguments) and the reference implementation's layout ({"model", "ema", "opt", "args"} or a bare
-    state dict, loaded through ``interop.load_official``; the architecture is read off the shapes,
-    ``model_name`` / ``num_heads`` settle what shapes cannot tell). A bare state dict is taken as
-    is (released checkpoints hold the EMA weights alone).
-
-    Returns (model, info) with info = {"layout": "switch-dit" | "reference", "step", "config"}.
-    """
-    path = find_checkpoint(path)
-    obj = _torch_load(path)
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
-    which = "ema" if ema else "model"
-    if "model_kwargs" in obj and "format" in obj:
-        # Every format of our checkpoints holds whole "model" / "ema" state dicts and the
-        # arguments of models.create; that is all sampling needs.
-        if which not in obj:
-            raise ValueError(f"checkpoint {str(path)!r} has no {which!r} weights")
-        kw = dict(obj["model_kwargs"])
-        name = kw.pop("name")
-        if model_name is not None and model_name != name:
-            raise ValueError(f"model_name {model_name!r} does not match the checkpoint's model {name!r}")
-        model = create(name, backend=backend, **kw)
-        model.load_state_dict(obj[which])
-        info = {"layout": "switch-dit", "step": obj.get("step"), "config": obj.get("config", {})}
-        return model.to(device).eval(), info
-
-    from .interop import load_official, unwrap_checkpoint
-
-    if "model" in obj or "ema" in obj:
-        if which not in obj:
-            raise ValueError(f"checkpoint {str(path)!r} has no {which!r} weights (it has {sorted(obj)[:6]}); "
-                             + ("use the trained weights (--raw-weights)" if ema else "use the EMA weights"))
-        sd = unwrap_checkpoint(obj, ema=ema)
-    else:
-        sd = unwrap_checkpoint(obj)
-    kw = infer_model_kwargs(sd, num_heads=num_heads)
-    name = kw.pop("name")
-    if model_name is not None:
-        if model_name.split("/")[0].rsplit("-", 1)[0] != name.split("/")[0].rsplit("-", 1)[0]:
-            raise ValueError(f"model_name {model_name!r} does not match the checkpoint, which holds a {name}")
-        name = model_name
-    model = create(name, backend=backend, **kw)
-    load_official(model, sd)
-    args = obj.get("args")
-    config = vars(args) if isinstance(args, argparse.Namespace) else {}
-    return model.to(device).eval(), {"layout": "reference", "step": obj.get("train_steps"), "config": config}
 
 
 # -----------------------------------------------------------------------------
@@ -295,43 +103,14 @@ def generate(
 
 
 # -----------------------------------------------------------------------------
-# The VAE of latent models
-# -----------------------------------------------------------------------------
-
-
-def load_vae(name: str = "ema", device="cpu"):
-    """diffusers' AutoencoderKL: "ema" / "mse" (the SD VAEs DiT uses), a hub id or a local folder.
-
-    Raises ImportError saying what to install without diffusers, RuntimeError when the weights
-    can be neither found locally nor downloaded.
-    """
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError as e:
-        raise ImportError("decoding latents needs diffusers' AutoencoderKL: pip install diffusers "
-                          "(the model samples 4-channel VAE latents)") from e
-    repo = VAE_NAMES.get(name, name)
-    try:
-        vae = AutoencoderKL.from_pretrained(repo)
-    except Exception as e:  # hub errors come in many classes (OSError, HTTPError, ...)
-        raise RuntimeError(f"could not load the VAE {repo!r}: {e}. Without internet access, download it "
-                           f"elsewhere and pass its local folder (--vae PATH)") from e
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def decode(latents: torch.Tensor, vae, batch_size: int = 16) -> torch.Tensor:
-    """VAE latents (B, 4, h, w) (scaled by LATENT_SCALE) -> images (B, 3, 8h, 8w) in [-1, 1]."""
-    if latents.dim() != 4:
-        raise ValueError(f"latents must be (B, 4, h, w), got {tuple(latents.shape)}")
-    dtype = next(vae.parameters()).dtype
-    out = [vae.decode((z / LATENT_SCALE).to(dtype)).sample.float() for z in latents.split(batch_size)]
-    return torch.cat(out).clamp(-1, 1)
-
-
-# -----------------------------------------------------------------------------
 # Images
 # -----------------------------------------------------------------------------
+
+
+def grid_labels(samples_per_class: int, num_classes: int = NUM_CLASSES, device="cpu") -> torch.Tensor:
+    """int64 (num_classes * samples_per_class,): 0,0,..,1,1,..; one grid row per class."""
+    return torch.arange(num_classes, device=device).repeat_interleave(samples_per_class)
+
 
 
 def to_uint8(images: torch.Tensor, rgb: bool = True) -> np.ndarray:
@@ -375,22 +154,6 @@ def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 1, pad: int = 
 def shard_seed(seed: int, shard: int) -> int:
     """A well-mixed 63-bit seed for shard ``shard`` of the set drawn with ``seed``."""
     return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when initialised, else torchrun's environment."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
@@ -447,14 +210,14 @@ def sample_to_npz(
 
     After a barrier (when torch.distributed is initialised) rank 0 writes
     ``out_dir/samples_{N}x{H}x{W}x3.npz`` (arr_0 uint8 NHWC, arr_1 int64 labels) and returns its
-    path; other ranks return None. Latent models pass ``vae`` to decode (see ``load_vae``).
+    path; other ranks return None. Latent models pass ``vae`` to decode (see ``switch_dit.vae``).
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if rank is None or world_size is None:
-        env_rank, env_world = dist_info()
+        env_rank, env_world = distributed.rank_and_world()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
     if not 0 <= rank < world_size:
@@ -464,7 +227,7 @@ def sample_to_npz(
         if not classes or classes[0] < 0 or classes[-1] >= model.num_classes:
             raise ValueError(f"classes must be a non-empty list of classes in [0, {model.num_classes}), got {classes}")
     if model.in_channels == 4 and vae is None:
-        raise ValueError("the model samples VAE latents: pass vae (see load_vae) to decode them into images")
+        raise ValueError("the model samples VAE latents: pass vae (see switch_dit.vae.load_vae) to decode them into images")
     if clip_denoised is None:
         clip_denoised = vae is None  # pixels are bounded, latents are not
     device = next(model.parameters()).device
@@ -514,14 +277,14 @@ def sample_to_npz(
         x = generate(model, labels, method=method, steps=steps, cfg_scale=cfg_scale, noise_schedule=noise_schedule,
                      clip_denoised=clip_denoised, generator=g)
         if vae is not None:
-            x = decode(x, vae)
+            x = vae_lib.decode(vae, x)
         _save_npz_atomic(paths[i], arr_0=to_uint8(x), arr_1=labels.cpu().numpy().astype(np.int64))
         if bar is not None:
             bar.update(sizes[i])
     if bar is not None:
         bar.close()
 
-    _barrier()
+    distributed.barrier()
     if rank != 0:
         return None
     missing = [i for i in range(num_shards) if not paths[i].exists()]

@@ -23,14 +23,30 @@ Exact resume: every random draw comes from a generator whose state is in the che
 flip generator; shared: the prior's tie-breaking shuffle and the data order), so a run
 killed at any step and resumed with ``--resume`` computes the same losses, step for
 step, as one that never stopped (same world size, device and thread count).
+
+Reading order: one step (``forward_backward``, EMA), the state of a run on one rank
+(``_Run``: build, restore, save, ``train_step``), the loop (``train``), the command line.
+Checkpoint files and run folders are ``switch_dit.checkpoint``'s, the data
+``switch_dit.data``'s, the log ``switch_dit.runlog``'s, samples ``switch_dit.sampling``'s.
+
+Where to add things (a new config field is first a field of ``config.TrainConfig``, see there):
+  - the model or its initial weights (e.g. starting from another run): ``_Run.__init__``,
+    after ``build_model`` and before ``distributed.wrap``;
+  - the training objective or the timestep distribution: ``_diffusion`` and
+    ``forward_backward`` (timesteps and noise are drawn there from the step generator);
+  - a loss term the model computes (an auxiliary loss): ``distributed.TrainingModule.forward``
+    returns it beside the prior, ``_LossModel`` hands it to the diffusion; log it by adding
+    its key to the parts that ``train_step`` all-reduces and to ``runlog.FIELDS``;
+  - a schedule of a loss weight over steps (like ``lr_at``): a function of ``self.step``
+    used in ``_Run.train_step``;
+  - state that must survive a resume: a key of the dict ``_Run.save`` writes, read back in
+    ``_Run._restore`` (buffers of the model are in its state dict already).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import datetime
 import json
 import math
 import os
@@ -43,124 +59,42 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_lib
-from . import data as digits
 from . import distributed
 from .config import TrainConfig, add_train_arguments, config_from_args, load_config_file, overrides_from_args, resume_config
+from .data import NUM_CLASSES, data_info, open_training_data
 from .diffusion import GaussianDiffusion, create_diffusion
-from .evaluate import DigitsClassifier, sample_accuracy
-from .sampling import generate  # re-exported: train's samples are sampling's
-from .models import DiT, create
+from .evaluate import evaluate_samples
+from .runlog import RunLog
+from .sampling import generate, grid_labels, save_grid
 
 __all__ = [
-    "TrainConfig",
-    "CHECKPOINT_FORMAT",
-    "resolve_device",
     "model_kwargs",
-    "build",
     "lr_at",
     "forward_backward",
     "update_ema",
     "ema_decay_at",
-    "save_checkpoint",
-    "load_checkpoint",
-    "model_from_checkpoint",
-    "open_data",
-    "generate",
-    "save_grid",
-    "evaluate_samples",
+    "NonFiniteLossError",
     "train",
     "run_from_args",
     "main",
 ]
 
-CHECKPOINT_FORMAT = ckpt_lib.FORMAT
-load_checkpoint = ckpt_lib.load_checkpoint
-model_from_checkpoint = ckpt_lib.model_from_checkpoint
-LOG_FIELDS = ("step", "loss", "mse", "vb", "prior", "lr", "grad_norm", "steps_per_sec", "images_per_sec",
-              "elapsed_s", "skipped", "scale")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> the GPU when there is one, else the CPU; anything else is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu or auto)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
-    return device
-
 
 # -----------------------------------------------------------------------------
-# Data
-# -----------------------------------------------------------------------------
-
-
-class DigitsData:
-    """The embedded digits' training split in memory, with the LatentsDataset interface."""
-
-    def __init__(self, image_size: int, device="cpu"):
-        split, _ = digits.load_digits(size=image_size)
-        self.images, self.labels = split.images.to(device), split.labels.to(device)
-        self.in_channels, self.input_size, self.num_classes = 1, image_size, digits.NUM_CLASSES
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def get(self, indices: torch.Tensor, flip: torch.Tensor | None = None):
-        idx = indices.to(self.images.device)
-        x = self.images[idx]
-        if flip is not None:
-            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.labels[idx]
-
-
-def open_data(cfg: TrainConfig, device="cpu"):
-    """The training set of ``cfg.data``: DigitsData or a latents.LatentsDataset (checked)."""
-    if cfg.data == "digits":
-        return DigitsData(cfg.image_size, device)
-    from .latents import LatentsDataset
-
-    return LatentsDataset(cfg.data, expected_image_size=cfg.image_size)
-
-
-def _data_info(data) -> dict:
-    return {"in_channels": data.in_channels, "input_size": data.input_size, "num_classes": data.num_classes}
-
-
-# -----------------------------------------------------------------------------
-# Model, optimiser and one step
+# One step
 # -----------------------------------------------------------------------------
 
 
 def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
     """Arguments of models.create for this run (stored in checkpoints to rebuild the model).
     data_info: in_channels, input_size, num_classes of the data; None = the digits."""
-    info = data_info or {"in_channels": 1, "input_size": cfg.image_size, "num_classes": digits.NUM_CLASSES}
+    info = data_info or {"in_channels": 1, "input_size": cfg.image_size, "num_classes": NUM_CLASSES}
     kw = dict(name=cfg.model, input_size=info["input_size"], in_channels=info["in_channels"],
               num_classes=info["num_classes"], learn_sigma=True, num_experts=cfg.num_experts, top_k=cfg.top_k)
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(cfg, key):
             kw[key] = getattr(cfg, key)
     return kw
-
-
-def _create(kw: dict, backend: str = "auto") -> DiT:
-    kw = dict(kw)
-    return create(kw.pop("name"), backend=backend, **kw)
-
-
-def build(cfg: TrainConfig, device, data_info: dict | None = None) -> tuple[DiT, DiT, torch.optim.Optimizer, GaussianDiffusion]:
-    """Model (train mode), its EMA twin (eval mode, no grads), AdamW and the training diffusion (one process)."""
-    model = _create(model_kwargs(cfg, data_info), cfg.backend).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return model, ema, opt, _diffusion(cfg)
 
 
 def _diffusion(cfg: TrainConfig) -> GaussianDiffusion:
@@ -224,6 +158,29 @@ def forward_backward(
     return {k: v.detach().float().mean() for k, v in parts.items()}
 
 
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """The torch.compile mode of config ``compile`` on ``device``: "auto" is "default" on CUDA
+    and no compilation on the CPU (Inductor's CPU code is no faster for these models, and
+    compiling costs a minute); "none" is None."""
+    if setting == "auto":
+        return "default" if device.type == "cuda" else None
+    return None if setting == "none" else setting
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Compile the model's forward in place (``nn.Module.compile``: the state dict keeps its
+    keys, so checkpoints do not depend on it).
+
+    Only the forward is compiled, not the prior loss that distributed.TrainingModule adds:
+    the prior's matched mode solves its assignment on the host, off the step's critical path,
+    which no graph can hold. So the step has one graph break by design, between the forward
+    and the prior, once per step (docs/design.md §3). The fused ops are torch custom ops, so
+    the compiler keeps them as single nodes and fuses the elementwise work around them.
+    Shapes are fixed within a run (one batch size): ``dynamic=False`` compiles once."""
+    model.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return model
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
@@ -237,128 +194,6 @@ def ema_decay_at(step: int, decay: float) -> float:
     """Warm-started EMA: min(decay, (1 + n) / (10 + n)), so a short run's average is not
     dominated by the random initialisation (0.999 alone would remember ~1000 steps)."""
     return min(decay, (1.0 + step) / (10.0 + step))
-
-
-def save_checkpoint(path, model: DiT, ema: DiT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    data_info: dict | None = None) -> None:
-    """Write the weights of a single-process model (no RNG or data position: not resumable).
-    The trainer writes full checkpoints itself."""
-    ckpt_lib.atomic_save({
-        "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
-        "model_kwargs": model_kwargs(cfg, data_info), "model": model.state_dict(), "ema": ema.state_dict(),
-        "opt": opt.state_dict(), "torch_version": str(torch.__version__),
-    }, path)
-
-
-# -----------------------------------------------------------------------------
-# Sampling and the image grid
-# -----------------------------------------------------------------------------
-
-
-def grid_labels(samples_per_class: int, num_classes: int = digits.NUM_CLASSES, device="cpu") -> torch.Tensor:
-    """int64 (num_classes * samples_per_class,): 0,0,..,1,1,..; one grid row per class."""
-    return torch.arange(num_classes, device=device).repeat_interleave(samples_per_class)
-
-
-def save_grid(images: torch.Tensor, path, nrow: int, scale: int = 2, pad: int = 2) -> None:
-    """Write (N, 1, S, S) images in [-1, 1] as a PNG grid with ``nrow`` images per row,
-    each magnified ``scale`` times (nearest) so that 16-pixel digits are visible."""
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must be (N, 1, S, S), got {tuple(images.shape)}")
-    n, _, h, w = images.shape
-    ncol = nrow
-    nrows = math.ceil(n / ncol)
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    h, w = h * scale, w * scale
-    canvas = torch.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad), 64, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[top : top + h, left : left + w] = x[i, 0]
-    Image.fromarray(canvas.numpy(), mode="L").save(path)
-
-
-def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, image_size: int) -> dict:
-    """Fit the digits classifier on the real training split and score the samples.
-
-    Returns classifier_test_accuracy (its accuracy on the held-out real digits, the
-    ceiling), sample_accuracy (how often it sees the requested class) and per_class.
-    """
-    train_split, test_split = digits.load_digits(size=image_size)
-    clf = DigitsClassifier().fit(train_split)
-    result = sample_accuracy(clf, samples, labels)
-    return {
-        "classifier_test_accuracy": clf.accuracy(test_split.images, test_split.labels),
-        "sample_accuracy": result["accuracy"],
-        "per_class": result["per_class"],
-        "num_samples": int(labels.shape[0]),
-    }
-
-
-# -----------------------------------------------------------------------------
-# Logs
-# -----------------------------------------------------------------------------
-
-
-class RunLog:
-    """log.jsonl and log.csv, plus TensorBoard events when tensorboard is installed (rank 0).
-
-    On a resume, records past the checkpoint's step are dropped first: the steps after
-    it run again and write them again, so the log of a resumed run reads as one run.
-    """
-
-    def __init__(self, folder: Path, resume_step: int | None, log=print):
-        self.jsonl_path, self.csv_path = folder / "log.jsonl", folder / "log.csv"
-        if resume_step is None:
-            for p in (self.jsonl_path, self.csv_path):
-                p.unlink(missing_ok=True)
-        else:
-            self._truncate(resume_step)
-        write_header = not self.csv_path.exists()
-        self._jsonl = open(self.jsonl_path, "a")
-        self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        if write_header:
-            self._csv.writeheader()
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step)
-        except ImportError:  # TensorBoard is optional; JSONL and CSV always
-            pass
-
-    def _truncate(self, step: int) -> None:
-        if self.jsonl_path.exists():
-            keep = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.jsonl_path.write_text("".join(line + "\n" for line in keep))
-        if self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
-            with open(self.csv_path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-
-    def write(self, record: dict) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow({k: ("" if v is None else v) for k, v in record.items()})
-        self._csv_file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, record["step"])
-
-    def close(self) -> None:
-        self._jsonl.close()
-        self._csv_file.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 # -----------------------------------------------------------------------------
@@ -393,39 +228,6 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def default_run_dir(data: str = "digits", root: str = "runs") -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = "digits" if data == "digits" else (Path(data).name or "latents")
-    path = Path(root) / f"{name}-{stamp}"
-    n = 1
-    while path.exists():  # two runs started in the same second
-        path = Path(root) / f"{name}-{stamp}-{n}"
-        n += 1
-    return path
-
-
-def find_resume(resume, out=None, log=None) -> Path | None:
-    """The checkpoint ``--resume`` means: a file; the newest complete one of a run folder
-    (or of its checkpoints/); "auto": the newest of ``out``, None when it has none yet."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        if not out:
-            raise ValueError("--resume without a PATH needs --out (the run folder to continue)")
-        found = ckpt_lib.latest_checkpoint(Path(out) / "checkpoints", log)
-        return found[0] if found else None
-    path = Path(resume)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = ckpt_lib.latest_checkpoint(folder, log)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {str(folder)!r}")
-        return found[0]
-    raise FileNotFoundError(f"--resume: {str(path)!r} does not exist")
-
-
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of the gradients as a plain tensor (FSDP's DTensor norm is gathered)."""
     grads = [p.grad.detach() for p in params if p.grad is not None]
@@ -446,25 +248,26 @@ class _Run:
     def __init__(self, cfg: TrainConfig, ctx: distributed.Context, log, started: float, ckpt: dict | None):
         self.cfg, self.ctx, self.log, self.started = cfg, ctx, log, started
         dev = ctx.device
-        if dev.type == "cuda":  # as DiT: TF32 matmuls and convolutions for the fp32 parts
-            torch.set_float32_matmul_precision("high")  # sets the legacy and the new TF32 flags alike
-            torch.backends.cudnn.allow_tf32 = True
-        self.data = open_data(cfg, dev if cfg.data == "digits" else "cpu")
+        distributed.set_tf32(dev, cfg.tf32)  # as DiT: TF32 matmuls and convolutions for the fp32 parts
+        self.data = open_training_data(cfg.data, cfg.image_size, dev if cfg.data == "digits" else "cpu")
         self.sampler = distributed.ShardedBatchSampler(len(self.data), cfg.batch_size, ctx.rank, ctx.world_size,
                                                        cfg.seed)
-        self.info = _data_info(self.data)
+        self.info = data_info(self.data)
         self.kwargs = model_kwargs(cfg, self.info)
         if ckpt is not None and ckpt["model_kwargs"] != self.kwargs:
             raise ValueError(f"the checkpoint's model {ckpt['model_kwargs']} differs from this run's {self.kwargs}")
 
         # The same initial weights on every rank (FSDP does not broadcast them, DDP does).
         torch.manual_seed(cfg.seed)
-        model = _create(self.kwargs, cfg.backend).to(dev)
+        model = ckpt_lib.build_model(self.kwargs, cfg.backend).to(dev)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
         model.train()
+        self.compile_mode = compile_mode(cfg.compile, dev)
+        if self.compile_mode is not None:
+            compile_model(model, self.compile_mode)
         self.net = distributed.wrap(model, ctx, cfg.parallel, with_prior=cfg.lambda_dp > 0)
         self.model = distributed.unwrap(self.net)
         if cfg.parallel == "fsdp" and ctx.distributed:
@@ -524,7 +327,7 @@ class _Run:
             self.gens["step"].manual_seed(seed + 1)
             self.gens["flip"].manual_seed(seed + 2)
 
-    def ema_for_figures(self) -> DiT | None:
+    def ema_for_figures(self) -> torch.nn.Module | None:
         """The EMA model as one plain module on rank 0, None on the others (a collective
         under FSDP, whose EMA is sharded)."""
         if self.cfg.parallel == "fsdp" and self.ctx.distributed:
@@ -532,7 +335,7 @@ class _Run:
             if state is None:
                 return None
             with torch.random.fork_rng(devices=[]):  # initialising draws from the run's global RNG
-                model = _create(self.kwargs, "reference")
+                model = ckpt_lib.build_model(self.kwargs, "reference")
             model.load_state_dict(state)
             return model.eval()
         return self.ema if self.ctx.is_main else None
@@ -547,7 +350,7 @@ class _Run:
         path = None
         if main:
             self.last_state = {
-                "format": CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg.to_dict(),
+                "format": ckpt_lib.FORMAT, "step": self.step, "config": self.cfg.to_dict(),
                 "model_kwargs": self.kwargs, "model": model_sd, "ema": ema_sd, "opt": opt_sd,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": {"ranks": rng, "shared": {"prior": self.prior_gen.get_state()}},
@@ -659,25 +462,35 @@ def train(cfg: TrainConfig, log=print, resume=None) -> dict:
 
 
 def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: float) -> dict:
-    if cfg.out is None:
-        name = str(default_run_dir(cfg.data)) if ctx.is_main else None
-        cfg = TrainConfig(**{**cfg.to_dict(), "out": distributed.all_gather_objects(name, ctx)[0]})
-    out = Path(cfg.out)
     path = None
     if resume is not None:
         # Rank 0 chooses, so that every rank loads the same file.
-        choice = str(find_resume(resume, cfg.out, log)) if ctx.is_main else None
+        choice = str(ckpt_lib.resume_checkpoint(resume, cfg.out, log)) if ctx.is_main else None
         choice = distributed.all_gather_objects(choice, ctx)[0]
         path = None if choice == "None" else Path(choice)
         if path is None:
-            log(f"no checkpoint in {out / 'checkpoints'} yet: starting afresh")
+            log(f"no checkpoint in {Path(cfg.out) / 'checkpoints'} yet: starting afresh")
+    # The run folder: the one asked for; else, resuming, the folder of the checkpoint (never
+    # the folder named in its config: a copied run continues in the copy); else a new one.
+    if cfg.out is not None:
+        out = cfg.out
+    elif path is not None:
+        out = str(ckpt_lib.run_folder(path))
+    else:
+        out = str(ckpt_lib.default_run_dir(cfg.data)) if ctx.is_main else None
+        out = distributed.all_gather_objects(out, ctx)[0]
+    if ctx.is_main:
+        ckpt_lib.check_run_folder(out, resumed_from=path)
     ckpt = None
     if path is not None:
         # On CUDA mapped (every rank reads the file; load_state_dict copies to the GPU); on
         # the CPU read, or the optimizer would keep file-backed tensors.
         ckpt = ckpt_lib.load_checkpoint(path, mmap=ctx.device.type == "cuda")
-        cfg = resume_config(ckpt["config"], overrides=cfg.to_dict())  # raises on a change that breaks the run
-        out = Path(cfg.out)
+        # The checkpoint's config, with the resumable changes of cfg (raises on one that breaks the run).
+        cfg = resume_config(ckpt["config"], overrides={**cfg.to_dict(), "out": out})
+    else:
+        cfg = TrainConfig(**{**cfg.to_dict(), "out": out})
+    out = Path(out)
 
     run = _Run(cfg, ctx, log, started, ckpt)
     del ckpt
@@ -779,7 +592,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
         labels = grid_labels(cfg.samples_per_class, num_classes=run.info["num_classes"], device=ctx.device)
         samples = generate(ema, labels, method=cfg.sample_method, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                            seed=cfg.seed, noise_schedule=cfg.noise_schedule, progress=cfg.progress)
-        save_grid(samples, out / "samples.png", nrow=cfg.samples_per_class)
+        save_grid(samples, out / "samples.png", nrow=cfg.samples_per_class, scale=2)  # 16 px digits, visible
         summary["sample_seconds"] = time.perf_counter() - t0
         summary.update(evaluate_samples(samples, labels, cfg.image_size))
         log(f"samples: {out / 'samples.png'} ({len(labels)} digits, {cfg.sample_method} {cfg.sample_steps} steps, "
@@ -801,20 +614,23 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
 
 def run_from_args(args, log=print) -> int:
     """Resolve the config of parsed train flags (config.add_train_arguments) and train.
-    Returns the exit status: 0, or 143 when a SIGTERM stopped the run (checkpointed)."""
+    Returns the exit status: 0, or 143 when a SIGTERM stopped the run (checkpointed).
+
+    With --resume the config is the checkpoint's, changed only by the flags and file given
+    (config.RESUMABLE_FIELDS); the run continues in the checkpoint's own run folder, or in
+    --out when given (see checkpoint.run_folder and check_run_folder)."""
     if args.threads:
         # On a CPU shared with other jobs, fewer threads than cores avoids OpenMP thrashing.
         torch.set_num_threads(args.threads)
     file_values = load_config_file(args.config) if args.config else {}
     overrides = overrides_from_args(args)
-    path = None
-    if args.resume is not None:
-        out = overrides.get("out", file_values.get("out"))
-        path = find_resume(args.resume, out, log)
-        if path is None:
-            log(f"--resume: no checkpoint in {Path(out) / 'checkpoints'} yet, starting afresh")
+    out = overrides.get("out", file_values.get("out"))
+    path = ckpt_lib.resume_checkpoint(args.resume, out, log)
+    if args.resume is not None and path is None:
+        log(f"--resume: no checkpoint in {Path(out) / 'checkpoints'} yet, starting afresh")
     if path is not None:
-        cfg = resume_config(ckpt_lib.read_config(path), file_values, overrides)
+        cfg = resume_config(ckpt_lib.read_config(path), file_values,
+                            {**overrides, "out": out or str(ckpt_lib.run_folder(path))})
     else:
         cfg = config_from_args(args)
     summary = train(cfg, log=log, resume=path)

@@ -24,3 +24,49 @@ def _full_fp32():
     yield
     torch.set_float32_matmul_precision(matmul)
     torch.backends.cudnn.allow_tf32 = conv
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test. Tiny models on a shared 2-core machine: one thread is
+    ~50x faster than two fighting other processes for the cores (OpenMP spin-waits)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+TINY_RUN_STEPS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The final checkpoint.pt of a finished `switch-dit train` run (a tiny Switch-DiT-S/4, width
+    32, depth 2, on the 16x16 digits, ``TINY_RUN_STEPS`` steps), whose EMA weights are then
+    replaced by random ones: a trained-for-two-steps model (zero-initialised experts and final
+    layer) would make every sample the same function of the noise. Treat it as read-only."""
+    pytest.importorskip("sklearn")
+    from switch_dit import checkpoint
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            train(TrainConfig(model="Switch-DiT-S/4", hidden_size=32, depth=2, num_heads=2, steps=TINY_RUN_STEPS,
+                              batch_size=8, device="cpu", out=str(out), sample=False, progress=False,
+                              compile="none"), log=lambda *a, **k: None)
+            path = out / "checkpoint.pt"
+            state = checkpoint.load_checkpoint(path)
+            ema = checkpoint.model_from_checkpoint(state)
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in ema.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+            state["ema"] = ema.state_dict()
+            checkpoint.atomic_save(state, path)  # replaces the link to checkpoints/ckpt-*.pt, not that file
+    finally:
+        torch.set_num_threads(saved)
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,27 +154,95 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 
 def test_resume_errors(short_run, tmp_path):
-    from switch_dit.train import find_resume, train
+    from switch_dit.train import train
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        find_resume(str(tmp_path / "nope"))
+        ck.resume_checkpoint(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        find_resume(str(tmp_path / "empty"))
+        ck.resume_checkpoint(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="needs --out"):
-        find_resume("auto", None)
-    assert find_resume("auto", str(tmp_path / "fresh")) is None  # nothing yet: a fresh start
+        ck.resume_checkpoint("auto", None)
+    assert ck.resume_checkpoint("auto", str(tmp_path / "fresh")) is None  # nothing yet: a fresh start
+    assert ck.resume_checkpoint(None) is None
     state = ck.load_checkpoint(short_run / "checkpoint.pt")
     changed = TrainConfig(**{**state["config"], "lr": 0.5, "out": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="lr cannot change when resuming"):
         train(changed, log=quiet, resume=str(short_run))
-    from switch_dit.train import build, save_checkpoint
-
-    cfg = TrainConfig(**TINY, steps=2)
-    model, ema, opt, _ = build(cfg, "cpu")
-    save_checkpoint(tmp_path / "weights.pt", model, ema, opt, 1, cfg)
+    # Weights without the training state (what `sample` needs, not what a resume needs).
+    weights = {k: v for k, v in state.items() if k not in ("rng", "data", "train_state")}
+    ck.atomic_save(weights, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="no training state"):
-        train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "w")}), log=quiet, resume=str(tmp_path / "weights.pt"))
+        train(TrainConfig(**{**state["config"], "out": str(tmp_path / "w")}), log=quiet,
+              resume=str(tmp_path / "weights.pt"))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_from_a_copied_run_writes_only_into_the_copy(tmp_path, capsys):
+    """A run folder copied, its newest checkpoint truncated, then `switch-dit train --resume
+    <copy>`: the bad file is skipped, the run resumes from the one before and continues in the
+    copy; the original (named in the checkpoint's config) is not touched, byte for byte."""
+    from switch_dit.cli import main
+    from switch_dit.train import train
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    train(TrainConfig(**TINY, steps=4, ckpt_every=2, keep_checkpoints=2, out=str(original)), log=quiet)
+    shutil.copytree(original, copy)
+    newest = copy / "checkpoints" / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    before = _files(original)
+    assert "checkpoints/ckpt-00000002.pt" in before and "checkpoints/ckpt-00000004.pt" in before
+
+    assert main(["train", "--resume", str(copy), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping unreadable checkpoint {newest}" in printed
+    assert f"resumed from {copy / 'checkpoints' / 'ckpt-00000002.pt'} at step 2" in printed
+    assert _files(original) == before  # not one byte of the original run changed
+    rewritten = ck.load_checkpoint(newest)  # whole again, written by the resumed run
+    assert rewritten["step"] == 4 and rewritten["config"]["out"] == str(copy)
+    assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
+    assert ck.load_checkpoint(copy / "checkpoint.pt")["step"] == 4
+    # The resumed run repeats steps 3-4 of the original exactly.
+    assert _records(copy) == _records(original)
+
+
+def test_runs_never_write_over_another_runs_checkpoints(short_run, tmp_path):
+    from switch_dit.train import train
+
+    other = tmp_path / "other"
+    shutil.copytree(short_run, other)
+    before = _files(other)
+    with pytest.raises(ValueError, match="holds checkpoints of another run"):
+        train(TrainConfig(**TINY, steps=2, out=str(other)), log=quiet)  # a fresh run
+    with pytest.raises(ValueError, match="holds checkpoints of another run"):  # a resume into another run's folder
+        train(TrainConfig(**TINY, steps=4, out=str(other)), log=quiet,
+              resume=str(short_run / "checkpoints" / "ckpt-00000004.pt"))
+    assert _files(other) == before
+    ck.check_run_folder(short_run, resumed_from=short_run / "checkpoint.pt")  # its own folder: fine
+    ck.check_run_folder(tmp_path / "new")  # a new folder: fine
+
+
+def test_run_folder_and_find_checkpoint(tmp_path):
+    assert ck.run_folder(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt") == tmp_path / "run"
+    assert ck.run_folder(tmp_path / "run" / "checkpoint.pt") == tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ckpt-<step>.pt"):
+        ck.find_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()  # a run in progress: the trainer's layout
+    for step in (5, 7):
+        (tmp_path / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
+    assert ck.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt-00000007.pt"
+    for step in (10, 200, 30):
+        (tmp_path / f"ckpt-{step:08d}.pt").write_bytes(b"")
+    (tmp_path / "ckpt-00000300.pt.tmp").write_bytes(b"")  # an unfinished write is no checkpoint
+    assert ck.find_checkpoint(tmp_path).name == "ckpt-00000200.pt"
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert ck.find_checkpoint(tmp_path).name == "checkpoint.pt"
+    assert ck.find_checkpoint(tmp_path / "ckpt-00000010.pt").name == "ckpt-00000010.pt"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.find_checkpoint(tmp_path / "missing.pt")
 
 
 def _start(out: Path, steps: int, *extra) -> subprocess.Popen:

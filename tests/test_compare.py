@@ -13,12 +13,7 @@ from switch_dit.compare import CompareConfig, format_table, summarize
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU (see test_sampling)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_compare_command_tiny_budget(tmp_path, capsys):

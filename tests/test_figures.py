@@ -13,12 +13,7 @@ from switch_dit import figures, models, prior
 TINY = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=3, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU (see test_sampling)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def switch_model(top_k=2, seed=0):
@@ -91,7 +86,8 @@ def test_training_draws_the_emas_paths_every_k_steps(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from switch_dit.train import TrainConfig, train
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
 
     out = tmp_path / "run"
     cfg = TrainConfig(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, steps=4, device="cpu",
@@ -156,14 +152,13 @@ def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
 # -- the command ------------------------------------------------------------------
 
 
-def test_figure_command_draws_a_runs_paths_and_losses(tmp_path, capsys):
+def test_figure_command_draws_a_runs_paths_and_losses(tiny_checkpoint, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from switch_dit.cli import main
-    from switch_dit.train import TrainConfig, build, save_checkpoint
+    import shutil
 
-    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
-    net, ema, opt, _ = build(cfg, torch.device("cpu"))
-    save_checkpoint(tmp_path / "checkpoint.pt", net, ema, opt, 1, cfg)
+    from switch_dit.cli import main
+
+    shutil.copyfile(tiny_checkpoint, tmp_path / "checkpoint.pt")  # a Switch-DiT of depth 2 with 3 experts
     write_log(tmp_path / "log.jsonl", [{"step": s, "loss": 1 / s, "mse": 1 / s, "vb": 0.1, "prior": 0.01}
                                         for s in (1, 2, 3)])
     assert main(["figure", "--run", str(tmp_path)]) == 0

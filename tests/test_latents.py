@@ -181,12 +181,13 @@ def test_missing_vae_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     with pytest.raises(ImportError, match="pip install diffusers"):
-        latents.load_vae("ema")
+        latents.vae_encoder("ema")
 
 
 def test_training_on_latents(images, tmp_path):
     """End to end: extract, then a few steps of the trainer on the shards with flips."""
-    from switch_dit.train import TrainConfig, train
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
     from switch_dit.checkpoint import load_checkpoint
 
     extract(images, tmp_path / "lat")

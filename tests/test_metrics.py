@@ -13,17 +13,12 @@ import pytest
 import torch
 
 from switch_dit import data as digits
-from switch_dit import metrics, models, sampling
+from switch_dit import checkpoint, metrics, models, sampling
 
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU (see test_sampling)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- Frechet distance --------------------------------------------------------------
@@ -105,13 +100,14 @@ def test_digits_metric_separates_a_trained_model_from_an_untrained_one(tmp_path)
     margin (measured: ~11 against ~51); real held-out digits stand in for a fully trained model
     in the accuracy test above (99 % against chance for noise).
     """
-    from switch_dit.train import TrainConfig, train
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
 
     cfg = TrainConfig(model="Switch-DiT-S/4", hidden_size=64, depth=2, num_heads=2, steps=150, batch_size=32,
                       warmup_steps=10, lr=3e-3, sample=False, progress=False, out=str(tmp_path), device="cpu",
                       log_every=50, seed=0)
     train(cfg, log=lambda *a, **k: None)
-    trained, _ = sampling.load_model(tmp_path / "checkpoint.pt")
+    trained, _ = checkpoint.load_model(tmp_path / "checkpoint.pt")
     torch.manual_seed(0)
     untrained = models.create("Switch-DiT-S/4", input_size=16, in_channels=1, num_classes=10, hidden_size=64,
                               depth=2, num_heads=2).eval()

@@ -270,13 +270,13 @@ def test_official_state_dict_round_trip_and_checks():
 
 
 def test_sampling_loads_a_published_checkpoint(tmp_path):
-    from switch_dit import sampling
+    from switch_dit import checkpoint
 
     plain = published_standin()
     sd = plain.state_dict()
     path = tmp_path / "0000100.pt"
     torch.save({"model": sd, "ema": {k: v + 1 for k, v in sd.items()}, "train_steps": 100}, path)
-    model, info = sampling.load_model(path, num_heads=2, backend="reference")
+    model, info = checkpoint.load_model(path, num_heads=2, backend="reference")
     assert isinstance(model, remix_dit.RemixDiT) and info["layout"] == "reference" and info["step"] == 100
     assert (model.num_experts, model.num_basis, model.hidden_size, model.depth) == (8, 4, 40, 2)
     for k, v in model.state_dict().items():

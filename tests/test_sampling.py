@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from switch_dit import models, sampling
+from switch_dit import checkpoint, distributed, models, sampling, vae
 from switch_dit.interop import official_state_dict
 
 TINY = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread is ~50x faster than two fighting
-    # other processes for the cores (OpenMP spin-waits).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(name="Switch-DiT-S/4", seed=0, **kw):
@@ -162,7 +155,7 @@ def test_npz_ranks_split_the_shards_and_rank0_merges(model, tmp_path):
 def test_npz_rank_and_world_size_from_torchrun_env(model, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert sampling.dist_info() == (1, 3)
+    assert distributed.rank_and_world() == (1, 3)
     assert npz(model, tmp_path, n=10) is None  # rank 1 of 3: shard 1 only, no merge
     assert [p.name for p in (tmp_path / "shards").glob("*.npz")] == ["shard-000001.npz"]
 
@@ -201,7 +194,7 @@ def test_latent_models_need_the_vae(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
     with pytest.raises(ImportError, match="pip install diffusers"):
-        sampling.load_vae("ema")
+        vae.load_vae("ema")
 
 
 def test_vae_download_failure_is_explained(monkeypatch):
@@ -215,7 +208,7 @@ def test_vae_download_failure_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", types.ModuleType("diffusers"))
     monkeypatch.setitem(sys.modules, "diffusers.models", fake)
     with pytest.raises(RuntimeError, match="sd-vae-ft-ema.*local folder"):
-        sampling.load_vae("ema")
+        vae.load_vae("ema")
 
 
 def test_decode_scales_latents_and_clamps():
@@ -228,9 +221,9 @@ def test_decode_scales_latents_and_clamps():
             # 8x upsampling to 3 channels, like the SD VAE's shapes.
             return types.SimpleNamespace(sample=z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2))
 
-    z = torch.full((2, 4, 2, 2), 0.1 * sampling.LATENT_SCALE)
+    z = torch.full((2, 4, 2, 2), 0.1 * vae.SCALE)
     z[1] = 5.0
-    out = sampling.decode(z, FakeVAE(), batch_size=1)
+    out = vae.decode(FakeVAE(), z, batch_size=1)
     assert out.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out[0], torch.full((3, 16, 16), 0.1))
     assert out[1].max() == 1.0  # clamped to the image range
@@ -239,22 +232,18 @@ def test_decode_scales_latents_and_clamps():
 # -- checkpoints ------------------------------------------------------------------
 
 
-def test_load_model_from_our_training_checkpoint(tmp_path):
-    from switch_dit.train import TrainConfig, build, save_checkpoint
-
-    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
-    torch.manual_seed(0)
-    net, ema, opt, _ = build(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.normal_(0, 0.1)
-    save_checkpoint(tmp_path / "ck.pt", net, ema, opt, 1, cfg)
-    loaded, info = sampling.load_model(tmp_path / "ck.pt")
-    assert info["layout"] == "switch-dit" and info["step"] == 1 and not loaded.training
-    for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
-        assert torch.equal(a, b)  # EMA weights by default
-    raw, _ = sampling.load_model(tmp_path / "ck.pt", ema=False)
-    assert torch.equal(raw.final_layer.linear.weight, net.final_layer.linear.weight)
+def test_load_model_from_our_training_checkpoint(tiny_checkpoint):
+    state = checkpoint.load_checkpoint(tiny_checkpoint)
+    loaded, info = checkpoint.load_model(tiny_checkpoint)
+    assert info["layout"] == "switch-dit" and info["step"] == state["step"] == 2 and not loaded.training
+    assert loaded.state_dict().keys() == state["ema"].keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state["ema"][k]), k  # EMA weights by default
+    raw, _ = checkpoint.load_model(tiny_checkpoint.parent, ema=False)  # a run folder: its checkpoint.pt
+    for k, v in raw.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    with pytest.raises(ValueError, match="does not match the checkpoint's model"):
+        checkpoint.load_model(tiny_checkpoint, model_name="DiT-S/4")
 
 
 class HydraLikeConfig:
@@ -278,7 +267,7 @@ def test_load_model_from_a_reference_training_checkpoint_with_a_hydra_config(tmp
     src = tiny_model("Switch-DiT-S/4", top_k=1)
     sd = official_state_dict(src)
     torch.save({"model": sd, "ema": sd, "opt": {}, "config": HydraLikeConfig(lr=1e-4)}, tmp_path / "ref.pt")
-    loaded, info = sampling.load_model(tmp_path / "ref.pt", num_heads=2)
+    loaded, info = checkpoint.load_model(tmp_path / "ref.pt", num_heads=2)
     assert info["layout"] == "reference" and HydraLikeConfig.loaded == 0
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([0, 999]), torch.tensor([1, 2])
     torch.testing.assert_close(loaded(x, t, y), src(x, t, y), rtol=0, atol=0)
@@ -292,72 +281,40 @@ def test_load_model_from_the_reference_layout(tmp_path, name):
     torch.save({"model": other, "ema": ema_sd, "opt": {}, "args": argparse.Namespace(model=name, image_size=16)},
                tmp_path / "ref.pt")
     with pytest.raises(ValueError, match="num_heads"):
-        sampling.load_model(tmp_path / "ref.pt")  # width 32 is no named size: heads unknown
-    loaded, info = sampling.load_model(tmp_path / "ref.pt", num_heads=2)
+        checkpoint.load_model(tmp_path / "ref.pt")  # width 32 is no named size: heads unknown
+    loaded, info = checkpoint.load_model(tmp_path / "ref.pt", num_heads=2)
     assert info["layout"] == "reference" and info["config"]["image_size"] == 16
     assert loaded.routing == src.routing and loaded.top_k == src.top_k and loaded.input_size == 16
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 400, 999]), torch.tensor([1, 2, 3])
     torch.testing.assert_close(loaded(x, t, y), src(x, t, y), rtol=0, atol=0)
     # A bare state dict (how released checkpoints ship) loads too.
     torch.save(ema_sd, tmp_path / "bare.pt")
-    bare, _ = sampling.load_model(tmp_path / "bare.pt", num_heads=2)
+    bare, _ = checkpoint.load_model(tmp_path / "bare.pt", num_heads=2)
     torch.testing.assert_close(bare(x, t, y), src(x, t, y), rtol=0, atol=0)
 
 
 def test_infer_model_kwargs_of_a_named_size():
     sd = official_state_dict(models.create("Switch-DiT-S/8", input_size=32, num_classes=1000))
-    kw = sampling.infer_model_kwargs(sd)
+    kw = checkpoint.infer_model_kwargs(sd)
     assert kw == {"name": "Switch-DiT-S/8", "input_size": 32, "in_channels": 4, "num_classes": 1000,
                   "learn_sigma": True, "num_timesteps": 1000, "num_experts": 3, "top_k": 2}
 
 
-def test_find_checkpoint_in_a_run_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ckpt-<step>.pt"):
-        sampling.find_checkpoint(tmp_path)
-    (tmp_path / "checkpoints").mkdir()  # a run in progress: the trainer's layout
-    for step in (5, 7):
-        (tmp_path / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
-    assert sampling.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt-00000007.pt"
-    for step in (10, 200, 30):
-        (tmp_path / f"ckpt-{step:08d}.pt").write_bytes(b"")
-    (tmp_path / "ckpt-00000300.pt.tmp").write_bytes(b"")  # an unfinished write is no checkpoint
-    assert sampling.find_checkpoint(tmp_path).name == "ckpt-00000200.pt"
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert sampling.find_checkpoint(tmp_path).name == "checkpoint.pt"
-    assert sampling.find_checkpoint(tmp_path / "ckpt-00000010.pt").name == "ckpt-00000010.pt"
-
-
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sampling.load_model(tmp_path / "missing.pt")
+        checkpoint.load_model(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
-        sampling.load_model(tmp_path / "junk.pt")
+        checkpoint.load_model(tmp_path / "junk.pt")
     torch.save({"model": {"a": torch.zeros(1)}}, tmp_path / "noema.pt")
     with pytest.raises(ValueError, match="no 'ema' weights"):
-        sampling.load_model(tmp_path / "noema.pt")
+        checkpoint.load_model(tmp_path / "noema.pt")
     torch.save({"a": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a switch-dit training checkpoint nor a DiT-family"):
-        sampling.load_model(tmp_path / "foreign.pt")
+        checkpoint.load_model(tmp_path / "foreign.pt")
 
 
 # -- the command ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def run_ckpt(tmp_path_factory):
-    """A checkpoint of ours (a `switch-dit train` run's layout) with random EMA weights."""
-    from switch_dit.train import TrainConfig, build, save_checkpoint
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(hidden_size=32, depth=2, num_heads=2, steps=1, device="cpu")
-    torch.manual_seed(0)
-    net, ema, opt, _ = build(cfg, torch.device("cpu"))
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.normal_(0, 0.1)
-    save_checkpoint(out / "checkpoint.pt", net, ema, opt, 7, cfg)
-    return out / "checkpoint.pt"
 
 
 def cli(*argv):
@@ -366,21 +323,21 @@ def cli(*argv):
     return main([*map(str, argv), "--no-progress", "--device", "cpu"])
 
 
-def test_sample_command_grid_uses_the_runs_sampler(run_ckpt, tmp_path, capsys):
+def test_sample_command_grid_uses_the_runs_sampler(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
 
-    assert cli("sample", "--ckpt", run_ckpt, "--out", tmp_path / "g.png", "--sample-steps", "2",
+    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "g.png", "--sample-steps", "2",
                "--classes", "1,2", "--samples-per-class", "3") == 0
     printed = capsys.readouterr().out
     # The run sampled with DDIM and guidance 4 (TrainConfig), so does the command by default.
-    assert "6 images, 2 classes x 3, EMA weights of step 7, ddim 2 steps, guidance 4.0" in printed
+    assert "6 images, 2 classes x 3, EMA weights of step 2, ddim 2 steps, guidance 4.0" in printed
     assert '"sample_accuracy"' in printed and '"frechet_distance"' in printed
     with Image.open(tmp_path / "g.png") as img:
         assert img.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 16 px digits at 2x, 2 px gaps
 
 
-def test_sample_command_npz_set_resumes(run_ckpt, tmp_path, capsys):
-    args = ("sample", "--ckpt", run_ckpt, "--npz", tmp_path / "set", "--num-samples", "12", "--batch-size", "5",
+def test_sample_command_npz_set_resumes(tiny_checkpoint, tmp_path, capsys):
+    args = ("sample", "--ckpt", tiny_checkpoint, "--npz", tmp_path / "set", "--num-samples", "12", "--batch-size", "5",
             "--sample-method", "ddpm", "--sample-steps", "2", "--cfg-scale", "1", "--no-eval")
     assert cli(*args) == 0
     images, labels = sampling.read_npz(tmp_path / "set" / "samples_12x16x16x3.npz")
@@ -407,9 +364,9 @@ def test_sample_command_reads_the_reference_layout(tmp_path, capsys):
     (["--classes", "a"], "--classes: must be comma-separated integers"),
     (["--sample-method", "euler"], "--sample-method: invalid choice"),
 ])
-def test_sample_command_bad_arguments(run_ckpt, extra, needle, capsys):
+def test_sample_command_bad_arguments(tiny_checkpoint, extra, needle, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli("sample", "--ckpt", run_ckpt, *extra)
+        cli("sample", "--ckpt", tiny_checkpoint, *extra)
     assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
@@ -422,7 +379,7 @@ def test_sample_command_latent_model_without_diffusers(tmp_path, capsys, monkeyp
     assert exc.value.code == 1 and "pip install diffusers" in capsys.readouterr().err
 
 
-def test_torchrun_two_ranks_write_the_same_set(run_ckpt, tmp_path):
+def test_torchrun_two_ranks_write_the_same_set(tiny_checkpoint, tmp_path):
     """Two real processes (gloo, CPU) under torchrun: each writes its shards, rank 0 merges after
     the barrier, and the set equals the one-process set."""
     import os
@@ -435,7 +392,7 @@ def test_torchrun_two_ranks_write_the_same_set(run_ckpt, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None or not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torchrun or the gloo backend is not available")
-    common = ["--ckpt", str(run_ckpt), "--num-samples", "9", "--batch-size", "3", "--sample-method", "ddim",
+    common = ["--ckpt", str(tiny_checkpoint), "--num-samples", "9", "--batch-size", "3", "--sample-method", "ddim",
               "--sample-steps", "2", "--no-eval", "--no-progress", "--device", "cpu"]
     assert cli("sample", "--npz", tmp_path / "one", *common[:-3]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

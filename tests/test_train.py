@@ -10,8 +10,10 @@ import torch
 from switch_dit import data as digits
 from switch_dit.cli import main
 from switch_dit.evaluate import DigitsClassifier, sample_accuracy
-from switch_dit.train import (TrainConfig, ema_decay_at, load_checkpoint, lr_at, model_from_checkpoint,
-                              resolve_device, update_ema)
+from switch_dit.checkpoint import load_checkpoint, model_from_checkpoint
+from switch_dit.config import TrainConfig
+from switch_dit.distributed import resolve_device
+from switch_dit.train import ema_decay_at, lr_at, update_ema
 
 pytest.importorskip("sklearn")
 
