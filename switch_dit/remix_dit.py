@@ -57,8 +57,9 @@ from .models import DiT
 from .ops import mixed_linear
 from .ops.dispatch import check_backend
 
-__all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "expert_prior", "mix_bases",
-           "mixed_linear_shared", "mixed_linear_per_sample"]
+__all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMESTEP_SAMPLING", "expert_prior",
+           "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
+           "published_prior_weight", "coefficient_param_groups", "accelerate_published"]
 
 # name -> (hidden size, depth, heads), the same sizes as DiT
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -434,6 +435,34 @@ def create(name: str, *, num_basis: int = 4, num_experts: int | None = None, mix
     if timestep_sampling is not None:
         check_timestep_sampling(timestep_sampling, mixing)
     return RemixDiT(num_basis=num_basis, num_experts=20 if num_experts is None else num_experts, mixing=mixing, **cfg)
+
+
+# The published training recipe (train_fast.py)
+PUBLISHED_PRIOR_STRENGTH = 1e-4  # prior_strength
+PUBLISHED_COEF_LR = 1e-2  # AdamW learning rate of the coefficient table (its own parameter group)
+
+
+def published_prior_weight(progress: float, strength: float = PUBLISHED_PRIOR_STRENGTH) -> float:
+    """Weight of the prior loss at ``progress`` in [0, 1] of training.
+
+    train_fast.py computes ``prior_strength * (1 - (epoch / epochs - 1))`` per epoch, which by
+    Python's precedence is strength * (2 - epoch / epochs): 2 * strength at the start, falling
+    linearly to strength at the end. We keep that expression as written (per step here:
+    progress = step / steps).
+    """
+    return strength * (2.0 - progress)
+
+
+def coefficient_param_groups(model: nn.Module, lr: float, coef_lr: float = PUBLISHED_COEF_LR) -> list[dict]:
+    """AdamW parameter groups as published: every parameter at ``lr``, the coefficient table
+    (any parameter named ``coefficients.*``) at ``coef_lr``."""
+    coef, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (coef if name.split(".")[-2:-1] == ["coefficients"] else rest).append(p)
+    if not coef:
+        raise ValueError("the model has no coefficients.weight parameter: not a Remix-DiT")
+    return [{"params": rest, "lr": lr}, {"params": coef, "lr": coef_lr}]
 
 
 TIMESTEP_SAMPLING = ("interval", "uniform")

@@ -189,6 +189,20 @@ def test_interval_sampling_stays_in_one_interval_and_covers_the_remainder():
     assert seen == set(range(50))
 
 
+def test_published_training_recipe_helpers():
+    # train_fast.py: gamma = 1e-4 * (1 - (epoch / epochs - 1)) with Python's precedence
+    for epoch, epochs in ((0, 100), (37, 100), (99, 100)):
+        assert remix_dit.published_prior_weight(epoch / epochs) == pytest.approx(1e-4 * (1 - (epoch / epochs - 1)))
+    assert remix_dit.published_prior_weight(0.0) == pytest.approx(2e-4)
+    model = tiny()
+    groups = remix_dit.coefficient_param_groups(model, 3e-4)
+    assert [g["lr"] for g in groups] == [3e-4, 1e-2]
+    assert groups[1]["params"] == [model.coefficients.weight]
+    assert len(groups[0]["params"]) == len(list(model.parameters())) - 1
+    with pytest.raises(ValueError, match="coefficients"):
+        remix_dit.coefficient_param_groups(create("DiT-S/2", input_size=8, depth=1), 1e-4)
+
+
 def test_prior_and_prior_loss():
     model = tiny()
     prior = model.prior
