@@ -93,7 +93,11 @@ def _wgrad(a: Tensor, g: Tensor, experts: Tensor, row_offsets: Tensor, num_exper
     P, L, K = a.shape
     N = g.shape[2]
     if native:
-        return torch._grouped_mm(a.reshape(P * L, K).t(), g.reshape(P * L, N), offs=row_offsets)
+        dw = torch._grouped_mm(a.reshape(P * L, K).t(), g.reshape(P * L, N), offs=row_offsets)
+        # An expert without rows is a GEMM with an empty reduction: make its zero explicit rather
+        # than trust every grouped kernel to write one (a where, not a multiply: NaN-proof).
+        starts = torch.cat([row_offsets.new_zeros(1), row_offsets[:-1]])
+        return torch.where((row_offsets > starts)[:, None, None], dw, 0)
     per_pair = torch.bmm(a.transpose(1, 2), g).reshape(P, K * N)
     one_hot = (experts[None, :] == torch.arange(num_experts, device=a.device)[:, None]).to(a.dtype)
     return torch.mm(one_hot, per_pair).view(num_experts, K, N)  # a fixed-order sum, no atomics
