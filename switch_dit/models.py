@@ -201,7 +201,9 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), y (B,) labels; t (B,) timesteps, or one timestep for the whole batch
         (a Python int or a 0-d tensor, as in sampling): then the timestep is embedded once, and a
-        Switch-DiT block mixes its k experts once and runs one dense GEMM (ops.shared_mix)."""
+        Switch-DiT block mixes its k experts once and runs one dense GEMM (ops.shared_mix).
+        Under torch.compile or CUDA-graph capture pass a 0-d tensor: an int is a constant of the
+        graph (one recompilation per timestep)."""
         if isinstance(t, int):
             t = self._shared_timestep(t, x)
         self._check_inputs(x, t, y)

@@ -18,8 +18,9 @@ in each input's dtype.
 Default for fp32 without TF32 (``torch.backends.cuda.matmul.allow_tf32 = False``, PyTorch's
 default for fp32): "bmm". Every Triton forward/dx config of the fp32 "ieee" path spills registers
 (issue analysis of the kernels at XL shapes), while cuBLAS's SGEMM does not; "bmm" runs fp32 at
-cuBLAS speed with one dense linear's FLOPs forward and two backward. "grouped" is not sync-free on
-CUDA in fp32 (see expert_grouped), so it is never the fp32 default.
+cuBLAS speed with one dense linear's FLOPs forward and two backward. "grouped" has no sync-free
+grouped GEMM on CUDA in fp32 and runs its per-pair fallback there (see expert_grouped), so it is
+never the fp32 default.
 """
 
 from __future__ import annotations

@@ -47,9 +47,10 @@ ROW_SCALED_BUDGET = 1 << 27
 def dense_coefficients(idx: Tensor, coef: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
     """(B, k) indices and coefficients -> C (B, M) in ``dtype``; duplicate indices add up.
 
-    The coefficients are rounded to ``dtype`` before they are summed, as the reference path does."""
-    c = torch.zeros(idx.shape[0], num_experts, dtype=dtype, device=coef.device)
-    return c.scatter_add_(1, idx.long(), coef.to(dtype))
+    The coefficients are rounded to ``dtype`` before they are summed, as the reference path does.
+    A one-hot sum, not scatter_add_: no float atomics, so the result is the same run to run."""
+    one_hot = idx.long().unsqueeze(-1) == torch.arange(num_experts, device=idx.device)  # (B, k, M)
+    return (one_hot.to(dtype) * coef.to(dtype).unsqueeze(-1)).sum(1)
 
 
 def mixed_weights(c: Tensor, weight: Tensor) -> Tensor:

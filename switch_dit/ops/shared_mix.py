@@ -86,7 +86,8 @@ def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tenso
             c, w, b = coef.to(weight.dtype), weight.index_select(0, idx), None
             b = bias.index_select(0, idx) if bias is not None else None
         else:
-            c = torch.zeros(M, dtype=weight.dtype, device=weight.device).index_add_(0, idx, coef.to(weight.dtype))
+            one_hot = idx.long().unsqueeze(-1) == torch.arange(M, device=idx.device)  # (k, M), no atomics
+            c = (one_hot.to(weight.dtype) * coef.to(weight.dtype).unsqueeze(-1)).sum(0)
             w, b = weight, bias
         w_mix = (c.unsqueeze(0) @ w.flatten(1)).view(weight.shape[1:])
         b_mix = (c.unsqueeze(0) @ b.to(weight.dtype)).view(b.shape[1:]).to(bias.dtype) if b is not None else None
