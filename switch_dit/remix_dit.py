@@ -267,6 +267,8 @@ class RemixDiT(nn.Module):
                              f"num_heads={num_heads}, got {hidden_size}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if cfg_channels < 1:
+            raise ValueError(f"cfg_channels must be >= 1, got {cfg_channels}")
         self.backend = check_backend(backend)
         self.mixing = mixing
         self.num_basis, self.num_experts, self.num_timesteps = num_basis, num_experts, num_timesteps
@@ -392,10 +394,11 @@ class RemixDiT(nn.Module):
         """Classifier-free guidance on a batch whose second half carries the null label.
 
         Guides the first ``channels`` output channels (default ``self.cfg_channels``: 3, as
-        the published code does; ``in_channels`` guides every epsilon channel, as our DiT
-        does); the guided half is duplicated into both halves.
+        the published code does, which slices all channels of a model with fewer;
+        ``in_channels`` guides every epsilon channel, as our DiT does); the guided half is
+        duplicated into both halves.
         """
-        n = self.cfg_channels if channels is None else channels
+        n = min(self.cfg_channels, self.out_channels) if channels is None else channels
         if not 1 <= n <= self.out_channels:
             raise ValueError(f"channels must be in [1, {self.out_channels}], got {n}")
         half = x[: len(x) // 2]

@@ -406,6 +406,16 @@ def test_forward_with_cfg_published_three_channels_and_all_eps_channels():
         assert torch.equal(got[:, n:], out[:, n:])
 
 
+def test_forward_with_cfg_default_on_a_one_channel_model_guides_every_channel():
+    """As the published slicing out[:, :3] does when C_out = 2 (the digits)."""
+    model = tiny("batch", in_channels=1).double().eval()
+    x, t, y = batch(model, B=2, seed=8, dtype=torch.float64)
+    y = torch.tensor([3, 5])
+    out = model(torch.cat([x[:1], x[:1]]), t, y)
+    got = model.forward_with_cfg(x, t, y, 2.0)
+    assert torch.allclose(got[0], out[1] + 2.0 * (out[0] - out[1]))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="multiple of num_basis"):
         create("Remix-DiT-S/2", **{**TINY, "num_experts": 6})
@@ -428,6 +438,8 @@ def test_bad_input():
         model(x[:, :2], t, y)
     with pytest.raises(ValueError, match="channels"):
         model.forward_with_cfg(x, t, y, 1.5, channels=7)
+    with pytest.raises(ValueError, match="cfg_channels"):
+        create("Remix-DiT-S/2", cfg_channels=0, **TINY)
     with pytest.raises(ValueError, match="timestep sampling"):
         remix_dit.check_timestep_sampling("log-normal", "sample")
 
