@@ -13,6 +13,11 @@ A run's configuration is resolved in three layers, each overriding the one befor
 The resolved config is written into the run folder as ``config.json`` and stored in
 every checkpoint; ``--resume`` starts from the checkpoint's config (``resume_config``).
 
+Family defaults: num_experts, lambda_dp, timestep_sampling and prior_schedule left at
+None take the model family's value (``_family_defaults``): Remix-DiT trains with the
+published recipe (20 experts, interval timesteps, prior weight 1e-4 on train_fast.py's
+schedule), every other family with M = 3, uniform timesteps and a constant lambda_dp 1.
+
 Adding a field: declare it in ``TrainConfig`` (a default, or None to take it from both
 recipes), check it in ``_validate``, give it a flag in ``_FLAGS`` (the assert below makes
 that compulsory), and add it to ``RESUMABLE_FIELDS`` if a resumed run may change it.
@@ -67,8 +72,13 @@ class TrainConfig:
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
-    num_experts: int = 3
+    num_experts: int | None = None  # None: the family's (3; Remix-DiT 20)
     top_k: int = 2
+    # Remix-DiT (switch_dit.remix_dit): K bases, mixing per batch (published) or per sample,
+    # and a trained DiT to start from (a run folder or checkpoint, ours or the reference code's)
+    num_basis: int = 4
+    mixing: str = "batch"
+    init_from: str | None = None
     backend: str = "auto"
     compile: str = "auto"  # torch.compile mode of the training step: auto = "default" on CUDA, "none" on the CPU
     tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (training and the samples after it)
@@ -80,7 +90,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float | None = None
     ema_warmup: bool | None = None
-    lambda_dp: float = 1.0
+    lambda_dp: float | None = None  # None: the family's (1; Remix-DiT 1e-4, train_fast.py's prior_strength)
+    prior_schedule: str | None = None  # "constant" or "published" (Remix-DiT's); None: the family's
+    timestep_sampling: str | None = None  # "uniform" or "interval" (Remix-DiT's); None: the family's
+    coef_lr: float = 1e-2  # Remix-DiT: AdamW lr of the coefficient table (published 1e-2), warmed up with lr
     noise_schedule: str = "cosine"
     precision: str | None = None
     grad_clip: float = 0.0
@@ -106,6 +119,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         recipe = DIGITS_PRESET if self.data == "digits" else PAPER_RECIPE
         for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name, value in _family_defaults(self.model).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         _validate(self)
@@ -174,6 +190,16 @@ DIGITS_PRESET = dict(
 )
 assert set(PAPER_RECIPE) == set(DIGITS_PRESET)
 
+
+def _family_defaults(model) -> dict:
+    """Defaults that depend on the model family (the fields left at None in TrainConfig)."""
+    if isinstance(model, str) and model.startswith("Remix-DiT-"):
+        # The published recipe (VainF/Remix-DiT train_fast.py): N = 20 experts, every batch
+        # from one timestep interval, prior weight 1e-4 * (2 - progress).
+        return dict(num_experts=20, lambda_dp=1e-4, prior_schedule="published", timestep_sampling="interval")
+    return dict(num_experts=3, lambda_dp=1.0, prior_schedule="constant", timestep_sampling="uniform")
+
+
 # Fields a resumed run may change: they steer the run, not the computation of a step
 # (device and backend change rounding only). Everything else must match the checkpoint.
 RESUMABLE_FIELDS = frozenset({
@@ -231,8 +257,25 @@ def _validate(c: TrainConfig) -> None:
     need(c.out is None or isinstance(c.out, str), "out", "a folder path")
     if c.figure_every and not c.model.startswith("Switch-DiT"):
         raise ValueError(f"figure_every must be 0 for {c.model}: denoising paths are drawn for Switch-DiT models only")
-    if c.top_k > c.num_experts:
+    remix = c.model.startswith("Remix-DiT-")
+    if c.top_k > c.num_experts and not remix:
         raise ValueError(f"top_k ({c.top_k}) must not exceed num_experts ({c.num_experts})")
+    need(_is_int(c.num_basis) and c.num_basis >= 1, "num_basis", "a positive integer")
+    need(c.mixing in ("batch", "sample"), "mixing", "'batch' or 'sample'")
+    need(c.timestep_sampling in ("uniform", "interval"), "timestep_sampling", "'uniform' or 'interval'")
+    need(c.prior_schedule in ("constant", "published"), "prior_schedule", "'constant' or 'published'")
+    need(_is_number(c.coef_lr) and c.coef_lr > 0, "coef_lr", "a positive finite number")
+    need(c.init_from is None or (isinstance(c.init_from, str) and bool(c.init_from)), "init_from",
+         "a run folder or checkpoint path")
+    if remix and c.num_experts % c.num_basis:
+        raise ValueError(f"num_experts ({c.num_experts}) must be a multiple of num_basis ({c.num_basis}) for "
+                         "Remix-DiT (the prior gives every basis num_experts / num_basis experts)")
+    if not remix:
+        for name in ("timestep_sampling", "prior_schedule"):
+            if getattr(c, name) != _family_defaults(c.model)[name]:
+                raise ValueError(f"{name} {getattr(c, name)!r} applies to Remix-DiT models only, not {c.model}")
+        if c.init_from is not None:
+            raise ValueError(f"init_from applies to Remix-DiT models (initialised from a DiT), not {c.model}")
     if c.data == "digits" and c.image_size and c.image_size < 8:
         raise ValueError(f"image_size must be >= 8 for the digits (they are 8x8), got {c.image_size!r}")
     if c.data != "digits" and c.image_size and c.image_size % 8:
@@ -404,8 +447,12 @@ _FLAGS = {
     "hidden_size": (dict(type=_non_negative_int), "override the named width; 0 keeps the name's size"),
     "depth": (dict(type=_non_negative_int), "override the named depth; 0 keeps it"),
     "num_heads": (dict(type=_non_negative_int), "override the named head count; 0 keeps it"),
-    "num_experts": (dict(type=_positive_int), "M, experts per block"),
+    "num_experts": (dict(type=_positive_int), "M, experts per block; Remix-DiT: N, timestep experts (20)"),
     "top_k": (dict(type=_positive_int), "k, experts per sample"),
+    "num_basis": (dict(type=_positive_int), "Remix-DiT: K, basis models"),
+    "mixing": (dict(choices=("batch", "sample")), "Remix-DiT: one mixed model per batch (published) or per sample"),
+    "init_from": (dict(), "Remix-DiT: start from this trained DiT (run folder or checkpoint, ours or the "
+                  "reference code's; its EMA weights), each mixed layer repeated K times"),
     "backend": (dict(choices=("auto", "reference", "triton")), "kernels: auto = Triton on CUDA"),
     "compile": (dict(choices=COMPILE_MODES), "torch.compile mode of the model in training; auto = default on "
                 "CUDA, none on the CPU"),
@@ -420,7 +467,13 @@ _FLAGS = {
     "weight_decay": (dict(type=_non_negative_float), "AdamW weight decay"),
     "ema_decay": (dict(type=_fraction), "EMA decay"),
     "ema_warmup": (dict(action=argparse.BooleanOptionalAction), "EMA decay min(decay, (1+n)/(10+n))"),
-    "lambda_dp": (dict(type=_non_negative_float), "weight of the diffusion prior loss"),
+    "lambda_dp": (dict(type=_non_negative_float), "weight of the diffusion prior loss (Remix-DiT: of the "
+                  "coefficient prior, 1e-4)"),
+    "prior_schedule": (dict(choices=("constant", "published")), "prior weight over training: constant, or "
+                       "Remix-DiT's published lambda_dp * (2 - step / steps)"),
+    "timestep_sampling": (dict(choices=("uniform", "interval")), "uniform, or (Remix-DiT, published) every "
+                          "batch from one expert's timestep interval"),
+    "coef_lr": (dict(type=_positive_float), "Remix-DiT: AdamW lr of the coefficient table"),
     "noise_schedule": (dict(choices=("cosine", "linear")), "beta schedule"),
     "precision": (dict(choices=PRECISIONS), "fp32, bf16 autocast, or fp16 autocast with a grad scaler"),
     "grad_clip": (dict(type=_non_negative_float), "clip the gradient norm to this; 0 = off"),
@@ -471,8 +524,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Resolve a fresh run's config from parsed flags (see module doc); errors name the flag."""
     overrides = overrides_from_args(args)
-    if "top_k" in overrides or "num_experts" in overrides:
-        k, m = overrides.get("top_k", TrainConfig.top_k), overrides.get("num_experts", TrainConfig.num_experts)
+    if ("top_k" in overrides or "num_experts" in overrides) and not overrides.get("model", "").startswith("Remix"):
+        k, m = overrides.get("top_k", TrainConfig.top_k), overrides.get("num_experts", 3)
         if k > m:
             raise ValueError(f"--top-k ({k}) must not exceed --num-experts ({m})")
     file_values = load_config_file(args.config) if args.config else {}

@@ -165,13 +165,13 @@ class TrainingModule(nn.Module):
 
     forward(x, t, y, prior_generator=None) -> (model output, prior loss scalar). The
     prior is zero (and not computed) when ``with_prior`` is false or the model has no
-    gates (DiT, DTR).
+    prior (DiT, DTR); Switch-DiT's is the gates' L_dp, Remix-DiT's the coefficient prior.
     """
 
     def __init__(self, model: nn.Module, with_prior: bool = True):
         super().__init__()
         self.model = model
-        self.with_prior = with_prior and getattr(model, "routing", None) == "switch"
+        self.with_prior = with_prior and getattr(model, "routing", None) in ("switch", "remix")
 
     def forward(self, x, t, y, prior_generator: torch.Generator | None = None):
         out = self.model(x, t, y)

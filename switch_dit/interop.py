@@ -27,7 +27,8 @@ import torch
 from .models import DiT
 from .remix_dit import RemixDiT
 
-__all__ = ["load_official", "official_state_dict", "unwrap_checkpoint", "init_remix_from_dit"]
+__all__ = ["load_official", "official_state_dict", "unwrap_checkpoint", "init_remix_from_dit",
+           "init_remix_from_dit_file"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -162,3 +163,22 @@ def init_remix_from_dit(model: RemixDiT, checkpoint: Any, *, ema: bool | None = 
                f"DiT checkpoint does not fit {_describe(model)} (after repeating the mixed layers K={K} times):")
     model.load_state_dict(out, strict=True)
     return model
+
+
+def init_remix_from_dit_file(model: RemixDiT, path) -> RemixDiT:
+    """``init_remix_from_dit`` from a file or run folder: our training checkpoints or the
+    reference code's (``switch_dit.checkpoint.load_model`` reads both), its EMA weights when
+    it has them, else its trained weights (as the published training script). The
+    checkpoint must hold a plain DiT (not Switch-DiT, DTR or Remix-DiT)."""
+    from .checkpoint import load_model  # late: checkpoint builds on this module
+
+    try:
+        dit, _ = load_model(path, ema=True, backend="reference", num_heads=model.num_heads)
+    except ValueError as e:
+        if "has no 'ema' weights" not in str(e):
+            raise
+        dit, _ = load_model(path, ema=False, backend="reference", num_heads=model.num_heads)
+    if not isinstance(dit, DiT) or dit.routing != "none":
+        family = {"dtr": "DTR", "switch": "Switch-DiT"}.get(getattr(dit, "routing", None), type(dit).__name__)
+        raise ValueError(f"{str(path)!r} holds a {family} model: a Remix-DiT is initialised from a plain DiT")
+    return init_remix_from_dit(model, dit.state_dict())

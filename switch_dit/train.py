@@ -59,11 +59,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_lib
-from . import distributed
+from . import distributed, remix_dit
 from .config import TrainConfig, add_train_arguments, config_from_args, load_config_file, overrides_from_args, resume_config
 from .data import NUM_CLASSES, data_info, open_training_data
 from .diffusion import GaussianDiffusion, create_diffusion
 from .evaluate import evaluate_samples
+from .interop import init_remix_from_dit_file
 from .runlog import RunLog
 from .sampling import generate, grid_labels, save_grid
 
@@ -91,6 +92,9 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
     info = data_info or {"in_channels": 1, "input_size": cfg.image_size, "num_classes": NUM_CLASSES}
     kw = dict(name=cfg.model, input_size=info["input_size"], in_channels=info["in_channels"],
               num_classes=info["num_classes"], learn_sigma=True, num_experts=cfg.num_experts, top_k=cfg.top_k)
+    if cfg.model.startswith("Remix-DiT-"):  # K bases and the mixing instead of top-k
+        del kw["top_k"]
+        kw.update(num_basis=cfg.num_basis, mixing=cfg.mixing)
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(cfg, key):
             kw[key] = getattr(cfg, key)
@@ -99,6 +103,14 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
 
 def _diffusion(cfg: TrainConfig) -> GaussianDiffusion:
     return create_diffusion(noise_schedule=cfg.noise_schedule, learn_sigma=True, lambda_dp=cfg.lambda_dp)
+
+
+def prior_weight_at(step: int, cfg: TrainConfig) -> float:
+    """Weight of the model's prior loss at ``step``: lambda_dp, or with prior_schedule
+    "published" Remix-DiT's train_fast.py schedule lambda_dp * (2 - step / steps)."""
+    if cfg.prior_schedule == "published":
+        return remix_dit.published_prior_weight(step / cfg.steps, cfg.lambda_dp)
+    return cfg.lambda_dp
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -260,6 +272,12 @@ class _Run:
         # The same initial weights on every rank (FSDP does not broadcast them, DDP does).
         torch.manual_seed(cfg.seed)
         model = ckpt_lib.build_model(self.kwargs, cfg.backend).to(dev)
+        self.remix = isinstance(model, remix_dit.RemixDiT)
+        if self.remix:
+            remix_dit.check_timestep_sampling(cfg.timestep_sampling, cfg.mixing)  # warns for uniform + batch
+            if ckpt is None and cfg.init_from:
+                init_remix_from_dit_file(model, cfg.init_from)
+                log(f"initialised {cfg.model} from the DiT {cfg.init_from}")
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -274,7 +292,11 @@ class _Run:
             distributed.shard_module(ema, ctx)  # shards laid out like the model's, for a local EMA update
         self.ema = ema
         self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": self.params}]
+        if self.remix:  # the coefficient table at its own lr (published), as a multiple of lr (warm-up)
+            groups = remix_dit.coefficient_param_groups(self.net, cfg.lr, cfg.coef_lr)
+            groups[1]["lr_scale"] = cfg.coef_lr / cfg.lr
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
         self.diffusion = _diffusion(cfg)
 
@@ -385,10 +407,15 @@ class _Run:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.diffusion.lambda_dp = prior_weight_at(self.step, cfg)
+        t = None  # uniform, drawn in forward_backward
+        if cfg.timestep_sampling == "interval":  # Remix-DiT: the batch from one expert's interval
+            t = remix_dit.sample_interval_timesteps(x.shape[0], self.diffusion.num_timesteps, cfg.num_experts,
+                                                    device=dev, generator=self.gens["step"])
         self.opt.zero_grad(set_to_none=True)
         parts = forward_backward(self.net, self.diffusion, x, y, self.gens["step"], self.prior_gen, cfg.precision,
-                                 self.scaler)
+                                 self.scaler, t=t)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         norm = _grad_norm(self.params).float()

@@ -537,3 +537,104 @@ def test_accelerate_rejects_what_it_cannot_patch():
     bad.blocks[1].mlp.fc1.weight = torch.nn.Parameter(torch.zeros(3, 160, 40))
     with pytest.raises(ValueError, match=r"blocks\[1\].mlp.fc1.weight must be \(K=4"):
         switch_dit.accelerate(bad)
+
+
+# --------------------------------------------------------------------------------------
+# Training: config, init from a DiT run, the published recipe, exact resume
+# --------------------------------------------------------------------------------------
+
+TRAIN = dict(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
+             progress=False, log_every=1)
+
+
+def _records(out):
+    import json
+
+    timing = {"steps_per_sec", "images_per_sec", "elapsed_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_config_family_defaults_and_checks():
+    from switch_dit.config import TrainConfig
+
+    c = TrainConfig(model="Remix-DiT-S/4")
+    assert (c.num_experts, c.num_basis, c.mixing, c.lambda_dp, c.prior_schedule, c.timestep_sampling, c.coef_lr) == \
+        (20, 4, "batch", 1e-4, "published", "interval", 1e-2)
+    d = TrainConfig(model="DiT-S/4")
+    assert (d.num_experts, d.lambda_dp, d.prior_schedule, d.timestep_sampling) == (3, 1.0, "constant", "uniform")
+    assert TrainConfig(model="Remix-DiT-S/4", mixing="sample", timestep_sampling="uniform").mixing == "sample"
+    for bad, match in ((dict(model="Remix-DiT-S/4", num_experts=6), "multiple of num_basis"),
+                       (dict(model="DiT-S/4", timestep_sampling="interval"), "Remix-DiT models only"),
+                       (dict(model="Switch-DiT-S/4", prior_schedule="published"), "Remix-DiT models only"),
+                       (dict(model="DiT-S/4", init_from="runs/x"), "init_from"),
+                       (dict(model="Remix-DiT-S/4", mixing="token"), "mixing"),
+                       (dict(model="Remix-DiT-S/4", coef_lr=0.0), "coef_lr")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+
+
+def test_prior_weight_schedule():
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import prior_weight_at
+
+    c = TrainConfig(model="Remix-DiT-S/4", steps=100)
+    assert [prior_weight_at(s, c) for s in (0, 50, 100)] == pytest.approx([2e-4, 1.5e-4, 1e-4])
+    assert prior_weight_at(50, TrainConfig(model="DiT-S/4", lambda_dp=0.5)) == 0.5
+
+
+def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_path):
+    from switch_dit import checkpoint as ck
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
+
+    train(TrainConfig(model="DiT-S/4", steps=2, out=str(tmp_path / "dit"), **TRAIN), log=lambda *a, **k: None)
+    dit_ema = ck.load_checkpoint(tmp_path / "dit" / "checkpoint.pt")["ema"]
+
+    # the file loader: the run's EMA weights, each mixed layer repeated K times
+    model = create("Remix-DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
+                   num_heads=2, num_experts=8)
+    interop.init_remix_from_dit_file(model, tmp_path / "dit")
+    assert torch.equal(model.blocks[1].mlp.fc2.weight[3], dit_ema["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(model.x_embedder.proj.weight, dit_ema["x_embedder.proj.weight"])
+
+    lines = []
+    cfg = dict(model="Remix-DiT-S/4", num_experts=8, init_from=str(tmp_path / "dit"), steps=4, ckpt_every=2,
+               **TRAIN)
+    train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert any("initialised Remix-DiT-S/4 from the DiT" in line for line in lines)
+    step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
+    state = ck.load_checkpoint(step2)
+    assert state["model_kwargs"]["num_basis"] == 4 and state["model_kwargs"]["mixing"] == "batch"
+    groups = state["opt"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr_scale"] == pytest.approx(1e-2 / TrainConfig(**cfg).lr)
+    # the K bases, equal at the start, have moved apart (each gets its coefficient's share of the gradient)
+    qkv = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(qkv[0], qkv[1])
+
+    # resume from step 2: steps 3-4 repeat exactly (interval draws, prior weight schedule, both lr groups)
+    train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=lambda *a, **k: None, resume=str(step2))
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert len(a) == 4 and b == a[2:] and all(r["prior"] > 0 for r in a)
+
+
+def test_train_per_sample_mixing_uniform_timesteps(tmp_path):
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sample mixing with uniform timesteps: no warning
+        summary = train(TrainConfig(model="Remix-DiT-S/4", num_experts=4, mixing="sample", timestep_sampling="uniform",
+                                    steps=2, out=str(tmp_path / "s"), **TRAIN), log=lambda *a, **k: None)
+    assert summary is not None and len(_records(tmp_path / "s")) == 2
+
+
+def test_init_from_rejects_a_routed_run(tmp_path):
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
+
+    train(TrainConfig(model="DTR-S/4", steps=1, out=str(tmp_path / "dtr"), **TRAIN), log=lambda *a, **k: None)
+    model = create("Remix-DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
+                   num_heads=2, num_experts=8)
+    with pytest.raises(ValueError, match="holds a DTR model"):
+        interop.init_remix_from_dit_file(model, tmp_path / "dtr")
