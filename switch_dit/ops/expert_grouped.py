@@ -24,8 +24,8 @@ device). Elsewhere ATen's own fallback copies the offsets to the host (a sync pe
 module uses its own documented fallback instead: one batched GEMM per *pair* against the gathered
 expert weights (B*k weight copies, the reference path's cost) and a one-hot GEMM that sums the
 per-pair weight gradients per expert in a fixed order. The fallback also covers float64 (gradcheck),
-float16 and row sizes that are not a multiple of 16 bytes (grouped GEMM's alignment). It is correct
-everywhere and fast nowhere: ``auto`` only picks ``grouped`` where it measured it fastest.
+float16 and row sizes that are not a multiple of 16 bytes (grouped GEMM's alignment). The fallback
+is correct everywhere and fast nowhere: ``auto`` only picks ``grouped`` where it measured it fastest.
 No host sync in either path: the grouping is argsort + scatter on the device.
 """
 
