@@ -113,6 +113,8 @@ def _add_sample_parser(sub) -> None:
                    help="latent models: the VAE that decodes them, ema, mse or a local folder (default %(default)s)")
     s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)")
     _tf32_option(s)
+    s.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each sampling step from a CUDA graph (default: on CUDA; --no-capture: eager)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     _threads_option(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -298,7 +300,7 @@ def _sample(args) -> int:
             raise ValueError(f"--out: folder {str(out.parent)!r} does not exist")
         labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
         x = sampling.generate(model, labels, seed=args.seed, clip_denoised=vae is None, progress=not args.no_progress,
-                              **settings)
+                              capture=args.capture, **settings)
         if vae is not None:
             x = vae_lib.decode(vae, x)
         sampling.save_grid(x, out, nrow=per_class, scale=2 if x.shape[-1] <= 64 else 1)
@@ -316,7 +318,8 @@ def _sample_npz(args, model, vae, settings: dict, weights: str) -> int:
     from . import metrics, sampling
 
     path = sampling.sample_to_npz(model, args.npz, args.num_samples, batch_size=args.batch_size, classes=args.classes,
-                                  seed=args.seed, vae=vae, progress=not args.no_progress, **settings)
+                                  seed=args.seed, vae=vae, progress=not args.no_progress, capture=args.capture,
+                                  **settings)
     if path is None:  # not rank 0
         return 0
     print(f"{path}: {args.num_samples} images, {weights}, {settings['method']} {settings['steps']} steps, "

@@ -37,6 +37,7 @@ from .models import DiT
 __all__ = [
     "sampling_diffusion",
     "generate",
+    "CapturedStep",
     "grid_labels",
     "to_uint8",
     "save_grid",
@@ -74,6 +75,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     progress: bool = False,
+    capture: bool | None = None,
 ) -> torch.Tensor:
     """Class-conditional samples (B, C, H, W) float32 for labels int64 (B,), on the labels' device.
 
@@ -81,6 +83,8 @@ def generate(
     channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
     pass False for VAE latents, which are not bounded). Randomness comes from ``generator``, or a
     fresh one seeded with ``seed`` (0 if neither is given).
+
+    ``capture``: replay the model's step from a CUDA graph (``CapturedStep``); None = on CUDA.
     """
     if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not 1.0 <= cfg_scale < math.inf:
         raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
@@ -93,13 +97,77 @@ def generate(
     diffusion = sampling_diffusion(method, steps, noise_schedule, learn_sigma=model.learn_sigma)
     if generator is None:
         generator = torch.Generator(device=labels.device).manual_seed(0 if seed is None else seed)
+    if capture is None:
+        capture = labels.device.type == "cuda"
+    if capture and labels.device.type != "cuda":
+        raise ValueError(f"capture needs CUDA (a CUDA graph of the sampling step); the labels are on {labels.device}")
     was_training = model.training
     model.eval()  # in training mode DiT drops labels at random
     try:
-        return diffusion_sample(model, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
+        net = CapturedStep(model) if capture else model
+        return diffusion_sample(net, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
                                 generator=generator, progress=progress, clip_denoised=clip_denoised)
     finally:
         model.train(was_training)
+
+
+class CapturedStep:
+    """A model whose sampling step runs as one CUDA graph: the launch cost of its hundreds of
+    small kernels, which dominates small models and small batches, is paid once.
+
+    It stands in for the model in ``diffusion.sample`` (other attributes are the model's).
+    Sampling has fixed shapes: every step calls ``forward`` (or ``forward_with_cfg``) with
+    x of one shape, one 0-d timestep (``accepts_shared_timestep``, one row of gates and one
+    mixed weight per block, docs/design.md §2) and the same labels and guidance scale. The
+    first call of each (function, shapes, constants) runs the step twice eagerly on a side
+    stream (where ``backend="auto"`` may time its strategies: never inside a capture) and
+    captures a third; later calls copy their inputs into the graph's buffers and replay it.
+    The step must be free of host syncs, as the fast path is (value checks of CUDA tensors are
+    off by default, see ``switch_dit._checks``); a step that syncs fails the capture loudly.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+        self._graphs: dict = {}
+
+    def __getattr__(self, name):  # num_classes, in_channels, parameters, accepts_shared_timestep, ...
+        return getattr(self._model, name)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._replay(self._model.forward, x, t, y)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        return self._replay(self._model.forward_with_cfg, x, t, y, cfg_scale=cfg_scale)
+
+    def _replay(self, fn, *tensors: torch.Tensor, **constants) -> torch.Tensor:
+        key = (fn.__name__, tuple((a.shape, a.dtype, a.device) for a in tensors), tuple(sorted(constants.items())))
+        if key not in self._graphs:
+            self._graphs[key] = _capture_graph(fn, tensors, constants)
+        graph, inputs, output = self._graphs[key]
+        for buffer, value in zip(inputs, tensors):
+            buffer.copy_(value)
+        graph.replay()
+        return output.clone()  # the next replay overwrites the graph's output buffer
+
+
+def _capture_graph(fn, tensors, constants, warmup: int = 2):
+    """(graph, input buffers, output buffer) of ``fn(*buffers, **constants)`` captured on CUDA."""
+    inputs = [a.clone() for a in tensors]
+    side = torch.cuda.Stream(device=inputs[0].device)
+    side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+    with torch.cuda.stream(side):  # warm-up off the capture: allocations, autotuning, lazy inits
+        for _ in range(warmup):
+            fn(*inputs, **constants)
+    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            output = fn(*inputs, **constants)
+    except RuntimeError as e:
+        raise RuntimeError(f"capturing the sampling step as a CUDA graph failed ({e}); the step must not sync "
+                           "with the host (unset SWITCH_DIT_CHECK_VALUES), or sample without capture "
+                           "(generate(capture=False), `switch-dit sample --no-capture`)") from e
+    return graph, inputs, output
 
 
 # -----------------------------------------------------------------------------
@@ -198,6 +266,7 @@ def sample_to_npz(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    capture: bool | None = None,
     log=print,
 ) -> Path | None:
     """Sample ``num_samples`` images into ``out_dir``, sharded over ranks; rank 0 merges.
@@ -211,6 +280,7 @@ def sample_to_npz(
     After a barrier (when torch.distributed is initialised) rank 0 writes
     ``out_dir/samples_{N}x{H}x{W}x3.npz`` (arr_0 uint8 NHWC, arr_1 int64 labels) and returns its
     path; other ranks return None. Latent models pass ``vae`` to decode (see ``switch_dit.vae``).
+    ``capture`` as in ``generate``.
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -275,7 +345,7 @@ def sample_to_npz(
         g = torch.Generator(device=device).manual_seed(shard_seed(seed, i))
         labels = class_table[torch.randint(len(class_table), (sizes[i],), generator=g, device=device)]
         x = generate(model, labels, method=method, steps=steps, cfg_scale=cfg_scale, noise_schedule=noise_schedule,
-                     clip_denoised=clip_denoised, generator=g)
+                     clip_denoised=clip_denoised, generator=g, capture=capture)
         if vae is not None:
             x = vae_lib.decode(vae, x)
         _save_npz_atomic(paths[i], arr_0=to_uint8(x), arr_1=labels.cpu().numpy().astype(np.int64))

@@ -179,7 +179,7 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
     return None if setting == "none" else setting
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
     """Compile the model's forward in place (``nn.Module.compile``: the state dict keeps its
     keys, so checkpoints do not depend on it).
 
@@ -188,8 +188,9 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     which no graph can hold. So the step has one graph break by design, between the forward
     and the prior, once per step (docs/design.md §3). The fused ops are torch custom ops, so
     the compiler keeps them as single nodes and fuses the elementwise work around them.
-    Shapes are fixed within a run (one batch size): ``dynamic=False`` compiles once."""
-    model.compile(mode=None if mode == "default" else mode, dynamic=False)
+    Shapes are fixed within a run (one batch size): ``dynamic=False`` compiles once. ``backend``:
+    torch.compile's (the tests trace with "eager", which skips Inductor's code generation)."""
+    model.compile(mode=None if mode == "default" else mode, dynamic=False, backend=backend)
     return model
 
 

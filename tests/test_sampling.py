@@ -410,3 +410,61 @@ def test_torchrun_two_ranks_write_the_same_set(tiny_checkpoint, tmp_path):
     one = sampling.read_npz(tmp_path / "one" / "samples_9x16x16x3.npz")
     two = sampling.read_npz(tmp_path / "two" / "samples_9x16x16x3.npz")
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+# -- the captured sampling step ---------------------------------------------------
+
+
+def _graph_on_the_cpu(calls):
+    """A stand-in for sampling._capture_graph that runs on the CPU: "replay" calls the function
+    again on the same input buffers and writes into the same output buffer, as a CUDA graph does."""
+
+    def capture(fn, tensors, constants):
+        calls.append((fn.__name__, constants))
+        inputs = [a.clone() for a in tensors]
+        output = fn(*inputs, **constants)
+
+        class Graph:
+            def replay(self):
+                output.copy_(fn(*inputs, **constants))
+
+        return Graph(), inputs, output
+
+    return capture
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_captured_step_replays_the_models_step(model, cfg_scale, monkeypatch):
+    """The step as the sampler calls it (one 0-d timestep, the labels, the guidance scale) is
+    captured once and replayed from its buffers; the samples equal the eager ones."""
+    from switch_dit import diffusion
+
+    calls = []
+    monkeypatch.setattr(sampling, "_capture_graph", _graph_on_the_cpu(calls))
+    process = sampling.sampling_diffusion("ddim", 4)
+    eager = diffusion.sample(model, process, LABELS, cfg_scale=cfg_scale, method="ddim", clip_denoised=True,
+                             generator=torch.Generator().manual_seed(1))
+    step = sampling.CapturedStep(model)
+    assert diffusion.accepts_shared_timestep(step) and diffusion.accepts_shared_timestep(step.forward_with_cfg)
+    replayed = diffusion.sample(step, process, LABELS, cfg_scale=cfg_scale, method="ddim", clip_denoised=True,
+                                generator=torch.Generator().manual_seed(1))
+    assert calls == [("forward", {})] if cfg_scale == 1.0 else calls == [("forward_with_cfg", {"cfg_scale": 3.0})]
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
+def test_capture_needs_cuda(model):
+    with pytest.raises(ValueError, match="capture needs CUDA"):
+        sampling.generate(model, LABELS, steps=2, capture=True)
+    # None (the default) is eager on the CPU: the same samples as capture=False.
+    torch.testing.assert_close(sampling.generate(model, LABELS, method="ddim", steps=2),
+                               sampling.generate(model, LABELS, method="ddim", steps=2, capture=False))
+
+
+def test_sample_command_flags_parse():
+    from switch_dit.cli import build_parser
+
+    args = build_parser().parse_args(["sample", "--ckpt", "x"])
+    assert args.capture is None and args.tf32 is True
+    args = build_parser().parse_args(["sample", "--ckpt", "x", "--no-capture", "--no-tf32"])
+    assert args.capture is False and args.tf32 is False
+    assert build_parser().parse_args(["eval", "s.npz", "--no-tf32"]).tf32 is False
