@@ -135,9 +135,12 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef
     weight = weight.contiguous() if native else weight  # grouped GEMM wants row-major (or transposed) experts
     groups = _Groups(idx, M, L, native)
     y = groups.combine(_mm(groups.gather(x), weight, groups.experts, groups.rows, native), coef)
-    if bias is not None:
-        y = y + torch.mm(dense_coefficients(idx, coef, M, x.dtype), bias).unsqueeze(1)
-    return y + 1 if add_one else y
+    if bias is not None:  # y is ours (inside the op): add in place, one pass
+        b = torch.mm(dense_coefficients(idx, coef, M, x.dtype), bias)
+        y.add_((b + 1 if add_one else b).unsqueeze(1))
+    elif add_one:
+        y.add_(1)
+    return y
 
 
 def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
