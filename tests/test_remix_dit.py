@@ -638,3 +638,24 @@ def test_init_from_rejects_a_routed_run(tmp_path):
                    num_heads=2, num_experts=8)
     with pytest.raises(ValueError, match="holds a DTR model"):
         interop.init_remix_from_dit_file(model, tmp_path / "dtr")
+
+
+def test_compare_has_a_remix_row_started_from_the_dit_run(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from switch_dit import checkpoint as ck
+    from switch_dit.cli import main
+    from switch_dit.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="DiT must come before it"):
+        CompareConfig(families=("Remix-DiT", "DiT"))
+    argv = ["compare", "--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--steps", "2", "--batch-size", "8",
+            "--seeds", "0", "--samples-per-class", "1", "--sample-steps", "2", "--eval-every", "2",
+            "--families", "DiT,Remix-DiT", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Model"):].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["DiT", "Remix-DiT"]
+    assert "Remix-DiT starts from the final EMA weights of the DiT run of the same seed" in printed
+    run = ck.load_checkpoint(tmp_path / "Remix-DiT-seed0" / "checkpoint.pt")
+    assert run["config"]["init_from"] == str(tmp_path / "DiT-seed0")
+    assert run["model_kwargs"]["num_experts"] == 20 and run["config"]["timestep_sampling"] == "interval"
