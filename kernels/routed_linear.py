@@ -1,5 +1,8 @@
 """Routed (per-sample mixed) linear: Triton kernels and their launchers.
 
+(Over 600 lines: the forward/dx kernel and the weight-gradient kernel share their launch
+plans, configs and register budgets, which are easier to check side by side.)
+
 For x (B, L, D_in), expert weights W (M, D_in, D_out), biases b (M, D_out), per-sample
 expert indices idx (B, k) and coefficients c (B, k):
 
@@ -137,28 +140,86 @@ def _store_tile(dw_chunk, expert_size, tile_offs, acc, mask, E: tl.constexpr, N_
 
 
 @triton.jit
+def _load_expert(w_ptr, s_we, w_offs, mask, E: tl.constexpr, N_W: tl.constexpr):
+    """Expert E's weight tile in its own dtype (a scalar 0 for E >= N_W, removed at compile time)."""
+    if E < N_W:
+        return tl.load(w_ptr + E * s_we + w_offs, mask=mask, other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _expert_dot(p, w, E: tl.constexpr, N_W: tl.constexpr):
+    """<P tile, W_E tile> in fp32 (0 for E >= N_W). One all-axes sum: it reduces in the tl.dot
+    layout, where a row-then-column sum converts the product to another layout through shared
+    memory."""
+    if E < N_W:
+        return tl.sum(p * w.to(tl.float32))
+    else:
+        return 0.0
+
+
+@triton.jit
+def _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
+            s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE: tl.constexpr, BLOCK_L: tl.constexpr):
+    """p + x_b^T g_b over the rows of L tile li (x_b^T loaded transposed straight from x)."""
+    ll = (li * BLOCK_L + offs_l).to(tl.int64)
+    mask_l = ll < L
+    xt = tl.load(x_ptr + b * s_xb + offs_i[:, None] * s_xi + ll[None, :] * s_xl,
+                 mask=mask_i[:, None] & mask_l[None, :], other=0.0)
+    g = tl.load(g_ptr + b * s_gb + ll[:, None] * s_gl + offs_o[None, :] * s_go,
+                mask=mask_l[:, None] & mask_o[None, :], other=0.0)
+    if IEEE:
+        return tl.dot(xt, g, p, input_precision="ieee")
+    else:
+        return tl.dot(xt, g, p)
+
+
+@triton.jit
+def _flush_rmw(p, b, dw_chunk, expert_size, tile_offs, tile_mask, w_ptr, w_offs, dgp_ptr, n_tiles, pid_t,
+               idx_ptr, coef_ptr, s_ib, s_ij, s_cb, s_cj, s_we,
+               TOPK: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr):
+    """The fallback's flush of a finished P_b tile: fp32 read-modify-write of each slot's expert tile."""
+    for j in tl.static_range(TOPK):
+        e = tl.load(idx_ptr + b * s_ib + j * s_ij).to(tl.int64)
+        if NEED_DW:
+            c = tl.load(coef_ptr + b * s_cb + j * s_cj).to(tl.float32)
+            acc_ptrs = dw_chunk + e * expert_size + tile_offs
+            cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
+            tl.store(acc_ptrs, cur + c * p, mask=tile_mask)
+            tl.debug_barrier()  # two slots of a sample may name one expert
+        if NEED_DG:
+            w = tl.load(w_ptr + e * s_we + w_offs, mask=tile_mask, other=0.0)
+            tl.store(dgp_ptr + (b * TOPK + j) * n_tiles + pid_t, tl.sum(p * w.to(tl.float32)))
+
+
+@triton.jit
 def _mixed_wgrad_kernel(
-    x_ptr, g_ptr, w_ptr, idx_ptr, coef_ptr, dw_ptr, dgp_ptr, cs_ptr,
+    x_ptr, g_ptr, w_ptr, idx_ptr, coef_ptr, dw_ptr, dgp_ptr,
     B, L, DI, DO, NUM_E, CHUNK,
     s_xb, s_xl, s_xi,
     s_gb, s_gl, s_go,
     s_we, s_wi, s_wo,
     s_ib, s_ij, s_cb, s_cj,
     TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, NEED_CS: tl.constexpr, IEEE: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, IEEE: tl.constexpr,
     N_ACC: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Weight, gate and bias-gradient partials from P_b = x_b^T g_b, one (DI, DO) tile per program.
+    """Weight and gate-gradient partials from P_b = x_b^T g_b, one (DI, DO) tile per program.
 
-    Grid (cdiv(DI, BLOCK_I) * cdiv(DO, BLOCK_O), n_chunks); program (t, s) walks the samples
-    [s*CHUNK, (s+1)*CHUNK) in order and, for each, computes its P_b tile once, then
+    Grid (cdiv(DI, BLOCK_I) * cdiv(DO, BLOCK_O), n_chunks); program (t, s) walks the rows of
+    the samples [s*CHUNK, (s+1)*CHUNK) in ONE loop of (sample, L tile) steps, so the software
+    pipeline keeps loading across sample boundaries (docs/design.md §5: a per-sample loop of
+    L = 256 rows drained the pipeline every 4 steps). At the last L tile of each sample the
+    finished P_b tile is flushed, then restarted from zero:
       dw[s, e] = sum over the chunk's (b, j) with idx[b, j] = e of c_bj * P_b tile
                  (fp32, contiguous (n_chunks, NUM_E, DI, DO); every expert's tile is written,
                  zero for an expert that no sample of the chunk picked; the caller sums the
                  chunks in order: no atomics, a fixed summation order)
       dgp[b, j, t] = <P_b tile, W_e tile>      (fp32, contiguous (B, TOPK, n_tiles))
-      cs[b, :] = sum_l g_b[l, :]               (fp32 (B, DO); programs of the first DI tile)
+    The column sums of g (for db and the bias part of dc) are one torch reduction in the
+    launcher, not work of the programs of one tile row.
 
     N_ACC = NUM_E (1..8): register accumulation. The tiles of all experts stay in registers,
     acc_e += coef_e * P_b with coef_e = sum_j c_bj [idx_bj = e], and are stored once at the
@@ -167,9 +228,12 @@ def _mixed_wgrad_kernel(
     tl.dot result, while broadcasting P_b to 3-D makes Triton move every P_b tile through
     shared memory into a slice of a 3-D blocked layout (and back for the store), and pads M
     to a power of two (M = 3 holds 4 tiles). Unused accumulators (E >= N_ACC) are never
-    updated or stored and are removed by the compiler.
+    updated or stored and are removed by the compiler. The program's tiles of the N_ACC
+    expert weights (for dg) are loaded once, before the loop, in the weights' dtype:
+    <P_b, W_e> is computed for every expert and each slot picks its expert's value.
     N_ACC = 0 (more experts than registers hold): fallback, a fp32 read-modify-write of the
-    expert's tile in dw per (sample, slot): B*k*DI*DO*8 bytes of traffic.
+    expert's tile in dw per (sample, slot): B*k*DI*DO*8 bytes of traffic, and the slot's
+    weight tile loaded per sample; its barriers keep the per-sample loop over L.
     K_PAD: next power of two >= TOPK (the slots are loaded as one vector).
     """
     pid_t = tl.program_id(0)
@@ -191,6 +255,16 @@ def _mixed_wgrad_kernel(
     w_offs = offs_i[:, None] * s_wi + offs_o[None, :] * s_wo
     expert_size = DI.to(tl.int64) * DO  # M * DI * DO can pass 2^31
     dw_chunk = dw_ptr + pid_s * NUM_E * expert_size
+
+    # Register-held expert weight tiles for dg (N_ACC * NEED_DG of them).
+    w0 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 0, N_ACC * NEED_DG)
+    w1 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 1, N_ACC * NEED_DG)
+    w2 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 2, N_ACC * NEED_DG)
+    w3 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 3, N_ACC * NEED_DG)
+    w4 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 4, N_ACC * NEED_DG)
+    w5 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 5, N_ACC * NEED_DG)
+    w6 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 6, N_ACC * NEED_DG)
+    w7 = _load_expert(w_ptr, s_we, w_offs, tile_mask, 7, N_ACC * NEED_DG)
 
     acc0 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
@@ -214,66 +288,66 @@ def _mixed_wgrad_kernel(
 
     b0 = pid_s * CHUNK
     n_b = tl.minimum(B - tl.program_id(1) * CHUNK, CHUNK)  # int32 loop bound
-    for bi in range(0, n_b):
-        b = b0 + bi
-        x_b = x_ptr + b * s_xb
-        g_b = g_ptr + b * s_gb
+    n_l = tl.cdiv(L, BLOCK_L)
+    if N_ACC == 0:
+        # The fallback's barriers keep Triton from pipelining across them: a loop over L per
+        # sample (pipelined within the sample), then the read-modify-write flush.
+        for bi in range(0, n_b):
+            b = b0 + bi
+            p = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
+            for li in range(0, n_l):
+                p = _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
+                            s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE, BLOCK_L)
+            _flush_rmw(p, b, dw_chunk, expert_size, tile_offs, tile_mask, w_ptr, w_offs, dgp_ptr, n_tiles, pid_t,
+                       idx_ptr, coef_ptr, s_ib, s_ij, s_cb, s_cj, s_we, TOPK, NEED_DW, NEED_DG)
+    else:
         p = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
-        cs = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for l0 in range(0, L, BLOCK_L):
-            ll = (l0 + offs_l).to(tl.int64)
-            mask_l = ll < L
-            # x_b^T tile (BLOCK_I, BLOCK_L), loaded transposed straight from x.
-            xt = tl.load(x_b + offs_i[:, None] * s_xi + ll[None, :] * s_xl,
-                         mask=mask_i[:, None] & mask_l[None, :], other=0.0)
-            g = tl.load(g_b + ll[:, None] * s_gl + offs_o[None, :] * s_go,
-                        mask=mask_l[:, None] & mask_o[None, :], other=0.0)
-            if IEEE:
-                p = tl.dot(xt, g, p, input_precision="ieee")
-            else:
-                p = tl.dot(xt, g, p)
-            if NEED_CS:
-                if pid_i == 0:
-                    cs += tl.sum(g.to(tl.float32), axis=0)
-        if NEED_CS:
-            if pid_i == 0:
-                tl.store(cs_ptr + b * DO + offs_o, cs, mask=mask_o)
-        if NEED_DW:
-            if N_ACC > 0:
-                # The sample's k (expert, coefficient) pairs; padding slots match no expert.
+        for step in range(0, n_b * n_l):
+            bi = step // n_l
+            li = step - bi * n_l
+            b = b0 + bi
+            p = _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
+                        s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE, BLOCK_L)
+            if li == n_l - 1:  # P_b is complete: flush it into the sample's experts, restart
                 ev = tl.load(idx_ptr + b * s_ib + offs_k * s_ij, mask=mask_k, other=-1)
-                cv = tl.load(coef_ptr + b * s_cb + offs_k * s_cj, mask=mask_k, other=0.0).to(tl.float32)
-                acc0 = _scaled_add(acc0, p, ev, cv, 0)
-                if N_ACC > 1:
-                    acc1 = _scaled_add(acc1, p, ev, cv, 1)
-                if N_ACC > 2:
-                    acc2 = _scaled_add(acc2, p, ev, cv, 2)
-                if N_ACC > 3:
-                    acc3 = _scaled_add(acc3, p, ev, cv, 3)
-                if N_ACC > 4:
-                    acc4 = _scaled_add(acc4, p, ev, cv, 4)
-                if N_ACC > 5:
-                    acc5 = _scaled_add(acc5, p, ev, cv, 5)
-                if N_ACC > 6:
-                    acc6 = _scaled_add(acc6, p, ev, cv, 6)
-                if N_ACC > 7:
-                    acc7 = _scaled_add(acc7, p, ev, cv, 7)
-        for j in tl.static_range(TOPK):
-            e = tl.load(idx_ptr + b * s_ib + j * s_ij).to(tl.int64)
-            if NEED_DW:
-                if N_ACC == 0:
-                    c = tl.load(coef_ptr + b * s_cb + j * s_cj).to(tl.float32)
-                    acc_ptrs = dw_chunk + e * expert_size + tile_offs
-                    cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
-                    tl.store(acc_ptrs, cur + c * p, mask=tile_mask)
-                    tl.debug_barrier()  # two slots of a sample may name one expert
-            if NEED_DG:
-                w = tl.load(w_ptr + e * s_we + w_offs, mask=tile_mask, other=0.0)
-                # One all-axes sum: it reduces in the tl.dot layout (a reordering reshape),
-                # where a row-then-column sum converted the product to a blocked layout
-                # through shared memory, once per slot and sample.
-                part = tl.sum(p * w.to(tl.float32))
-                tl.store(dgp_ptr + (b * TOPK + j) * n_tiles + pid_t, part)
+                if NEED_DW:
+                    # The sample's k (expert, coefficient) pairs; padding slots match no expert.
+                    cv = tl.load(coef_ptr + b * s_cb + offs_k * s_cj, mask=mask_k, other=0.0).to(tl.float32)
+                    acc0 = _scaled_add(acc0, p, ev, cv, 0)
+                    if N_ACC > 1:
+                        acc1 = _scaled_add(acc1, p, ev, cv, 1)
+                    if N_ACC > 2:
+                        acc2 = _scaled_add(acc2, p, ev, cv, 2)
+                    if N_ACC > 3:
+                        acc3 = _scaled_add(acc3, p, ev, cv, 3)
+                    if N_ACC > 4:
+                        acc4 = _scaled_add(acc4, p, ev, cv, 4)
+                    if N_ACC > 5:
+                        acc5 = _scaled_add(acc5, p, ev, cv, 5)
+                    if N_ACC > 6:
+                        acc6 = _scaled_add(acc6, p, ev, cv, 6)
+                    if N_ACC > 7:
+                        acc7 = _scaled_add(acc7, p, ev, cv, 7)
+                if NEED_DG:
+                    # <P_b, W_E> for every held expert; slot j takes its expert's value.
+                    d0 = _expert_dot(p, w0, 0, N_ACC)
+                    d1 = _expert_dot(p, w1, 1, N_ACC)
+                    d2 = _expert_dot(p, w2, 2, N_ACC)
+                    d3 = _expert_dot(p, w3, 3, N_ACC)
+                    d4 = _expert_dot(p, w4, 4, N_ACC)
+                    d5 = _expert_dot(p, w5, 5, N_ACC)
+                    d6 = _expert_dot(p, w6, 6, N_ACC)
+                    d7 = _expert_dot(p, w7, 7, N_ACC)
+                    part = tl.where(ev == 0, d0, 0.0)
+                    part = tl.where(ev == 1, d1, part)
+                    part = tl.where(ev == 2, d2, part)
+                    part = tl.where(ev == 3, d3, part)
+                    part = tl.where(ev == 4, d4, part)
+                    part = tl.where(ev == 5, d5, part)
+                    part = tl.where(ev == 6, d6, part)
+                    part = tl.where(ev == 7, d7, part)
+                    tl.store(dgp_ptr + (b * TOPK + offs_k) * n_tiles + pid_t, part, mask=mask_k)
+                p = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
 
     if NEED_DW:
         if N_ACC > 0:
@@ -295,16 +369,31 @@ _INTERP_FWD = dict(BLOCK_L=32, BLOCK_N=32, BLOCK_K=32)
 _INTERP_WGRAD = dict(BLOCK_I=128, BLOCK_O=128, BLOCK_L=32)
 
 
-def _fwd_configs(fp32: bool):
-    bk = 32 if fp32 else 64
-    shapes = [(128, 128, bk, 8, 3), (128, 64, bk, 4, 4), (64, 128, bk, 4, 4),
-              (64, 64, bk, 4, 4), (128, 128, 32, 8, 4), (128, 256, 32, 8, 3)]
+# Forward/dx configs per product precision (see _wgrad_prec): (BLOCK_L, BLOCK_N, BLOCK_K,
+# warps, stages), the first the default. Checked by switch_dit.kernels.static_check for sm_90
+# and sm_80 (no spills, pipelined loads; SWITCH_DIT_PTXAS_CHECK=1 for the candidates).
+# 'ieee' (fp32 FMA dot: each thread holds its rows and columns of both operands over
+# BLOCK_K in registers): 128x128 tiles spill 20-27 KB at any BLOCK_K >= 16, 128x64x16
+# spills 96-144 bytes in the dx variant, 64x64x32 spills with 4 warps; 64x64x16 with 8 warps
+# holds ~128 registers (two programs per SM).
+# The bf16 128x256x32 candidate spilled and is gone; 256x64 mixes each weight tile once per
+# sample and N tile at L = 256 (256x128 spills).
+_FWD_SHAPES = dict(
+    lp=[(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+        (256, 64, 64, 8, 3)],
+    tf32=[(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 32, 8, 4)],
+    ieee=[(64, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
+)
+
+
+def _fwd_configs(prec: str):
     return [triton.Config(dict(BLOCK_L=bl, BLOCK_N=bn, BLOCK_K=k), num_warps=w, num_stages=s)
-            for bl, bn, k, w, s in shapes]
+            for bl, bn, k, w, s in _FWD_SHAPES[prec]]
 
 
-def _fwd_default(fp32: bool):
-    return dict(BLOCK_L=128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, num_warps=8, num_stages=3)
+def _fwd_default(prec: str):
+    bl, bn, bk, w, s = _FWD_SHAPES[prec][0]
+    return dict(BLOCK_L=bl, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
 
 
 # Weight-gradient kernel. Experts held in registers: up to 8 (N_ACC = M); beyond that the
@@ -409,8 +498,10 @@ def _tuned(name: str, prec: str, n_acc: int = 0, bi: int = 0, bo: int = 0):
     key = (name, prec, n_acc, bi, bo)
     if key not in _TUNED:
         if name == "fwd":
-            _TUNED[key] = triton.autotune(_fwd_configs(prec != "lp"), key=["L", "N", "K_DIM", "TOPK"])(
-                _mixed_matmul_kernel)
+            # The key separates the forward (s_wk = N), dx (s_wk = 1: transposed weights) and
+            # the apply / residual-gradient epilogues, which share L, N, K_DIM for square D.
+            key_args = ["L", "N", "K_DIM", "TOPK", "s_wk", "STORE_Z", "HAS_ADDEND"]
+            _TUNED[key] = triton.autotune(_fwd_configs(prec), key=key_args)(_mixed_matmul_kernel)
         else:
             _TUNED[key] = triton.autotune(_wgrad_configs(prec), key=["L", "DI", "DO", "TOPK"])(
                 _mixed_wgrad_kernel)
@@ -486,15 +577,15 @@ def mixed_matmul(a, weight, bias, idx, coef, *, transpose_weight=False, add_one=
             *idx.stride(), *coef.stride(), *u_t.stride(), *v_t.stride())
     flags = dict(TOPK=topk, HAS_BIAS=int(bias is not None), ADD_ONE=int(add_one), HAS_ADDEND=int(addend is not None),
                  STORE_Y=int(store_y), STORE_Z=int(mul is not None), IEEE=_ieee(a.dtype, a.device))
-    fp32 = a.dtype == torch.float32
+    prec = _wgrad_prec(a.dtype, flags["IEEE"])
     if config is not None or INTERPRET or not AUTOTUNE:
-        cfg = dict(config or (_INTERP_FWD if INTERPRET else _fwd_default(fp32)))
+        cfg = dict(config or (_INTERP_FWD if INTERPRET else _fwd_default(prec)))
         grid = (triton.cdiv(L, cfg["BLOCK_L"]), triton.cdiv(N, cfg["BLOCK_N"]), B)
         _mixed_matmul_kernel[grid](*args, **flags, **cfg)
     else:
         def grid(meta):
             return (triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(N, meta["BLOCK_N"]), B)
-        _tuned("fwd", "fp32" if fp32 else "lp")[grid](*args, **flags)
+        _tuned("fwd", prec)[grid](*args, **flags)
     return y, z
 
 
@@ -539,19 +630,22 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     f32 = dict(device=x.device, dtype=torch.float32)
     dw = torch.empty((chunks, M, DI, DO), **f32) if need_dw else None
     dgp = torch.empty((B, topk, n_tiles), **f32) if need_dg else None
-    cs = torch.empty((B, DO), **f32) if need_cs else None
+    # Column sums of the gradient (db and the bias part of dc): one torch reduction.
+    cs = grad.sum(1, dtype=torch.float32) if need_cs else None
     if POISON:
-        for t_ in (dw, dgp, cs):
+        for t_ in (dw, dgp):
             if t_ is not None:
                 t_.fill_(float("nan"))
-    if B == 0 or n_tiles == 0:  # nothing to launch; dW of no sample is zero
-        return (dw.zero_() if dw is not None else None), dgp, cs
-    scratch = next(t_ for t_ in (dw, dgp, cs, x) if t_ is not None)
+    if B == 0 or L == 0 or n_tiles == 0:  # nothing to launch; P_b of no row is zero
+        return tuple(t_.zero_() if t_ is not None else None for t_ in (dw, dgp)) + (cs,)
+    if not (need_dw or need_dg):
+        return dw, dgp, cs
+    scratch = next(t_ for t_ in (dw, dgp) if t_ is not None)
     args = (x, grad, weight, idx, coef, dw if need_dw else scratch, dgp if need_dg else scratch,
-            cs if need_cs else scratch, B, L, DI, DO, M, per_chunk,
+            B, L, DI, DO, M, per_chunk,
             *x.stride(), *grad.stride(), *weight.stride(), *idx.stride(), *coef.stride())
     flags = dict(TOPK=topk, K_PAD=triton.next_power_of_2(topk), NEED_DW=int(need_dw), NEED_DG=int(need_dg),
-                 NEED_CS=int(need_cs), IEEE=ieee, N_ACC=n_acc)
+                 IEEE=ieee, N_ACC=n_acc)
     grid = (n_tiles, chunks)
     if config is not None or INTERPRET or not AUTOTUNE:
         if "BLOCK_L" not in cfg:

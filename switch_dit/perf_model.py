@@ -17,8 +17,8 @@ The model. A strategy is a list of kernels (:class:`Step`). For one step:
   MMA before mixing the next tile, so the two do not overlap.
 - ``fill`` = steps / (steps + stages - 1): a software pipeline of ``stages`` loads that
   drains after every uninterrupted reduction of ``steps`` tiles loses stages - 1 steps of
-  latency each time (the weight gradient's per-sample reduction of L = 256 rows is 4 steps
-  of 64: fill 0.67 with 3 stages).
+  latency each time (a per-sample reduction of L = 256 rows is 4 steps of 64: fill 0.67
+  with 3 stages; the weight-gradient kernel runs one loop over all its samples' rows).
 - ``quantisation`` = waves * slots / programs >= 1, slots = SMs x programs per SM: the last
   wave of a grid that does not divide the device runs partly empty. Applied to compute
   only: a memory-bound kernel keeps the memory system busy with fewer programs.
@@ -180,8 +180,8 @@ def _fused_tiles(dtype: torch.dtype, tf32: bool, M: int):
     """Block shapes of the Triton kernels' default configs (imported so the model follows the kernels)."""
     from switch_dit.kernels import routed_linear as K
 
-    fwd = K._fwd_default(dtype == torch.float32)
     prec = K._wgrad_prec(dtype, 0 if (dtype != torch.float32 or tf32) else 1)
+    fwd = K._fwd_default(prec)
     bi, bo, n_acc = K._wgrad_plan(M, prec)
     wg = dict(K._wgrad_default(prec), BLOCK_I=bi, BLOCK_O=bo, N_ACC=n_acc, prec=prec)
     return fwd, wg, K
@@ -228,8 +228,9 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
                             # dW: coef * P into every register accumulator; dg: <P, W_e> per slot
                             vector_flops=2.0 * B * (n_acc or k) * Di * Do + 2.0 * B * k * Di * Do,
                             bytes=x_b + y_b + w_b + part * chunks + rmw, programs=n_tiles * chunks,
-                            # the pipeline drains at every sample: one reduction of L rows each
-                            steps=_cdiv(L, wg["BLOCK_L"]), stages=wg["num_stages"]))
+                            # one pipelined loop over the chunk's (sample, L tile) steps; the
+                            # read-modify-write fallback drains it at every sample
+                            steps=_cdiv(L, wg["BLOCK_L"]) * (per if n_acc else 1), stages=wg["num_stages"]))
             if chunks > 1:
                 out.append(_ew("sum chunks", part / 4 * chunks, part * chunks + part / 4 * e))
             out.append(_ew("dg, db", 2.0 * B * k * Do, 4.0 * B * k * _cdiv(Di, bi) * _cdiv(Do, bo)))

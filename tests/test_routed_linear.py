@@ -269,12 +269,12 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 for arch, prec, M, cfg in json.loads(sys.argv[1]):
     bi, bo, n_acc = K._wgrad_plan(M, prec)
     dtype = "*fp32" if prec != "lp" else "*bf16"
-    consts = dict(s_xi=1, s_go=1, s_wo=1, s_ij=1, s_cj=1, TOPK=2, K_PAD=2, NEED_DW=1, NEED_DG=1, NEED_CS=1,
+    consts = dict(s_xi=1, s_go=1, s_wo=1, s_ij=1, s_cj=1, TOPK=2, K_PAD=2, NEED_DW=1, NEED_DG=1,
                   IEEE=int(prec == "ieee"), N_ACC=n_acc, BLOCK_I=bi, BLOCK_O=bo, BLOCK_L=cfg["BLOCK_L"])
     sig = {n: "constexpr" if n in consts else "i32" for n in fn.arg_names}
     sig.update(x_ptr=dtype, g_ptr=dtype, w_ptr=dtype, idx_ptr="*i64", coef_ptr="*fp32", dw_ptr="*fp32",
-               dgp_ptr="*fp32", cs_ptr="*fp32")
-    div16 = ["x_ptr", "g_ptr", "w_ptr", "idx_ptr", "coef_ptr", "dw_ptr", "dgp_ptr", "cs_ptr", "L", "DI", "DO",
+               dgp_ptr="*fp32")
+    div16 = ["x_ptr", "g_ptr", "w_ptr", "idx_ptr", "coef_ptr", "dw_ptr", "dgp_ptr", "L", "DI", "DO",
              "s_xb", "s_xl", "s_gb", "s_gl", "s_we", "s_wi"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
