@@ -16,11 +16,13 @@ coef keeps its own, and the backward sees exactly the dtypes of the forward. Gra
 in each input's dtype.
 
 Default for fp32 without TF32 (``torch.backends.cuda.matmul.allow_tf32 = False``, PyTorch's
-default for fp32): "bmm". Every Triton forward/dx config of the fp32 "ieee" path spills registers
-(issue analysis of the kernels at XL shapes), while cuBLAS's SGEMM does not; "bmm" runs fp32 at
-cuBLAS speed with one dense linear's FLOPs forward and two backward. "grouped" has no sync-free
-grouped GEMM on CUDA in fp32 and runs its per-pair fallback there (see expert_grouped), so it is
-never the fp32 default.
+default for fp32): "bmm", in the shipped table ``switch_dit.ops.strategy_table`` that decides
+where "auto" may not time. The fp32 "ieee" path is where the Triton kernels were weakest (the
+expert reading found every forward/dx config spilling registers; the kernels now have non-spilling
+fp32 configs, still unmeasured), while cuBLAS's SGEMM is the best-tuned fp32 GEMM there is;
+"bmm" does one dense linear's FLOPs forward and two backward. "grouped" has no sync-free grouped
+GEMM on CUDA in fp32 and runs its per-pair fallback there (see expert_grouped), so it is never the
+fp32 default. Where "auto" may time, the measurement decides.
 """
 
 from __future__ import annotations
