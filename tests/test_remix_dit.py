@@ -659,3 +659,79 @@ def test_compare_has_a_remix_row_started_from_the_dit_run(tmp_path, capsys):
     run = ck.load_checkpoint(tmp_path / "Remix-DiT-seed0" / "checkpoint.pt")
     assert run["config"]["init_from"] == str(tmp_path / "DiT-seed0")
     assert run["model_kwargs"]["num_experts"] == 20 and run["config"]["timestep_sampling"] == "interval"
+
+
+# --------------------------------------------------------------------------------------
+# DDP: two CPU ranks (gloo) match one process over the same global batch
+# --------------------------------------------------------------------------------------
+
+DDP_BATCH = 6
+
+
+def _ddp_model(mixing):
+    torch.manual_seed(0)
+    model = create("Remix-DiT-S/4", input_size=8, in_channels=2, num_classes=5, hidden_size=16, depth=2, num_heads=2,
+                   num_experts=8, mixing=mixing, backend="reference").double()
+    model.y_embedder.dropout_prob = 0.0  # label dropout would draw different masks on each rank
+    return randomize(model, seed=1, std=0.1)
+
+
+def _ddp_batch(mixing):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(DDP_BATCH, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (DDP_BATCH,), generator=g)
+    # batch mixing: one interval for the global batch (as published), so every rank's batch
+    # mean of the coefficients is the global one; sample mixing: any timesteps
+    lo, hi = (250, 375) if mixing == "batch" else (0, 1000)
+    t = torch.randint(lo, hi, (DDP_BATCH,), generator=g)
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x, y, t, noise
+
+
+def _ddp_grads(net, x, y, t, noise):
+    from switch_dit import distributed
+    from switch_dit.diffusion import create_diffusion
+    from switch_dit.train import forward_backward
+
+    forward_backward(net, create_diffusion(learn_sigma=True, lambda_dp=0.5), x, y, None, None, t=t, noise=noise)
+    return {n: p.grad.detach().clone() for n, p in distributed.unwrap(net).named_parameters()}
+
+
+def _ddp_worker(rank, world, port, tmp):
+    import os
+
+    from switch_dit import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu")
+    try:
+        for mixing in remix_dit.MIXING:
+            x, y, t, noise = _ddp_batch(mixing)
+            sl = slice(rank * DDP_BATCH // world, (rank + 1) * DDP_BATCH // world)
+            grads = _ddp_grads(distributed.wrap(_ddp_model(mixing), ctx, "ddp"), x[sl], y[sl], t[sl], noise[sl])
+            if rank == 0:
+                torch.save(grads, f"{tmp}/grads-{mixing}.pt")
+    finally:
+        distributed.cleanup()
+
+
+def test_two_ddp_ranks_match_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from switch_dit import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for mixing in remix_dit.MIXING:
+        got = torch.load(tmp_path / f"grads-{mixing}.pt", weights_only=True)
+        want = _ddp_grads(distributed.TrainingModule(_ddp_model(mixing)), *_ddp_batch(mixing))
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-13, msg=f"{mixing}: {name}")
+        assert want["coefficients.weight"].abs().sum() > 0  # the prior and the mixing reach the table
