@@ -80,6 +80,12 @@ def native_grouped_mm(dtype: torch.dtype, device: torch.device, d_in: int, d_out
     return False, f"no grouped GEMM for device {device.type!r}"
 
 
+def _aligned(weight: Tensor) -> Tensor:
+    """The experts as grouped GEMM reads them: row-major, at a 16-byte aligned address (TMA)."""
+    weight = weight.contiguous()
+    return weight.clone() if weight.data_ptr() % 16 else weight
+
+
 def _mm(a: Tensor, w: Tensor, experts: Tensor, row_offsets: Tensor, native: bool) -> Tensor:
     """Rows of each group times its expert's matrix: a (P, L, K), w (M, K, N) -> (P, L, N)."""
     P, L, K = a.shape
@@ -132,7 +138,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef
     B, L, D = x.shape
     M, _, Do = weight.shape
     native = native_grouped_mm(x.dtype, x.device, D, Do)[0]
-    weight = weight.contiguous() if native else weight  # grouped GEMM wants row-major (or transposed) experts
+    weight = _aligned(weight) if native else weight
     groups = _Groups(idx, M, L, native)
     y = groups.combine(_mm(groups.gather(x), weight, groups.experts, groups.rows, native), coef)
     if bias is not None:  # y is ours (inside the op): add in place, one pass
@@ -153,7 +159,7 @@ def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx:
     k = idx.shape[1]
     dA = dA.to(x.dtype)
     native = native_grouped_mm(x.dtype, x.device, D, Do)[0]
-    weight = weight.contiguous() if native else weight
+    weight = _aligned(weight) if native else weight
     groups = _Groups(idx, M, L, native)
     dA_s = groups.gather(dA)  # (P, L, D_out)
     dx = dw = db = dc = None
