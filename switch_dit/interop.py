@@ -16,6 +16,12 @@ Remix-DiT (docs/design.md §6): our module names and shapes are the published co
 ``official_state_dict`` take and give its checkpoints as they are.
 ``init_remix_from_dit`` starts a Remix-DiT from a trained DiT (ours or the reference
 code's) as the published ``load_dit_state_dict`` does.
+
+DiffMoE (docs/design.md §6; KwaiVGI/DiffMoE ``models/models_DiffMoE.py``): the keys are the
+published ones except the experts, which the public code keeps as a list of MLPs
+(``blocks.{i}.mlp.experts.{j}.fc1.weight`` ...) and we stack per layer
+(``blocks.{i}.mlp.fc1_weight`` (E, 4D, D) ...); the thresholds ``expert_threshold`` and
+``ema_decay`` load with the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .diffmoe import DiffMoE
 from .models import DiT
 from .remix_dit import RemixDiT
 
@@ -69,6 +76,11 @@ def load_official(model: DiT | RemixDiT, checkpoint: Any, *, ema: bool = False) 
     patch, number of experts, classes or timesteps).
     """
     sd = unwrap_checkpoint(checkpoint, ema=ema)
+    if isinstance(model, DiffMoE):
+        sd = _diffmoe_from_official(model, sd)
+        _check_fit(model.state_dict(), sd, f"checkpoint does not fit {_describe(model)}:")
+        model.load_state_dict(sd, strict=True)
+        return model
     T = model.num_timesteps
     _expect_table(sd, "full_time", torch.arange(T), f"timestep table of T={T}")
     if model.routing == "switch":
@@ -107,6 +119,8 @@ def _check_fit(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], 
 def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
     """Our model's weights in the reference implementation's layout (loadable by its DiT)."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if isinstance(model, DiffMoE):
+        return _diffmoe_to_official(model, sd)
     device = model.pos_embed.device
     if model.routing == "switch":
         sd["full_time"] = torch.arange(model.num_timesteps, device=device)
@@ -117,13 +131,48 @@ def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _describe(model: DiT | RemixDiT) -> str:
+def _describe(model: DiT | RemixDiT | DiffMoE) -> str:
+    if isinstance(model, DiffMoE):
+        return (f"DiffMoE (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
+                f"classes={model.num_classes}, E={model.num_experts}, interleave={model.interleave})")
     if isinstance(model, RemixDiT):
         return (f"Remix-DiT (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
                 f"classes={model.num_classes}, K={model.num_basis}, N={model.num_experts})")
     fam = {"none": "DiT", "dtr": "DTR", "switch": "Switch-DiT"}[model.routing]
     extra = f", M={model.num_experts}, k={model.top_k}" if model.routing == "switch" else ""
     return f"{fam} (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, classes={model.num_classes}{extra})"
+
+
+# DiffMoE: per-expert MLP keys (public) <-> stacked expert weights (ours).
+_EXPERT_PARAMS = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias", "fc2_weight": "fc2.weight", "fc2_bias": "fc2.bias"}
+
+
+def _diffmoe_to_official(model: DiffMoE, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for i in model.moe_blocks:
+        p = f"blocks.{i}.mlp."
+        for ours, theirs in _EXPERT_PARAMS.items():
+            for j, w in enumerate(sd.pop(p + ours).unbind(0)):
+                sd[f"{p}experts.{j}.{theirs}"] = w.clone()
+    return sd
+
+
+def _diffmoe_from_official(model: DiffMoE, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = dict(sd)
+    for i in model.moe_blocks:
+        p = f"blocks.{i}.mlp."
+        experts = {int(k[len(p + "experts."):].split(".")[0]) for k in sd if k.startswith(p + "experts.")}
+        if not experts:
+            continue  # left to _check_fit: the missing stacked keys name the block
+        if experts != set(range(model.num_experts)):
+            raise ValueError(f"checkpoint block {i} has experts {sorted(experts)[:4]}... ({len(experts)} in all), "
+                             f"this model has E = {model.num_experts} (num_experts)")
+        for ours, theirs in _EXPERT_PARAMS.items():
+            keys = [f"{p}experts.{j}.{theirs}" for j in range(model.num_experts)]
+            missing = [k for k in keys if k not in sd]
+            if missing:
+                raise ValueError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more) of block {i}'s experts")
+            sd[p + ours] = torch.stack([sd.pop(k) for k in keys])
+    return sd
 
 
 # Remix-DiT: the layers a DiT's weights are repeated into (published ``load_dit_state_dict``).

@@ -238,3 +238,59 @@ def test_bad_input():
         m.set_strategy("magic")
     with pytest.raises(RuntimeError, match="training-mode forward"):
         _tiny().aux_loss()
+
+
+def _public_keys(depth, E, moe_blocks):
+    """The state-dict keys of the public DiT in models_DiffMoE.py (timm PatchEmbed, Mlp)."""
+    keys = {"x_embedder.proj.weight", "x_embedder.proj.bias", "pos_embed", "y_embedder.embedding_table.weight",
+            "final_layer.linear.weight", "final_layer.linear.bias",
+            "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
+    keys |= {f"t_embedder.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    for b in range(depth):
+        p = f"blocks.{b}."
+        keys |= {p + f"{m}.{w}" for m in ("attn.qkv", "attn.proj", "adaLN_modulation.1") for w in ("weight", "bias")}
+        if b in moe_blocks:
+            keys |= {p + "mlp.gate_weight", p + "mlp.expert_threshold", p + "mlp.ema_decay"}
+            keys |= {p + f"mlp.capacity_predictor.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+            keys |= {p + f"mlp.experts.{j}.{f}.{w}" for j in range(E) for f in ("fc1", "fc2") for w in ("weight", "bias")}
+        else:
+            keys |= {p + f"mlp.{f}.{w}" for f in ("fc1", "fc2") for w in ("weight", "bias")}
+    return keys
+
+
+def test_interop_round_trip():
+    from switch_dit import interop
+
+    src = _tiny()
+    src.eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for layer in src.moe_layers():
+            layer.expert_threshold.uniform_(0.3, 0.7)
+    sd = interop.official_state_dict(src)
+    assert set(sd) == _public_keys(4, 4, [1, 3])
+    assert sd["blocks.1.mlp.experts.2.fc1.weight"].shape == (128, 32)
+    torch.testing.assert_close(sd["blocks.3.mlp.experts.1.fc2.bias"], src.blocks[3].mlp.fc2_bias[1])
+    dst = _tiny()
+    interop.load_official(dst, {"model": {"module." + k: v for k, v in sd.items()}})
+    dst.eval()
+    g = torch.Generator().manual_seed(9)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, 4])
+    torch.testing.assert_close(dst(x, t, y), src(x, t, y), rtol=0, atol=0)
+    torch.testing.assert_close(dst.blocks[1].mlp.expert_threshold, src.blocks[1].mlp.expert_threshold)
+
+
+def test_interop_errors():
+    from switch_dit import interop
+
+    sd = interop.official_state_dict(_tiny(num_experts=2))
+    with pytest.raises(ValueError, match="E = 4"):
+        interop.load_official(_tiny(), sd)
+    sd = interop.official_state_dict(_tiny())
+    sd["blocks.1.mlp.expert_threshold"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="expert_threshold"):
+        interop.load_official(_tiny(), sd)
+    sd = interop.official_state_dict(_tiny(interleave=False))
+    with pytest.raises(ValueError, match="does not fit DiffMoE"):
+        interop.load_official(_tiny(), sd)
