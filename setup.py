@@ -17,8 +17,8 @@ from setuptools import setup
 #   MAX_JOBS                      parallel compile jobs (default here 2)
 # ---------------------------------------------------------------------------------------------
 _CSRC = "csrc"
-_CPU_SOURCES = [f"{_CSRC}/binding.cpp", f"{_CSRC}/routing_plan_cpu.cpp"]
-_CUDA_SOURCES = [f"{_CSRC}/routing_plan_cuda.cu"]
+_CPU_SOURCES = [f"{_CSRC}/binding.cpp", f"{_CSRC}/routing_plan_cpu.cpp", f"{_CSRC}/token_grouping_cpu.cpp"]
+_CUDA_SOURCES = [f"{_CSRC}/routing_plan_cuda.cu", f"{_CSRC}/token_grouping_cuda.cu"]
 _CUDA_DEFINE = "-DSWITCH_DIT_WITH_CUDA"
 
 

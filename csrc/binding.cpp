@@ -15,6 +15,7 @@
 #endif
 
 #include "routing_plan.h"
+#include "token_grouping.h"
 
 namespace switch_dit {
 
@@ -99,6 +100,59 @@ PlanTensors routing_plan_cuda(const at::Tensor& gate_probs, const at::Tensor& ti
 }
 #endif
 
+// -- group_tokens (token_grouping.h) ----------------------------------------------------------
+
+void check_group_args(const at::Tensor& index, const std::optional<at::Tensor>& valid,
+                      int64_t block_m) {
+  TORCH_CHECK_VALUE(index.dim() == 2, "group_tokens: index must have shape (E, C), got ",
+                    index.dim(), " dimensions with shape ", index.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "group_tokens: index must be int64, got ",
+                   index.scalar_type());
+  TORCH_CHECK_VALUE(index.is_contiguous(), "group_tokens: index must be contiguous");
+  if (valid.has_value()) {
+    TORCH_CHECK_TYPE(valid->scalar_type() == at::kBool, "group_tokens: valid must be bool, got ",
+                     valid->scalar_type());
+    TORCH_CHECK_VALUE(valid->sizes() == index.sizes(), "group_tokens: valid must have the shape "
+                      "of index ", index.sizes(), ", got ", valid->sizes());
+    TORCH_CHECK_VALUE(valid->device() == index.device(), "group_tokens: valid must be on the "
+                      "device of index (", index.device(), "), got ", valid->device());
+    TORCH_CHECK_VALUE(valid->is_contiguous(), "group_tokens: valid must be contiguous");
+  }
+  TORCH_CHECK_VALUE(block_m >= 1, "group_tokens: block_m must be >= 1, got ", block_m);
+  TORCH_CHECK_VALUE(index.numel() + block_m < std::numeric_limits<int32_t>::max(),
+                    "group_tokens: E * C + block_m must fit int32, got ", index.numel() + block_m);
+}
+
+GroupTensors group_tokens_impl(const at::Tensor& index, const std::optional<at::Tensor>& valid,
+                               int64_t block_m) {
+  check_group_args(index, valid, block_m);
+  const int64_t E = index.size(0), C = index.size(1);
+  const int64_t T = group_num_tiles(E, C, block_m);
+  const auto i64 = index.options();
+  GroupTensors out{at::empty({E}, i64), at::empty({E + 1}, i64), at::empty({E * C}, i64),
+                   at::empty({E * C}, i64), at::empty({E * C}, i64), at::empty({E, C}, i64),
+                   at::empty({T, 2}, i64.dtype(at::kInt))};
+  GroupArgs a{index.const_data_ptr<int64_t>(),
+              valid.has_value() ? valid->const_data_ptr<bool>() : nullptr,
+              E, C, block_m, T,
+              std::get<0>(out).data_ptr<int64_t>(), std::get<1>(out).data_ptr<int64_t>(),
+              std::get<2>(out).data_ptr<int64_t>(), std::get<3>(out).data_ptr<int64_t>(),
+              std::get<4>(out).data_ptr<int64_t>(), std::get<5>(out).data_ptr<int64_t>(),
+              std::get<6>(out).data_ptr<int32_t>()};
+#if defined(SWITCH_DIT_WITH_CUDA)
+  if (index.is_cuda()) {
+    group_tokens_cuda_fill(a, index);
+    return out;
+  }
+#endif
+  if (E == 0) {
+    std::get<1>(out).zero_();
+    return out;
+  }
+  group_tokens_cpu_fill(a);
+  return out;
+}
+
 }  // namespace
 }  // namespace switch_dit
 
@@ -108,13 +162,21 @@ TORCH_LIBRARY(switch_dit, m) {
       "routing_plan(Tensor gate_probs, Tensor timesteps, int top_k, int seq_len, int block_l, "
       "bool check) -> (Tensor topk_idx, Tensor topk_w, Tensor counts, Tensor offsets, "
       "Tensor order, Tensor position, Tensor tiles)");
+  // Fake kernel: switch_dit/grouping.py.
+  m.def(
+      "group_tokens(Tensor index, Tensor? valid, int block_m) -> (Tensor counts, Tensor offsets, "
+      "Tensor tokens, Tensor pair, Tensor row_expert, Tensor position, Tensor tiles)");
 }
 
-TORCH_LIBRARY_IMPL(switch_dit, CPU, m) { m.impl("routing_plan", &switch_dit::routing_plan_cpu); }
+TORCH_LIBRARY_IMPL(switch_dit, CPU, m) {
+  m.impl("routing_plan", &switch_dit::routing_plan_cpu);
+  m.impl("group_tokens", &switch_dit::group_tokens_impl);
+}
 
 #if defined(SWITCH_DIT_WITH_CUDA)
 TORCH_LIBRARY_IMPL(switch_dit, CUDA, m) {
   m.impl("routing_plan", &switch_dit::routing_plan_cuda);
+  m.impl("group_tokens", &switch_dit::group_tokens_impl);
 }
 #endif
 

@@ -16,8 +16,14 @@ sizes that depend only on (E, C):
               ``block_m`` rows of every expert, experts in order; T_max = ceil(E*C/block_m) + E
               bounds the count for any k, unused rows are -1.
 
-Within an expert the packed rows keep slot order (c ascending). The function runs in plain
-PyTorch (cumsum and scatter; the plan fits in a few small launches).
+Within an expert the packed rows keep slot order (c ascending).
+
+Op ``torch.ops.switch_dit.group_tokens`` comes from the compiled extension (``csrc/
+token_grouping*``: a CPU kernel, and two CUDA launches). Where it is missing (not built, or
+built before this op existed), ``torch.ops.switch_dit.group_tokens_torch``, built on
+:func:`reference_groups` (cumsum and scatter), computes the same and one
+:class:`~switch_dit._extension.ExtensionFallbackWarning` says so. Both ops have fake kernels,
+so ``torch.compile(fullgraph=True)`` traces through them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["TokenGroups", "group_tokens", "max_tiles"]
+from switch_dit import _extension
+
+__all__ = ["TokenGroups", "group_tokens", "reference_groups", "max_tiles"]
+
+_OP = "switch_dit::group_tokens"
+_TORCH_OP = "switch_dit::group_tokens_torch"
 
 Tensor = torch.Tensor
 
@@ -57,8 +68,8 @@ def _check(index: Tensor, valid: Optional[Tensor], block_m: int) -> None:
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
 
 
-def group_tokens(index: Tensor, valid: Optional[Tensor] = None, block_m: int = 64) -> TokenGroups:
-    """Pack the valid (expert, slot) pairs of ``index`` (E, C) by expert (module doc)."""
+def reference_groups(index: Tensor, valid: Optional[Tensor] = None, block_m: int = 64) -> TokenGroups:
+    """The grouping in plain PyTorch: the fallback, and a second statement for the tests."""
     _check(index, valid, block_m)
     E, C = index.shape
     dev = index.device
@@ -88,3 +99,45 @@ def group_tokens(index: Tensor, valid: Optional[Tensor] = None, block_m: int = 6
     first = offsets[e_safe] + (t - (tile_end[e_safe] - per_expert[e_safe])) * block_m
     tiles = torch.stack([torch.where(used, e_safe, -1), torch.where(used, first, -1)], 1).to(torch.int32)
     return TokenGroups(counts, offsets, tokens, pair, row_expert, position, tiles)
+
+
+def _fake(index, valid, block_m):
+    _check(index, valid, block_m)
+    E, C = index.shape
+    i64 = dict(dtype=torch.int64)
+    return (index.new_empty((E,), **i64), index.new_empty((E + 1,), **i64), index.new_empty((E * C,), **i64),
+            index.new_empty((E * C,), **i64), index.new_empty((E * C,), **i64), index.new_empty((E, C), **i64),
+            index.new_empty((max_tiles(E, C, block_m), 2), dtype=torch.int32))
+
+
+@torch.library.custom_op(_TORCH_OP, mutates_args=())
+def _groups_torch(index: Tensor, valid: Optional[Tensor], block_m: int) -> tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(t.clone() for t in reference_groups(index, valid, block_m))
+
+
+_groups_torch.register_fake(_fake)
+_HAS_OP = _extension.available() and hasattr(torch.ops.switch_dit, "group_tokens")
+_EXT_DEVICES = frozenset(d for d in ("cpu", "cuda") if _HAS_OP and _extension.has_kernel(_OP, d))
+
+
+def group_tokens(index: Tensor, valid: Optional[Tensor] = None, block_m: int = 64) -> TokenGroups:
+    """Pack the valid (expert, slot) pairs of ``index`` (E, C) by expert (module doc).
+
+    index (E, C) int64 contiguous; valid (E, C) bool or None; block_m rows per tile.
+    No tensor values are read on the host."""
+    _check(index, valid, block_m)
+    index = index.contiguous()
+    valid = None if valid is None else valid.contiguous()
+    if index.device.type in _EXT_DEVICES:
+        return TokenGroups(*torch.ops.switch_dit.group_tokens(index, valid, block_m))
+    if not torch.compiler.is_compiling():
+        why = (f"switch_dit._C has no group_tokens kernel for device {index.device.type!r}" if _HAS_OP
+               else f"the compiled extension lacks group_tokens ({_extension.load_error or 'built before it'})")
+        _extension.warn_fallback("switch_dit.grouping.group_tokens", why)
+    return TokenGroups(*torch.ops.switch_dit.group_tokens_torch(index, valid, block_m))
+
+
+# The fake kernel of the compiled op is registered by switch_dit.routing: the op library names
+# that module as its Python home (csrc/binding.cpp).
+from switch_dit import routing as _routing  # noqa: E402,F401

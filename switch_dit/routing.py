@@ -286,3 +286,12 @@ def plan(gate_probs: Tensor, timesteps: Tensor, top_k: int, *, seq_len: int = 0,
         out = torch.ops.switch_dit.routing_plan_torch(gate_probs, timesteps, top_k, seq_len,
                                                       block_l, check)
     return RoutingPlan(*out)
+
+# switch_dit::group_tokens (switch_dit.grouping) lives in the same op library, whose Python home
+# is this module: its fake kernel has to be registered from here.
+from switch_dit import grouping as _grouping  # noqa: E402
+
+if _grouping._HAS_OP:
+    @torch.library.register_fake(_grouping._OP)
+    def _fake_group_tokens(index, valid, block_m):
+        return _grouping._fake(index, valid, block_m)

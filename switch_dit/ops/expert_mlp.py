@@ -20,7 +20,8 @@ Strategies (all compute the same function; autograd flows to x, gating and the w
                (``torch._grouped_mm``) over the packed rows, combine. Sizes are bounds known on
                the host (E * C rows), the counts stay on the device: no host sync, CUDA-graph
                capturable. Where ``torch._grouped_mm`` cannot run (float64, misaligned
-               strides) a per-expert loop over the same packed rows stands in (host reads).
+               strides) "bmm" stands in on CUDA, and on the CPU a per-expert loop over the
+               same packed rows (host reads).
 The combine is deterministic in every strategy (no float atomics): each token gathers its E
 candidate rows, zero where an expert did not choose it, and sums them over the experts in
 expert order, as the public code's (E*S, D) scatter-and-sum does.
@@ -132,6 +133,9 @@ def _grouped_linear(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 
 def _grouped(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+    if x.is_cuda and not _grouped_mm_ok(x, w1.transpose(1, 2)):
+        # No grouped GEMM for this dtype: the padded batched GEMMs, still without a host sync.
+        return _bmm(x, index, gating, valid, w1, b1, w2, b2)
     E, C = index.shape
     plan = grouping.group_tokens(index, valid)
     tok = plan.tokens.clamp(min=0)  # (E*C,) packed token ids; the unused tail gathers token 0
