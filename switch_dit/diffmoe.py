@@ -152,7 +152,7 @@ class ExpertChoiceMoE(nn.Module):
         chosen = torch.zeros(E, S, dtype=pred.dtype, device=flat.device).scatter_(1, index, 1.0)
         self._aux = F.binary_cross_entropy_with_logits(pred, chosen.t())
         self._update_threshold(pred.detach(), C)
-        return expert_mlp(flat, index, gating, *self._weights(), strategy=self._strategy(True))
+        return expert_mlp(flat, index, gating, *self._weights(), backend=self._strategy(True))
 
     @torch.no_grad()
     def _update_threshold(self, pred: torch.Tensor, C: int) -> None:
@@ -176,7 +176,7 @@ class ExpertChoiceMoE(nn.Module):
         # Rank the pool per expert by gate score; expert e keeps its first k_e (= its top k_e).
         gating, index = torch.sort(scores, dim=-1, descending=True, stable=True)
         valid = torch.arange(S, device=flat.device) < k.unsqueeze(1)
-        return expert_mlp(flat, index, gating, *self._weights(), valid=valid, strategy=strategy)
+        return expert_mlp(flat, index, gating, *self._weights(), valid=valid, backend=strategy)
 
     def _eval_reference(self, flat, scores, k):
         """The public evaluation loop: one topk of host size k_e per expert (host syncs)."""

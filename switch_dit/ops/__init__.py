@@ -20,3 +20,4 @@ from switch_dit.ops.routed_linear import (  # noqa: F401  routed expert linear
     mixed_linear_reference,
 )
 from switch_dit.ops import compiled_reference, composed_linear  # noqa: F401,E402  register their strategies
+from switch_dit.ops.expert_mlp import expert_mlp  # noqa: F401,E402  DiffMoE's expert MLPs over chosen tokens

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from switch_dit import grouping
+from switch_dit.ops import dispatch
+from switch_dit.ops.expert_grouped import native_grouped_mm
 
 __all__ = ["STRATEGIES", "expert_mlp", "expert_mlp_reference", "check_expert_mlp_args"]
 
@@ -73,7 +75,7 @@ def _mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
 
-def expert_mlp_reference(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+def expert_mlp_reference(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     """The plainest form: one expert at a time, as the public code's loop."""
     y = torch.zeros_like(x)
     for e in range(w1.shape[0]):
@@ -93,7 +95,7 @@ def _combine(rows: Tensor, slot: Tensor) -> Tensor:
     return padded[torch.where(slot >= 0, slot, rows.shape[0])].sum(0)
 
 
-def _bmm(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
+def _bmm(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     E, C = index.shape
     xg = x[index]  # (E, C, D)
     h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), approximate="tanh")
@@ -107,13 +109,9 @@ def _bmm(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
     return _combine(o.reshape(E * C, -1), slot)
 
 
-def _grouped_mm_ok(a: Tensor, b: Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if a.is_cuda and a.dtype == torch.float32:
-        return False  # the CUDA kernels take bf16 (and fp16/fp32 only on some builds)
-    es = a.element_size()
-    return (a.shape[1] * es) % 16 == 0 and (b.shape[1] * es) % 16 == 0 and (b.shape[2] * es) % 16 == 0
+def _native(x: Tensor, w1: Tensor) -> bool:
+    """torch._grouped_mm runs both GEMMs (D -> H, H -> D) without a host sync."""
+    return native_grouped_mm(x.dtype, x.device, w1.shape[2], w1.shape[1])[0]
 
 
 def _grouped_linear(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
@@ -121,7 +119,7 @@ def _grouped_linear(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
     w (G, N, K). Rows past offs[-1] come back as zeros."""
     wt = w.transpose(1, 2)  # (G, K, N), a view: _grouped_mm takes the transposed layout
-    if _grouped_mm_ok(a, wt):
+    if native_grouped_mm(a.dtype, a.device, w.shape[2], w.shape[1])[0]:
         out = torch._grouped_mm(a, wt, offs=offs.to(torch.int32))
         rows = torch.arange(a.shape[0], device=a.device)
         return torch.where((rows < offs[-1]).unsqueeze(-1), out, 0)
@@ -132,17 +130,21 @@ def _grouped_linear(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     return torch.cat(parts + [out[bounds[-1] :]]) if parts else out
 
 
-def _grouped(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
-    if x.is_cuda and not _grouped_mm_ok(x, w1.transpose(1, 2)):
-        # No grouped GEMM for this dtype: the padded batched GEMMs, still without a host sync.
-        return _bmm(x, index, gating, valid, w1, b1, w2, b2)
+def _grouped(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
+    if x.is_cuda and not _native(x, w1):
+        # No sync-free grouped GEMM here: the padded batched GEMMs, still without a host sync.
+        return _bmm(x, index, gating, w1, b1, w2, b2, valid)
     E, C = index.shape
     plan = grouping.group_tokens(index, valid)
     tok = plan.tokens.clamp(min=0)  # (E*C,) packed token ids; the unused tail gathers token 0
     used = plan.tokens >= 0
     eid = plan.row_expert.clamp(min=0)  # expert of each packed row
-    xs = x[tok]
+    # The GEMMs leave rows past offsets[E] unwritten, forward and backward: the selects keep
+    # them out of every result and gradient (a select drops, where a product would keep, NaN).
+    rows_used = used.unsqueeze(-1)
+    xs = torch.where(rows_used, x[tok], 0)
     h = F.gelu(_grouped_linear(xs, w1, plan.offsets[1:]) + b1[eid], approximate="tanh")
+    h = torch.where(rows_used, h, 0)
     o = _grouped_linear(h, w2, plan.offsets[1:]) + b2[eid]
     g = torch.where(used, gating.reshape(-1)[plan.pair.clamp(min=0)], 0)
     o = o * g.unsqueeze(-1).to(o.dtype)
@@ -151,7 +153,9 @@ def _grouped(x, index, gating, valid, w1, b1, w2, b2) -> Tensor:
     return _combine(o, slot)
 
 
-_IMPLS = {"reference": expert_mlp_reference, "bmm": _bmm, "grouped": _grouped}
+dispatch.register("expert_mlp", "reference", expert_mlp_reference)
+dispatch.register("expert_mlp", "bmm", _bmm)
+dispatch.register("expert_mlp", "grouped", _grouped)
 
 
 def expert_mlp(
@@ -164,14 +168,12 @@ def expert_mlp(
     b2: Tensor,
     valid: Optional[Tensor] = None,
     *,
-    strategy: str = "reference",
+    backend: Optional[str] = "reference",
 ) -> Tensor:
     """y (S, D) = sum over chosen (e, c) of gating[e, c] * mlp_e(x[index[e, c]]) (module doc).
 
     x (S, D); index (E, C) int64; gating (E, C); weights as the module doc; valid (E, C) bool
-    or None; strategy in STRATEGIES.
+    or None; backend: a strategy of STRATEGIES, or "auto"/None (``switch_dit.ops.dispatch``).
     """
-    if strategy not in _IMPLS:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2)
-    return _IMPLS[strategy](x, index, gating, valid, w1, b1, w2, b2)
+    return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)

@@ -1,0 +1,89 @@
+"""switch_dit.ops.expert_mlp: every strategy against the reference, forward and backward."""
+
+import pytest
+import torch
+
+from switch_dit.ops import dispatch
+from switch_dit.ops.expert_mlp import STRATEGIES, expert_mlp
+
+FAST = [s for s in STRATEGIES if s != "reference"]
+
+
+def _weights(E, D, H, dtype, g):
+    return [(torch.randn(*shape, dtype=dtype, generator=g) * scale).requires_grad_()
+            for shape, scale in (((E, H, D), D**-0.5), ((E, H), 1.0), ((E, D, H), H**-0.5), ((E, D), 1.0))]
+
+
+def _inputs(kind, S=20, D=16, H=32, E=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(S, D, dtype=dtype, generator=g).requires_grad_()
+    scores = torch.rand(E, S, dtype=dtype, generator=g)
+    if kind == "fixed":  # training: every expert its top C
+        C = S // E + 3
+        gating, index = torch.topk(scores, C, dim=1)
+        valid = None
+    else:  # evaluation: a ranking of all S, expert e keeps its first k_e
+        gating, index = torch.sort(scores, dim=1, descending=True)
+        k = torch.randint(1, S, (E,), generator=g)
+        k[0], k[-1] = 0, S  # an expert with no token, one with all of them
+        valid = torch.arange(S)[None] < k[:, None]
+    gating = gating.detach().requires_grad_()
+    return x, index, gating, _weights(E, D, H, dtype, g), valid
+
+
+def _run(backend, x, index, gating, ws, valid, seed=1):
+    y = expert_mlp(x, index, gating, *ws, valid, backend=backend)
+    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad((y * dy).sum(), [x, gating, *ws])
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strategy_matches_reference(backend, kind, dtype):
+    x, index, gating, ws, valid = _inputs(kind, dtype=dtype)
+    if kind == "fixed":  # the duplicate choices the combine must sum
+        assert torch.bincount(index.flatten()).max() > 1
+    want = _run("reference", x, index, gating, ws, valid)
+    got = _run(backend, x, index, gating, ws, valid)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for name, a, b in zip(["y", "x", "gating", "w1", "b1", "w2", "b2"], got, want):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    # Unchosen tokens get zero output, and an expert with no token gets zero gradient.
+    if valid is not None:
+        torch.testing.assert_close(got[3][0], torch.zeros_like(got[3][0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", STRATEGIES)
+def test_gradcheck(backend):
+    x, index, gating, ws, valid = _inputs("dynamic", S=6, D=4, H=4, E=3)
+    assert torch.autograd.gradcheck(lambda *a: expert_mlp(*a, valid, backend=backend), (x, index, gating, *ws))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_stride0_gradient(backend):
+    x, index, gating, ws, valid = _inputs("fixed")
+    want = torch.autograd.grad(expert_mlp(x, index, gating, *ws, backend="reference").sum(), x)[0]
+    got = torch.autograd.grad(expert_mlp(x, index, gating, *ws, backend=backend).sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_registered_with_dispatch():
+    assert dispatch.strategies("expert_mlp") == ("reference", "bmm", "grouped")
+    x, index, gating, ws, valid = _inputs("fixed")
+    assert "reference" in dispatch.explain("expert_mlp", x, index, gating, *ws, valid)  # CPU: auto -> reference
+
+
+def test_bad_input():
+    x, index, gating, ws, valid = _inputs("fixed")
+    with pytest.raises(ValueError, match="not a strategy of expert_mlp"):
+        expert_mlp(x, index, gating, *ws, backend="magic")
+    with pytest.raises(ValueError, match="index must be int64"):
+        expert_mlp(x, index.int(), gating, *ws)
+    with pytest.raises(ValueError, match="gating must have the shape"):
+        expert_mlp(x, index, gating[:, 1:], *ws)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        expert_mlp(x, index, gating, ws[0], ws[1], ws[2][:, 1:], ws[3])
+    with pytest.raises(ValueError, match="valid must be None or bool"):
+        expert_mlp(x, index, gating, *ws, valid=torch.ones(2, 2, dtype=torch.bool))
