@@ -88,8 +88,8 @@ def _add_sample_parser(sub) -> None:
                                                "checkpoint; with --npz only when given)")
     s.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     s.add_argument("--no-eval", action="store_true", help="skip the digits quality figures")
-    s.add_argument("--sample-method", choices=("ddpm", "ddim"), default=None,
-                   help="sampler (default: the run's, else ddpm)")
+    s.add_argument("--sample-method", choices=("ddpm", "ddim", "euler", "heun"), default=None,
+                   help="sampler (default: the run's, else ddpm; euler/heun for rectified-flow models)")
     s.add_argument("--sample-steps", type=_positive_int, default=None,
                    help="sampling steps respaced from 1000 (default: the run's, else 250 for ddpm, 50 for ddim)")
     s.add_argument("--cfg-scale", type=_guidance, default=None,

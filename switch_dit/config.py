@@ -16,7 +16,8 @@ every checkpoint; ``--resume`` starts from the checkpoint's config (``resume_con
 Family defaults: num_experts, lambda_dp, timestep_sampling and prior_schedule left at
 None take the model family's value (``_family_defaults``): Remix-DiT trains with the
 published recipe (20 experts, interval timesteps, prior weight 1e-4 on train_fast.py's
-schedule), every other family with M = 3, uniform timesteps and a constant lambda_dp 1.
+schedule), DiffMoE with E = 16 (lambda_dp weighs its capacity-predictor loss), every other
+family with M = 3, uniform timesteps and a constant lambda_dp 1.
 
 Adding a field: declare it in ``TrainConfig`` (a default, or None to take it from both
 recipes), check it in ``_validate``, give it a flag in ``_FLAGS`` (the assert below makes
@@ -49,6 +50,7 @@ __all__ = [
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "none", "default", "max-autotune")
+OBJECTIVES = ("diffusion", "flow")
 
 
 @dataclass
@@ -95,6 +97,7 @@ class TrainConfig:
     timestep_sampling: str | None = None  # "uniform" or "interval" (Remix-DiT's); None: the family's
     coef_lr: float = 1e-2  # Remix-DiT: AdamW lr of the coefficient table (published 1e-2), warmed up with lr
     noise_schedule: str = "cosine"
+    objective: str = "diffusion"  # or "flow": rectified flow (switch_dit.flow), DiffMoE's objective
     precision: str | None = None
     grad_clip: float = 0.0
     max_bad_steps: int = 20
@@ -118,6 +121,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         recipe = DIGITS_PRESET if self.data == "digits" else PAPER_RECIPE
+        if self.objective == "flow" and self.sample_method is None:
+            self.sample_method = "euler"  # the recipes' samplers are Gaussian-diffusion ones
         for name, value in recipe.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -197,6 +202,10 @@ def _family_defaults(model) -> dict:
         # The published recipe (VainF/Remix-DiT train_fast.py): N = 20 experts, every batch
         # from one timestep interval, prior weight 1e-4 * (2 - progress).
         return dict(num_experts=20, lambda_dp=1e-4, prior_schedule="published", timestep_sampling="interval")
+    if isinstance(model, str) and model.startswith("DiffMoE-"):
+        # The published recipe (000_DiffMoE_S_E16_Flow.yaml): E = 16; lambda_dp weighs the
+        # capacity-predictor loss, whose published weight (1) the model already applies.
+        return dict(num_experts=16, lambda_dp=1.0, prior_schedule="constant", timestep_sampling="uniform")
     return dict(num_experts=3, lambda_dp=1.0, prior_schedule="constant", timestep_sampling="uniform")
 
 
@@ -250,7 +259,13 @@ def _validate(c: TrainConfig) -> None:
     need(c.precision in PRECISIONS, "precision", " or ".join(repr(p) for p in PRECISIONS))
     need(c.parallel in PARALLEL, "parallel", " or ".join(repr(p) for p in PARALLEL))
     need(c.backend in ("auto", "reference", "triton"), "backend", "'auto', 'reference' or 'triton'")
-    need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
+    need(c.objective in OBJECTIVES, "objective", "'diffusion' or 'flow'")
+    if c.objective == "flow":
+        need(c.sample_method in ("euler", "heun"), "sample_method", "'euler' or 'heun' for objective 'flow'")
+        need(c.model.startswith("DiffMoE"), "model", "a DiffMoE model for objective 'flow' (the other families "
+             "take integer timesteps)")
+    else:
+        need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
     need(c.compile in COMPILE_MODES, "compile", " or ".join(repr(m) for m in COMPILE_MODES))
     need(isinstance(c.device, str) and bool(c.device), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(isinstance(c.data, str) and bool(c.data), "data", "'digits' or a latents folder written by extract-latents")
@@ -489,7 +504,8 @@ _FLAGS = {
     "figure_every": (dict(type=_non_negative_int), "draw the denoising paths of the EMA model "
                      "(figures/paths-<step>.png, needs matplotlib) every K steps; 0 = never"),
     "sample": (dict(action=argparse.BooleanOptionalAction), "sample and score after training (digits)"),
-    "sample_method": (dict(choices=("ddpm", "ddim")), "sampler"),
+    "objective": (dict(choices=OBJECTIVES), "training objective: Gaussian diffusion, or rectified flow (DiffMoE)"),
+    "sample_method": (dict(choices=("ddpm", "ddim", "euler", "heun")), "sampler (euler/heun: objective flow)"),
     "sample_steps": (dict(type=_positive_int), "sampling steps, respaced from 1000"),
     "cfg_scale": (dict(type=_guidance), "classifier-free guidance scale, 1 = none"),
     "samples_per_class": (dict(type=_positive_int), "grid columns: samples of each class"),

@@ -260,6 +260,9 @@ class DiffMoE(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
         self.initialize_weights()
 
+    routing = "diffmoe"  # the family tag other modules read (Switch-DiT's is "switch")
+    prior_matcher = None  # no diffusion prior (Switch-DiT's matcher state has no DiffMoE twin)
+
     def moe_layers(self) -> list[ExpertChoiceMoE]:
         return [self.blocks[i].mlp for i in self.moe_blocks]
 

@@ -166,17 +166,22 @@ class TrainingModule(nn.Module):
     forward(x, t, y, prior_generator=None) -> (model output, prior loss scalar). The
     prior is zero (and not computed) when ``with_prior`` is false or the model has no
     prior (DiT, DTR); Switch-DiT's is the gates' L_dp, Remix-DiT's the coefficient prior.
+    For DiffMoE the slot carries its weighted capacity-predictor loss (``model.aux_loss()``, the
+    public ``cp_loss``) after a training-mode forward.
     """
 
     def __init__(self, model: nn.Module, with_prior: bool = True):
         super().__init__()
         self.model = model
         self.with_prior = with_prior and getattr(model, "routing", None) in ("switch", "remix")
+        self.with_aux = with_prior and hasattr(model, "aux_loss") and hasattr(model, "moe_layers")
 
     def forward(self, x, t, y, prior_generator: torch.Generator | None = None):
         out = self.model(x, t, y)
         if self.with_prior:
             prior = self.model.prior_loss(t, generator=prior_generator)
+        elif self.with_aux and self.model.training:
+            prior = self.model.aux_loss()
         else:
             prior = out.new_zeros(())
         return out, prior

@@ -70,9 +70,17 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
 
 
 class RectifiedFlow:
-    """The rectified-flow objective; the trainer's counterpart of ``GaussianDiffusion``."""
+    """The rectified-flow objective; the trainer's counterpart of ``GaussianDiffusion``.
+
+    lambda_dp weighs ``model.prior_loss(t)`` (when lambda_dp > 0 and the model has one) in the
+    loss, as in ``GaussianDiffusion``: the trainer hands DiffMoE's capacity-predictor loss there,
+    so the loss is the public ``mse + cp_loss`` at lambda_dp = 1.
+    """
 
     objective = "flow"
+
+    def __init__(self, lambda_dp: float = 0.0):
+        self.lambda_dp = float(lambda_dp)
 
     def sample_timesteps(self, batch: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
         """t ~ U[0, 1), float32 (B,)."""
@@ -89,8 +97,9 @@ class RectifiedFlow:
     ) -> Dict[str, Tensor]:
         """Per-sample loss of one batch: x1 (B, C, H, W) data, t float (B,) in [0, 1), y (B,).
 
-        Returns "loss" (B,) = "mse" (B,) (the velocity error), plus "vb" (B,) zeros and
-        "prior" a zero scalar, the keys of ``GaussianDiffusion.training_losses``.
+        Returns "loss" (B,) = "mse" + lambda_dp * "prior", "mse" (B,) the velocity error, "vb"
+        (B,) zeros and "prior" the scalar model.prior_loss(t) (zero without one): the keys of
+        ``GaussianDiffusion.training_losses``.
         """
         if not isinstance(x1, Tensor) or x1.ndim < 2:
             raise ValueError("x1 must be a tensor of shape (B, C, ...)")
@@ -101,7 +110,11 @@ class RectifiedFlow:
         z_t = self.interpolate(x1, z0, t)
         v = _velocity(model(z_t, t, y), z_t)
         mse = _mean_flat((v - (x1 - z0)) ** 2)
-        return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse), "prior": mse.new_zeros(())}
+        prior = mse.new_zeros(())
+        prior_fn = getattr(model, "prior_loss", None) if self.lambda_dp else None
+        if prior_fn is not None:
+            prior = prior_fn(t).reshape(()).to(mse.dtype)
+        return {"loss": mse + self.lambda_dp * prior, "mse": mse, "vb": torch.zeros_like(mse), "prior": prior}
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from . import flow as flow_lib
 from . import vae as vae_lib
 from .data import NUM_CLASSES
 from .diffusion import create_diffusion, sample as diffusion_sample
@@ -79,7 +80,8 @@ def generate(
 ) -> torch.Tensor:
     """Class-conditional samples (B, C, H, W) float32 for labels int64 (B,), on the labels' device.
 
-    ``cfg_scale`` 1 runs the conditional model alone; above 1, DiT's guidance on the epsilon
+    A rectified-flow model (``model.objective == "flow"``, DiffMoE) samples with ``method``
+    "euler" or "heun" (``switch_dit.flow.sample``). ``cfg_scale`` 1 runs the conditional model alone; above 1, DiT's guidance on the epsilon
     channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
     pass False for VAE latents, which are not bounded). Randomness comes from ``generator``, or a
     fresh one seeded with ``seed`` (0 if neither is given).
@@ -94,7 +96,10 @@ def generate(
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
         raise ValueError(f"labels must be classes in [0, {model.num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
-    diffusion = sampling_diffusion(method, steps, noise_schedule, learn_sigma=model.learn_sigma)
+    flow = getattr(model, "objective", "diffusion") == "flow"
+    if flow and method not in ("euler", "heun"):
+        raise ValueError(f"method must be 'euler' or 'heun' for a rectified-flow model, got {method!r}")
+    diffusion = None if flow else sampling_diffusion(method, steps, noise_schedule, learn_sigma=model.learn_sigma)
     if generator is None:
         generator = torch.Generator(device=labels.device).manual_seed(0 if seed is None else seed)
     if capture is None:
@@ -104,6 +109,10 @@ def generate(
     was_training = model.training
     model.eval()  # in training mode DiT drops labels at random
     try:
+        if flow:  # switch_dit.flow: Euler or Heun from t = 0 to 1; clipping applies to the result
+            x = flow_lib.sample(model, labels, steps=steps, method=method, cfg_scale=float(cfg_scale),
+                                generator=generator)
+            return x.clamp(-1, 1) if clip_denoised else x
         net = CapturedStep(model) if capture else model
         return diffusion_sample(net, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
                                 generator=generator, progress=progress, clip_denoised=clip_denoised)

@@ -64,6 +64,7 @@ from .config import TrainConfig, add_train_arguments, config_from_args, load_con
 from .data import NUM_CLASSES, data_info, open_training_data
 from .diffusion import GaussianDiffusion, create_diffusion
 from .evaluate import evaluate_samples
+from .flow import RectifiedFlow
 from .interop import init_remix_from_dit_file
 from .runlog import RunLog
 from .sampling import generate, grid_labels, save_grid
@@ -98,10 +99,15 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(cfg, key):
             kw[key] = getattr(cfg, key)
+    if cfg.model.startswith("DiffMoE"):
+        kw["objective"] = cfg.objective  # the model checks its t (float flow times or int steps)
     return kw
 
 
-def _diffusion(cfg: TrainConfig) -> GaussianDiffusion:
+def _diffusion(cfg: TrainConfig) -> GaussianDiffusion | RectifiedFlow:
+    """The training objective: Gaussian diffusion, or rectified flow (switch_dit.flow)."""
+    if cfg.objective == "flow":
+        return RectifiedFlow(lambda_dp=cfg.lambda_dp)
     return create_diffusion(noise_schedule=cfg.noise_schedule, learn_sigma=True, lambda_dp=cfg.lambda_dp)
 
 

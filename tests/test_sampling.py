@@ -362,7 +362,8 @@ def test_sample_command_reads_the_reference_layout(tmp_path, capsys):
     (["--num-samples", "5"], "--num-samples needs --npz"),
     (["--classes", "3,10"], "--classes must be in [0, 10)"),
     (["--classes", "a"], "--classes: must be comma-separated integers"),
-    (["--sample-method", "euler"], "--sample-method: invalid choice"),
+    (["--sample-method", "rk4"], "--sample-method: invalid choice"),
+    (["--sample-method", "euler"], "method must be 'ddpm' or 'ddim'"),  # euler/heun: rectified-flow models
 ])
 def test_sample_command_bad_arguments(tiny_checkpoint, extra, needle, capsys):
     with pytest.raises(SystemExit) as exc:

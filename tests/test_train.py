@@ -192,7 +192,7 @@ def test_sample_command(tiny_run, tmp_path, capsys):
         (["train", "--batch-size", "0"], "--batch-size: must be a positive integer"),
         (["train", "--model", "Switch-DiT-M/2"], "--model: unknown model"),
         (["train", "--cfg-scale", "0.5"], "--cfg-scale: must be a number >= 1"),
-        (["train", "--sample-method", "euler"], "--sample-method: invalid choice"),
+        (["train", "--sample-method", "rk4"], "--sample-method: invalid choice"),
         (["train", "--top-k", "4"], "--top-k (4) must not exceed --num-experts (3)"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
         (["train", "--batch-size", "5000", "--no-progress"], "batch_size must be <= 1438"),

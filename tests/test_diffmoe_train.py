@@ -1,0 +1,128 @@
+"""DiffMoE in the trainer: flow objective, capacity loss, thresholds in checkpoints and resume,
+and the thresholds' all-reduce over two gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from switch_dit import checkpoint as ck
+from switch_dit import distributed
+from switch_dit.config import TrainConfig
+
+TINY = dict(model="DiffMoE-S/4", objective="flow", hidden_size=16, depth=2, num_heads=2, num_experts=4,
+            image_size=8, batch_size=8, device="cpu", sample=False, progress=False, log_every=1)
+
+
+def _records(run):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_sec", "images_per_sec", "elapsed_s")}
+            for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_config_objective():
+    assert TrainConfig(**TINY).sample_method == "euler"
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(**{**TINY, "objective": "magic"})
+    with pytest.raises(ValueError, match="DiffMoE model for objective 'flow'"):
+        TrainConfig(**{**TINY, "model": "DiT-S/4"})
+    with pytest.raises(ValueError, match="'euler' or 'heun'"):
+        TrainConfig(**{**TINY, "sample_method": "ddim"})
+    assert TrainConfig(**{**TINY, "objective": "diffusion"}).sample_method == "ddim"
+
+
+def test_flow_loss_carries_the_capacity_loss():
+    from switch_dit.flow import RectifiedFlow
+    from switch_dit.models import create
+    from switch_dit.train import forward_backward
+
+    torch.manual_seed(0)
+    model = create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
+                   num_heads=2, num_experts=4).double()
+    net = distributed.TrainingModule(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 10, (4,), generator=g)
+    t, noise = torch.rand(4, dtype=torch.float64, generator=g), torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g)
+    parts = forward_backward(net, RectifiedFlow(lambda_dp=1.0), x, y, None, t=t, noise=noise)
+    aux = model.aux_loss()
+    torch.testing.assert_close(parts["prior"], aux.float())
+    torch.testing.assert_close(parts["loss"], parts["mse"] + aux.float())
+    assert model.blocks[1].mlp.capacity_predictor[0].weight.grad.abs().sum() > 0  # the predictor learns
+    assert all((layer.expert_threshold > 0).all() for layer in model.moe_layers())
+
+
+def test_train_checkpoint_resume_with_thresholds(tmp_path):
+    pytest.importorskip("sklearn")
+    from switch_dit.train import train
+
+    cfg = dict(TINY, steps=4, ckpt_every=2)
+    quiet = lambda *a, **k: None  # noqa: E731
+    train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
+    step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
+    train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet, resume=str(step2))
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert len(a) == 4 and b == a[2:]
+    assert all(r["prior"] > 0 for r in a)  # the capacity loss is in the step's loss
+    s2, s4 = ck.load_checkpoint(step2), ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    t2, t4 = s2["model"]["blocks.1.mlp.expert_threshold"], s4["model"]["blocks.1.mlp.expert_threshold"]
+    assert t2.shape == (4,) and (t2 > 0).all() and not torch.equal(t2, t4)
+    t4b = ck.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]["blocks.1.mlp.expert_threshold"]
+    assert torch.equal(t4, t4b)  # the resumed run's thresholds continue exactly
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model():
+    from switch_dit.models import create
+
+    torch.manual_seed(0)
+    return create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
+                  num_heads=2, num_experts=4, class_dropout_prob=0.0)
+
+
+def _rank_batch(rank):
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.rand(3, generator=g), torch.randint(0, 10, (3,), generator=g)
+
+
+def _ddp_worker(rank, world, port, tmp):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu")
+    try:
+        net = distributed.wrap(_tiny_model(), ctx, "ddp")
+        for _ in range(2):
+            out, aux = net(*_rank_batch(rank))
+            (out.square().mean() + aux).backward()
+        model = distributed.unwrap(net)
+        torch.save([layer.expert_threshold.clone() for layer in model.moe_layers()], os.path.join(tmp, f"thr{rank}.pt"))
+    finally:
+        distributed.cleanup()
+
+
+def test_two_gloo_ranks_share_thresholds(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    thr0, thr1 = torch.load(tmp_path / "thr0.pt"), torch.load(tmp_path / "thr1.pt")
+    for a, b in zip(thr0, thr1):
+        assert torch.equal(a, b)
+    # Each step averages the ranks' EMA updates, and averaging is linear: with the parameters
+    # unchanged (no optimizer step), two steps on two ranks give the mean of the two ranks'
+    # thresholds computed alone.
+    singles = []
+    for rank in range(2):
+        model = _tiny_model().train()
+        for _ in range(2):
+            model(*_rank_batch(rank))
+        singles.append([layer.expert_threshold.clone() for layer in model.moe_layers()])
+    for i, a in enumerate(thr0):
+        assert not torch.equal(singles[0][i], singles[1][i])
+        torch.testing.assert_close(a, (singles[0][i] + singles[1][i]) / 2, rtol=1e-6, atol=1e-7)
