@@ -26,6 +26,7 @@ def _records(run):
 
 def test_config_objective():
     assert TrainConfig(**TINY).sample_method == "euler"
+    assert TrainConfig(model="DiffMoE-S/4").num_experts == 16  # the published E
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(**{**TINY, "objective": "magic"})
     with pytest.raises(ValueError, match="DiffMoE model for objective 'flow'"):
