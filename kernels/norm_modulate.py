@@ -287,7 +287,7 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int]:
+def _config(x: torch.Tensor, B: int, L: int, D: int, backward: bool = False) -> tuple[int, int, int, int]:
     """-> (BLOCK_D, ROWS, C, num_warps). Fixed heuristics, no autotuning: the kernels
     are memory-bound and the interpreter cannot autotune."""
     if x.device.type != "cuda" and not INTERPRET:
@@ -299,18 +299,24 @@ def _config(x: torch.Tensor, B: int, L: int, D: int) -> tuple[int, int, int, int
     block_d = triton.next_power_of_2(max(D, 1))
     num_warps = min(max(block_d // 256, 1), 8)
     if x.device.type == "cuda":
-        rows = rows_per_program(B, L, sm_count(x.device))
+        rows = rows_per_program(B, L, sm_count(x.device), backward)
     else:
         rows = min(4, triton.next_power_of_2(max(L, 1)))  # interpreter: small, L = 7, 33 span chunks
     return block_d, rows, triton.cdiv(L, rows), num_warps
 
 
-def rows_per_program(B: int, L: int, sms: int) -> int:
-    """ROWS of a GPU launch (a power of two, at most L's): about 8 programs per SM keep enough
-    loads in flight for these memory-bound kernels; more rows per program mean fewer partial
-    rows to sum in the backward."""
-    rows = max(1, (B * L) // (8 * sms))
-    rows = min(1 << (rows.bit_length() - 1), 16)
+def rows_per_program(B: int, L: int, sms: int, backward: bool = False) -> int:
+    """ROWS of a GPU launch (a power of two, at most L's).
+
+    Forward: about 8 programs per SM keep enough loads in flight for these memory-bound
+    kernels. Backward: every program also writes a fp32 partial row per per-sample gradient
+    (dshift, dscale, ...), C = L / ROWS of them per sample, read back by the sum; about 2
+    programs per SM (up to 64 rows each) keep C small: XL (B = 32, L = 256, 132 SMs) gets
+    16 rows, 16 partial rows per sample, where 4 rows gave 64 (9.4 MB each in fp32).
+    """
+    per_sm, cap = (2, 64) if backward else (8, 16)
+    rows = max(1, (B * L) // (per_sm * sms))
+    rows = min(1 << (rows.bit_length() - 1), cap)
     return min(rows, triton.next_power_of_2(max(L, 1)))
 
 
@@ -371,7 +377,7 @@ def mask_ln_modulate_bwd(x, m, scale, mean, rstd, dh, dr0, need_dm: bool, shift_
         z = torch.zeros((B, D), dtype=cdt, device=x.device)
         dm = torch.zeros(m.shape, dtype=m.dtype, device=x.device) if dm_mode else None
         return dx, dm, z.to(shift_dtype), z.to(scale.dtype)
-    block_d, rows, C, nw = _config(x, B, L, D)
+    block_d, rows, C, nw = _config(x, B, L, D, backward=True)
     me = m.expand(B, L, D) if has_m else None
     dm_full = _row_like(x, m.dtype) if dm_mode == 1 else None
     pshift = _new((B, C, D), cdt, x.device)
@@ -426,7 +432,7 @@ def residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shi
     if B * L * D == 0:
         zd = torch.zeros((B, D), dtype=cdt, device=r0.device)
         return dr0, da, zd.to(gate.dtype), zd.to(shift_dtype), zd.to(scale.dtype)
-    block_d, rows, C, nw = _config(r0, B, L, D)
+    block_d, rows, C, nw = _config(r0, B, L, D, backward=True)
     pg, ps, pc = (_new((B, C, D), cdt, r0.device) for _ in range(3))
     _res_ln_mod_bwd_kernel[(B, C)](
         r0, attn_out, gate, scale, mean, rstd, dzr if dzr is not None else dh, dh,
@@ -459,7 +465,7 @@ def gated_residual_bwd(y, gate, dout):
     dy = _row_like(y, y.dtype)
     if B * L * D == 0:
         return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device)
-    block_d, rows, C, nw = _config(y, B, L, D)
+    block_d, rows, C, nw = _config(y, B, L, D, backward=True)
     pg = _new((B, C, D), cdt, y.device)
     _gated_res_bwd_kernel[(B, C)](
         y, gate, dout, dy, pg, L, D, C, *y.stride(), *gate.stride(), *dout.stride(),

@@ -150,9 +150,14 @@ def gpu_configs(rec: dict, full: bool) -> list[dict]:
 
     Routed linear: its default configs (all autotuning candidates with ``full``), and fp32
     both as TF32 MMAs (IEEE=0, what the trainer allows) and in true fp32 (IEEE=1). The norm
-    kernels: the recorded launch itself (their config does not depend on the device).
+    kernels: the recorded launch with the ROWS of an XL launch on an H100.
     """
     a, name = rec["args"], rec["kernel"]
+    if rec["module"].endswith("norm_modulate"):
+        # ROWS as a GPU launch at XL (B = 32, L = 256) on 132 SMs; the interpreter's is 4
+        from switch_dit.kernels.norm_modulate import rows_per_program
+
+        return [dict(rec["options"], ROWS=rows_per_program(32, 256, 132, name.endswith("_bwd_kernel")))]
     if name not in ("_mixed_matmul_kernel", "_mixed_wgrad_kernel"):
         return [dict(rec["options"])]
     module = importlib.import_module(rec["module"])

@@ -308,13 +308,14 @@ def _norm_steps(op: str, strategy: str, mode: str, sh: dict, dtype, dev: Device)
         if strategy == "fused":
             from switch_dit.kernels import norm_modulate as N
 
-            rows = N.rows_per_program(B, L, dev.sms)
+            rows_f, rows = N.rows_per_program(B, L, dev.sms), N.rows_per_program(B, L, dev.sms, backward=True)
         else:
-            rows = max(1, L // 8)  # Inductor's split reduction: a few partial rows per sample
+            rows_f = rows = max(1, L // 8)  # Inductor's split reduction: a few partial rows per sample
         chunks = _cdiv(L, rows)
         part = 4.0 * B * D * _NORM_PARTIALS[op] * chunks  # fp32 partial rows, written then summed
         if fwd:
-            out.append(Step(f"{op} fwd", vector_flops=flops_row * B * L, bytes=(fr + fw) * act, programs=B * chunks))
+            out.append(Step(f"{op} fwd", vector_flops=flops_row * B * L, bytes=(fr + fw) * act,
+                            programs=B * _cdiv(L, rows_f)))
         if bwd:
             out += [Step(f"{op} bwd", vector_flops=2 * flops_row * B * L, bytes=(br + bw) * act + part,
                          programs=B * chunks),
