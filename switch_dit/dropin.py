@@ -23,9 +23,9 @@ Reference semantics kept:
     label dropout draws the same random numbers as the reference.
   - SMoE: the gate is softmax(f_gate(e_t)) over the M experts of each block, top-k, the
     gate weights are the top-k probabilities themselves (*not renormalised*), and
-    m = 1 + sum_j g_j (x W_j + b_j) with experts.w stored (M, D_in, D_out) (DESIGN.md §1).
+    m = 1 + sum_j g_j (x W_j + b_j) with experts.w stored (M, D_in, D_out) (docs/design.md §1).
   - The block: r = x * m; r += g_a attn(mod(LN r)); r += g_m mlp(mod(LN r)); out = r + (1-m) x,
-    computed as out = x + a + f (identical up to rounding, DESIGN.md §2 (b)). DTR's mask is
+    computed as out = x + a + f (identical up to rounding, docs/design.md §2.2). DTR's mask is
     each router's ``_unit_mapping[t]``.
   - L_dp = JSD(p_tot(t_b) / N || matched w_prior[t_b] / (k N)), averaged over the batch,
     through the model's own ``prior.compute_JSD_loss`` and ``prior._unit_mapping``.
@@ -54,7 +54,7 @@ Differences (documented, by design):
     exactly one step, on every device (the paper reports the maps settle within ~500
     iterations), and the first call is one synchronous solve. Every optimal assignment has the same matching cost,
     but when several are optimal (ties) the loss value can differ from the one the
-    reference's random shuffle picks on that step. ``prior="reference"`` calls the model's
+    reference's random shuffle picks on that step. ``prior="exact"`` calls the model's
     own ``DiffusionPrior`` instead (random shuffle and a host solve every step, exactly
     the reference's loss for the same random state).
 """
@@ -65,17 +65,16 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_timesteps
-from .ops.dispatch import check_backend
-from .layers import adaln_zero_block, ln_modulate, use_fused
-from .ops import expert_mask
+from .layers import adaln_zero_block, gate_probs_of_blocks, is_silu_linear, route_top_k
+from .models import PRIOR_MODES
+from .ops import expert_mask, mask_ln_modulate
+from .ops.dispatch import check_backend, runs_reference
 
 __all__ = ["accelerate", "PRIOR_MODES"]
 
-PRIOR_MODES = ("matched", "reference")
 _EXPECTED = (
     "a DiT built by the Switch-DiT reference code (models/DiT/models.py): attributes x_embedder, "
     "t_embedder, y_embedder, pos_embed, blocks (DiTBlocks with norm1, attn, norm2, mlp, "
@@ -93,7 +92,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto", prior: str = "matched
     DataParallel: its ``.module`` is patched). backend: "auto" (fused ops on CUDA tensors,
     plain PyTorch on CPU), "triton" (fused ops; CPU tensors need TRITON_INTERPRET=1) or
     "reference" (plain PyTorch ops, still without host syncs in the routing). prior:
-    "matched" (deterministic, sync-free matching) or "reference" (the model's own
+    "matched" (deterministic, sync-free matching) or "exact" (the model's own
     DiffusionPrior, random shuffle, host solve per step); see the module doc.
     Calling it again changes backend / prior. Returns ``model``. A Remix-DiT built by the
     published remix_dit.py is patched by ``switch_dit.remix_dit.accelerate_published``.
@@ -117,7 +116,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto", prior: str = "matched
     target._switch_dit_routing = routing
     if routing == "DMoE":
         # One GEMM for every gate only when each f_gate is the reference's SiLU -> Linear.
-        target._switch_dit_one_gate_gemm = all(_is_silu_linear(r.f_gate) for r in target.routers)
+        target._switch_dit_one_gate_gemm = all(is_silu_linear(r.f_gate) for r in target.routers)
     return model
 
 
@@ -149,10 +148,6 @@ def _linear(module, d_in: int, d_out: int) -> bool:
     return isinstance(module, nn.Linear) and module.in_features == d_in and module.out_features == d_out
 
 
-def _is_silu_linear(seq) -> bool:
-    return isinstance(seq, nn.Sequential) and len(seq) == 2 and isinstance(seq[0], nn.SiLU) and isinstance(seq[1], nn.Linear)
-
-
 def _check_norm(norm, where: str, D: int) -> None:
     if not isinstance(norm, nn.LayerNorm) or norm.elementwise_affine or tuple(norm.normalized_shape) != (D,):
         raise _problem(f"{where} must be nn.LayerNorm({D}, elementwise_affine=False), got {norm!r}")
@@ -175,14 +170,14 @@ def _check_reference_model(model: nn.Module, prior: str) -> str:
         _check_norm(block.norm2, f"blocks[{i}].norm2", D)
         if block.norm1.eps != block.norm2.eps:
             raise _problem(f"blocks[{i}].norm1 and norm2 must share eps, got {block.norm1.eps} and {block.norm2.eps}")
-        if not (_is_silu_linear(block.adaLN_modulation) and _linear(block.adaLN_modulation[1], D, 6 * D)):
+        if not (is_silu_linear(block.adaLN_modulation) and _linear(block.adaLN_modulation[1], D, 6 * D)):
             raise _problem(f"blocks[{i}].adaLN_modulation must be Sequential(SiLU, Linear({D}, {6 * D}))")
     fl = model.final_layer
     for name in ("norm_final", "linear", "adaLN_modulation"):
         if not isinstance(getattr(fl, name, None), nn.Module):
             raise _problem(f"final_layer has no submodule {name!r}")
     _check_norm(fl.norm_final, "final_layer.norm_final", D)
-    if not (_is_silu_linear(fl.adaLN_modulation) and _linear(fl.adaLN_modulation[1], D, 2 * D)):
+    if not (is_silu_linear(fl.adaLN_modulation) and _linear(fl.adaLN_modulation[1], D, 2 * D)):
         raise _problem(f"final_layer.adaLN_modulation must be Sequential(SiLU, Linear({D}, {2 * D}))")
 
     routing = model.routing_method
@@ -233,8 +228,8 @@ def _check_dmoe(model: nn.Module, D: int, N: int, prior: str) -> None:
         raise _problem(f"prior.depth must equal the number of blocks {N}, got {pr.depth}")
     if not isinstance(getattr(model, "w_JSD", None), (int, float, torch.Tensor)):
         raise _problem("routing_method 'DMoE' needs w_JSD, the weight of the prior loss")
-    if prior == "reference" and not callable(getattr(pr, "set_active_task", None)):
-        raise _problem("prior='reference' needs prior.set_active_task (the reference's DiffusionPrior)")
+    if prior == "exact" and not callable(getattr(pr, "set_active_task", None)):
+        raise _problem("prior='exact' needs prior.set_active_task (the reference's DiffusionPrior)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +278,7 @@ class _AcceleratedBlock(_Patched):
 
     def forward(self, x, c, mask=None):
         backend = self._switch_dit_backend
-        if not use_fused(backend, x):
+        if runs_reference(backend, x):
             return super().forward(x, c, mask)  # the reference code itself
         return adaln_zero_block(x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=backend)
 
@@ -293,10 +288,10 @@ class _AcceleratedFinalLayer(_Patched):
 
     def forward(self, x, c):
         backend = self._switch_dit_backend
-        if not use_fused(backend, x):
+        if runs_reference(backend, x):
             return super().forward(x, c)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ln_modulate(x, shift, scale, eps=self.norm_final.eps, backend=backend))
+        return self.linear(mask_ln_modulate(x, None, shift, scale, eps=self.norm_final.eps, backend=backend))
 
 
 class _AcceleratedDiT(_Patched):
@@ -324,9 +319,7 @@ class _AcceleratedDiT(_Patched):
                 probs = table[t]
             else:
                 probs = self._switch_dit_gate_probs(t_emb)  # (B, N, M)
-            k = self.routers[0].k
-            idx = prior_lib.topk_indices(probs, k)  # (B, N, k), ties to the lower index
-            w = probs.gather(-1, idx)  # not renormalised, as the reference
+            idx, w = route_top_k(probs, self.routers[0].k)  # (B, N, k) each; w not renormalised
             for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
                 m = expert_mask(h, router.experts.w, router.experts.b, idx[:, i], w[:, i], backend=self._switch_dit_backend)
                 h = block(h, c, m)
@@ -345,21 +338,15 @@ class _AcceleratedDiT(_Patched):
 
     def _switch_dit_gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
         """(R, D) timestep embeddings -> (R, N, M) gate probabilities of every block, >= float32."""
-        if self._switch_dit_one_gate_gemm:
-            weight = torch.cat([r.f_gate[1].weight for r in self.routers])  # (N*M, D)
-            bias = [r.f_gate[1].bias for r in self.routers]
-            bias = None if any(b is None for b in bias) else torch.cat(bias)
-            logits = F.linear(F.silu(t_emb), weight, bias).unflatten(-1, (len(self.routers), -1))
-        else:
-            logits = torch.stack([r.f_gate(t_emb) for r in self.routers], dim=-2)
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        gates = [router.f_gate for router in self.routers]
+        return gate_probs_of_blocks(t_emb, gates, one_gemm=self._switch_dit_one_gate_gemm)
 
     def _switch_dit_prior_loss(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """L_dp from the (T, N, M) gate table and the batch's timesteps (B,)."""
         N, k = table.shape[1], self.routers[0].k
         w_gate = prior_lib.activation_map(table, k)  # (T, N*M) 0/1, block-major as the reference
         probs = table.flatten(1)[t]  # (B, N*M)
-        if self._switch_dit_prior == "reference":
+        if self._switch_dit_prior == "exact":
             self.prior.set_active_task(t)
             return self.prior(probs, w_gate)
         w_prior = self.prior._unit_mapping.to(device=table.device, dtype=torch.float32)

@@ -1,21 +1,22 @@
-"""Building blocks of DiT, DTR and Switch-DiT as public ``nn.Module``s (DESIGN.md §1).
+"""Building blocks of DiT, DTR and Switch-DiT as public ``nn.Module``s (docs/design.md §1).
 
 For users who write their own DiT-like model. Module and parameter names follow the
 public reference implementation (``models/DiT/models.py``), so state dicts line up.
+Modules hold parameters and call ``switch_dit.ops``; no computation is written twice here.
 
   embedders   PatchEmbed, TimestepEmbedder, LabelEmbedder, get_2d_sincos_pos_embed
   routing     TimestepRouter (gate + Experts): the timestep-routed SMoE giving m or
-              (m, x * m); dtr_mask_table (DTR's fixed channel masks)
+              (m, x * m); gate_probs_of_blocks and route_top_k (the gates of N blocks, top-k),
+              shared by our models and the drop-in; dtr_mask_table (DTR's fixed channel masks)
   block       DiTBlock: adaLN-Zero, dense (mask=None) or masked (Switch-DiT: m from a
               TimestepRouter; DTR: a (B, 1, D) 0/1 mask); Attention and Mlp (timm layout)
-  adaLN       modulate, ln_modulate, adaln_zero_block (the block as a function), FinalLayer
+  adaLN       adaln_zero_block (the block as a function), FinalLayer
 
-``backend`` (modules that have a fused path: TimestepRouter, DiTBlock, FinalLayer, and the
-functions ln_modulate / adaln_zero_block):
-  "reference"  plain PyTorch, the ground truth (any dtype, float64 included);
-  "triton"     the fused ops of ``switch_dit.ops`` (CUDA tensors, or CPU tensors under
-               TRITON_INTERPRET=1; float16/bfloat16/float32);
-  "auto"       "triton" on CUDA tensors, "reference" otherwise.
+``backend`` (modules that call ops: TimestepRouter, DiTBlock, FinalLayer, and
+adaln_zero_block): "reference" runs the model as written, in plain PyTorch (the ops'
+reference twins, ``ops.reference_block``); "auto" (or None) does so on CPU tensors and
+otherwise lets each op choose its strategy; any other name (``switch_dit.ops.strategies``)
+is passed to every op ("fused", alias "triton": the Triton kernels).
 The embedders have no fused variant (a conv, two small linears, a table lookup) and take
 no backend.
 
@@ -31,7 +32,7 @@ c (B, D) conditioning, z (B, L, D) tokens):
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import prior as prior_lib
-from .ops.dispatch import check_backend
-from .ops import expert_mask, expert_mask_and_apply, fused_block, mask_ln_modulate
+from .ops import expert_mask, expert_mask_and_apply, fused_block, mask_ln_modulate, reference_block
+from .ops.dispatch import check_backend, runs_reference
 
 __all__ = [
     "PatchEmbed",
@@ -54,48 +55,18 @@ __all__ = [
     "Mlp",
     "DiTBlock",
     "FinalLayer",
-    "modulate",
-    "ln_modulate",
     "adaln_zero_block",
+    "gate_probs_of_blocks",
+    "route_top_k",
+    "is_silu_linear",
 ]
 
 LN_EPS = 1e-6  # DiT's LayerNorms: no affine, eps 1e-6
 
 
-def use_fused(backend: str, x: torch.Tensor) -> bool:
-    """The fused path runs for backend "triton", and for "auto" on CUDA tensors."""
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
-
-
 #################################################################################
-#                        adaLN modulation (functions)                           #
+#                        adaLN-Zero block (function)                            #
 #################################################################################
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation x * (1 + scale) + shift: x (B, L, D), shift/scale (B, D) -> (B, L, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def ln_modulate(
-    x: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    *,
-    eps: float = LN_EPS,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """modulate(LayerNorm(x * mask), shift, scale), LayerNorm without affine.
-
-    x (B, L, D); mask (B, L, D), (B, 1, D) or None; shift, scale (B, D) -> (B, L, D).
-    The fused path is one pass (ops.mask_ln_modulate), the reference path three ops.
-    """
-    backend = check_backend(backend)
-    if use_fused(backend, x):
-        return mask_ln_modulate(x, mask, shift, scale, eps=eps, backend=backend)
-    r = x if mask is None else x * mask
-    return modulate(F.layer_norm(r, r.shape[-1:], eps=eps), shift, scale)
 
 
 def adaln_zero_block(
@@ -116,18 +87,14 @@ def adaln_zero_block(
     attn, mlp: (B, L, D) -> (B, L, D). With a mask m (Switch-DiT, DTR):
         r = x * m; r = r + g_a * attn(mod(LN(r))); r = r + g_m * mlp(mod(LN(r)));
         out = r + (1 - m) * x.
-    The fused path computes the same as out = x + a + f (DESIGN.md §2 (b)): the mask
-    only shapes the branch inputs and (1 - m) * x is never formed.
+    The reference path is ``ops.reference_block``; otherwise ``ops.fused_block`` computes the
+    same as out = x + a + f (docs/design.md §2.2): the mask only shapes the branch inputs and
+    (1 - m) * x is never formed.
     """
-    backend = check_backend(backend)
     ada = adaLN_modulation(c).chunk(6, dim=1)
-    if use_fused(backend, x):
-        return fused_block(x, mask, ada, attn, mlp, eps=eps, backend=backend)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada
-    r = x if mask is None else x * mask
-    r = r + gate_msa.unsqueeze(1) * attn(modulate(F.layer_norm(r, r.shape[-1:], eps=eps), shift_msa, scale_msa))
-    r = r + gate_mlp.unsqueeze(1) * mlp(modulate(F.layer_norm(r, r.shape[-1:], eps=eps), shift_mlp, scale_mlp))
-    return r if mask is None else r + (1 - mask) * x
+    if runs_reference(backend, x):
+        return reference_block(x, mask, ada, attn, mlp, eps)
+    return fused_block(x, mask, ada, attn, mlp, eps=eps, backend=backend)
 
 
 #################################################################################
@@ -237,6 +204,38 @@ class Experts(nn.Module):
         self.b = nn.Parameter(torch.zeros(num_experts, out_features))
 
 
+def is_silu_linear(gate: nn.Module) -> bool:
+    """Whether a gate is SiLU -> Linear (ours and the reference's ``f_gate``): then the gates of
+    all blocks can run as one GEMM."""
+    return (isinstance(gate, nn.Sequential) and len(gate) == 2 and isinstance(gate[0], nn.SiLU)
+            and isinstance(gate[1], nn.Linear))
+
+
+def gate_probs_of_blocks(t_emb: torch.Tensor, gates: Sequence[nn.Module], *, one_gemm: bool) -> torch.Tensor:
+    """Gate probabilities of N blocks: t_emb (R, D) -> (R, N, M) softmax, at least float32.
+
+    ``gates``: each block's gate module, (R, D) -> (R, M) logits. With ``one_gemm`` (every gate
+    SiLU -> Linear, see ``is_silu_linear``) the N linears run as one GEMM over their concatenated
+    weights, since they read the same input (docs/design.md §2.4); else each gate runs itself.
+    The softmax runs in at least float32 (the reference runs it in the logits' dtype).
+    """
+    if one_gemm:
+        linears = [gate[1] for gate in gates]
+        weight = torch.cat([lin.weight for lin in linears])  # (N*M, D)
+        bias = None if any(lin.bias is None for lin in linears) else torch.cat([lin.bias for lin in linears])
+        logits = F.linear(F.silu(t_emb), weight, bias).unflatten(-1, (len(gates), -1))
+    else:
+        logits = torch.stack([gate(t_emb) for gate in gates], dim=-2)
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def route_top_k(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., M) gate probabilities -> top-k expert indices (..., k) int64 (ties to the lower index)
+    and their weights (..., k): the probabilities themselves, not renormalised (docs/design.md §1.2)."""
+    idx = prior_lib.topk_indices(probs, top_k)
+    return idx, probs.gather(-1, idx)
+
+
 class TimestepRouter(nn.Module):
     """The timestep-routed SMoE layer in front of one Switch-DiT block.
 
@@ -262,13 +261,11 @@ class TimestepRouter(nn.Module):
 
     def gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
         """(B, D) timestep embeddings -> (B, M) softmax probabilities, at least float32."""
-        logits = self.f_gate(t_emb)
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return gate_probs_of_blocks(t_emb, [self.f_gate], one_gemm=False)[:, 0]
 
     def route(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M) -> top-k expert indices (B, k) int64 and weights (B, k), ties to the lower index."""
-        idx = prior_lib.topk_indices(probs, self.top_k)
-        return idx, probs.gather(-1, idx)
+        return route_top_k(probs, self.top_k)
 
     def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """m(z): z (B, L, D), topk_idx (B, k) int, topk_w (B, k) float -> m (B, L, D) in z's dtype."""
@@ -359,4 +356,4 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(ln_modulate(x, shift, scale, eps=self.norm_final.eps, backend=self.backend))
+        return self.linear(mask_ln_modulate(x, None, shift, scale, eps=self.norm_final.eps, backend=self.backend))

@@ -1,4 +1,4 @@
-"""DiT, DTR and Switch-DiT: the reference models (DESIGN.md §1).
+"""DiT, DTR and Switch-DiT: the reference models (docs/design.md §1).
 
 One class, ``DiT``, covers the three families; ``routing`` picks the block input:
   "none"   plain DiT (Peebles & Xie)
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_labels, check_timesteps
-from .ops.dispatch import check_backend
+from .ops.dispatch import check_backend, runs_reference
 from .layers import (  # noqa: F401  the building blocks stay importable from here
     Attention,
     DiTBlock,
@@ -34,13 +34,13 @@ from .layers import (  # noqa: F401  the building blocks stay importable from he
     TimestepRouter,
     _1d_sincos,
     dtr_mask_table,
+    gate_probs_of_blocks,
     get_2d_sincos_pos_embed,
-    modulate,
+    route_top_k,
 )
-from .layers import use_fused as _use_fused
 from .ops.shared_mix import shared_expert_mask
 
-__all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "modulate"]
+__all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "PRIOR_MODES"]
 
 # name -> (hidden size, depth, heads)
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -48,6 +48,11 @@ FAMILIES = {"DiT": "none", "DTR": "dtr", "Switch-DiT": "switch"}
 MODEL_NAMES = [f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in (2, 4, 8)]
 MODEL_NAMES += [f"Remix-DiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]  # built by switch_dit.remix_dit
 MODEL_NAMES += [f"DiffMoE-{size}/{p}" for size in SIZES for p in (2, 4, 8)]  # built by switch_dit.diffmoe
+# How Switch-DiT's prior loss matches w_gate to w_prior (docs/design.md §1.4):
+#   "matched"  the assignment solved off the critical path, one step behind, no host sync
+#              (prior.AsyncAssignment); the default, on every backend;
+#   "exact"    the reference's way: columns shuffled at random, a host solve every step.
+PRIOR_MODES = ("matched", "exact")
 
 
 class DiT(nn.Module):
@@ -56,6 +61,7 @@ class DiT(nn.Module):
     forward(x (B, C, H, W), t (B,) int64 in [0, T), y (B,) int64) -> (B, C_out, H, W),
     C_out = 2C with learned sigma (epsilon first, then the variance interpolation).
     t may also be one timestep for the whole batch (a Python int or a 0-d tensor).
+    ``backend``: see ``switch_dit.layers``; ``prior``: Switch-DiT's prior matching, ``PRIOR_MODES``.
     """
 
     # The samplers of switch_dit.diffusion pass one 0-d timestep per step to models that say so.
@@ -80,8 +86,11 @@ class DiT(nn.Module):
         dtr_alpha: float = 4.0,
         dtr_beta: float = 0.8,
         backend: str = "auto",
+        prior: str = "matched",
     ):
         super().__init__()
+        if prior not in PRIOR_MODES:
+            raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
         if routing not in ("none", "dtr", "switch"):
             raise ValueError(f"routing must be 'none', 'dtr' or 'switch', got {routing!r}")
         if num_timesteps < 2:
@@ -92,6 +101,7 @@ class DiT(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.routing = routing
         self.backend = check_backend(backend)
+        self.prior_mode = prior
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -254,18 +264,12 @@ class DiT(nn.Module):
         """
         if self.routing != "switch":
             raise ValueError(f"gate probabilities need a Switch-DiT model, this one has routing={self.routing!r}")
-        if not _use_fused(self.backend, t_emb):
-            return torch.stack([router.gate_probs(t_emb) for router in self.routers], dim=1)
-        weight = torch.cat([r.f_gate[1].weight for r in self.routers])  # (N*M, D)
-        bias = torch.cat([r.f_gate[1].bias for r in self.routers])
-        logits = F.linear(F.silu(t_emb), weight, bias).unflatten(-1, (self.depth, self.num_experts))
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        gates = [router.f_gate for router in self.routers]
+        return gate_probs_of_blocks(t_emb, gates, one_gemm=not runs_reference(self.backend, t_emb))
 
     def route(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts of every block for a batch: (N, B, k) int64 indices and (N, B, k) weights."""
-        probs = self.gate_probs(t_emb).transpose(0, 1)  # (N, B, M)
-        idx = prior_lib.topk_indices(probs, self.top_k)
-        return idx, probs.gather(-1, idx)
+        return route_top_k(self.gate_probs(t_emb).transpose(0, 1), self.top_k)  # from (N, B, M)
 
     def gate_table(self) -> torch.Tensor:
         """Gate probabilities of every block for every timestep: (T, N, M), at least float32."""
@@ -277,7 +281,7 @@ class DiT(nn.Module):
         if self.routing != "switch":
             return torch.zeros((), device=self.pos_embed.device)
         check_timesteps(t, self.num_timesteps)
-        if _use_fused(self.backend, t):
+        if self.prior_mode == "matched":
             # No host sync: the Hungarian matching is solved off the critical path.
             return prior_lib.prior_loss_matched(self.gate_table(), self.w_prior, t, self.top_k, self._matcher)
         return prior_lib.prior_loss(self.gate_table(), self.w_prior, t, self.top_k, generator=generator)
@@ -305,7 +309,8 @@ def create(
     """Build a model by name, e.g. ``create("Switch-DiT-XL/2")``; names in ``MODEL_NAMES``.
 
     Extra keyword arguments (hidden_size, depth, num_heads, mlp_ratio, dtr_alpha,
-    dtr_beta) override the named size, for small test models. num_experts defaults to
+    dtr_beta) override the named size, for small test models; ``prior`` ("matched" or
+    "exact", ``PRIOR_MODES``) sets Switch-DiT's prior matching. num_experts defaults to
     3 for Switch-DiT; Remix-DiT names go to ``switch_dit.remix_dit.create`` (num_experts
     20, plus num_basis and mixing; top_k does not apply). DiffMoE names build
     ``switch_dit.diffmoe.DiffMoE`` (num_experts 16, plus capacity, interleave, objective, ...).

@@ -51,11 +51,10 @@ from .layers import (
     TimestepEmbedder,
     adaln_zero_block,
     get_2d_sincos_pos_embed,
-    use_fused,
 )
 from .models import DiT
 from .ops import mixed_linear
-from .ops.dispatch import check_backend
+from .ops.dispatch import check_backend, runs_reference
 
 __all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMESTEP_SAMPLING", "expert_prior",
            "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
@@ -83,13 +82,6 @@ def mix_bases(coef: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     dev = bases.device.type
     with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else _nullctx():
         return (coef.to(bases.dtype).unsqueeze(0) @ bases.flatten(1)).view(bases.shape[1:])
-
-
-def _fast(backend: str, x: torch.Tensor) -> bool:
-    """The mixed layers' fast paths run for every backend but "reference", and for "auto" on
-    CUDA tensors only (on the CPU "auto" is the reference, as for every op). A strategy name
-    (e.g. "bmm") is handed on to ``ops.mixed_linear``."""
-    return backend != "reference" and (backend != "auto" or x.is_cuda)
 
 
 class _nullctx:
@@ -120,7 +112,7 @@ def mixed_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     (K, in, out), which is a transposed *view* of ours (the kernels take any strides).
     Reference: the formula in plain PyTorch.
     """
-    if _fast(backend, x):
+    if not runs_reference(backend, x):
         K = weight.shape[0]
         idx = torch.arange(K, device=x.device).expand(x.shape[0], K)
         return mixed_linear(x, weight.transpose(1, 2), bias, idx, coef, backend=backend)
@@ -152,7 +144,7 @@ class MixedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, coef: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         if coef.dim() == 1:
-            return mixed_linear_shared(x, self.weight, self.bias, coef, _fast(backend, x))
+            return mixed_linear_shared(x, self.weight, self.bias, coef, not runs_reference(backend, x))
         return mixed_linear_per_sample(x, self.weight, self.bias, coef, backend)
 
     def extra_repr(self) -> str:
@@ -593,7 +585,7 @@ class _AcceleratedMixedBlock(_Patched):
 
     def forward(self, x, c, coeffs):
         backend = self._switch_dit_backend
-        if not use_fused(backend, x):
+        if runs_reference(backend, x):
             return super().forward(x, c, coeffs)  # the published code itself
         attn, mlp = self.attn, self.mlp
 

@@ -6,7 +6,7 @@ repository is not a dependency.
 
 Prior loss: the reference DiffusionPrior shuffles the columns of both binary maps with
 torch.rand before the Hungarian solve. Two comparisons cover it:
-  - accelerate(prior="reference") calls the model's own prior, and draws the same random
+  - accelerate(prior="exact") calls the model's own prior, and draws the same random
     numbers in the same order as the unpatched model, so under one seed the aux losses
     are equal (float64 test);
   - accelerate(prior="matched"), the default, solves the unshuffled cost: it is compared
@@ -68,10 +68,10 @@ def run(model, x, t, y, g, seed=11):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_reference_backend_float64_equals_unpatched(routing):
-    """backend "reference" in float64, prior "reference": outputs, aux loss (same random
+    """backend "reference" in float64, prior "exact": outputs, aux loss (same random
     shuffle) and every gradient equal the unpatched model's to rounding."""
     ref = build(routing).double().train()
-    fast = switch_dit.accelerate(copy.deepcopy(ref), backend="reference", prior="reference")
+    fast = switch_dit.accelerate(copy.deepcopy(ref), backend="reference", prior="exact")
     x, t, y = inputs(ref, dtype=torch.float64)
     g = torch.randn(3, 6, 6, 6, dtype=torch.float64)
     out_r, aux_r = run(ref, x, t, y, g)
@@ -204,10 +204,10 @@ def test_patched_model_compiles_fullgraph():
 def test_patching_again_changes_the_settings():
     model = switch_dit.accelerate(build("DMoE"), backend="triton")
     cls = type(model.blocks[0])
-    switch_dit.accelerate(model, backend="reference", prior="reference")
+    switch_dit.accelerate(model, backend="reference", prior="exact")
     assert type(model.blocks[0]) is cls
     assert model._switch_dit_backend == "reference" and model.blocks[0]._switch_dit_backend == "reference"
-    assert model._switch_dit_prior == "reference"
+    assert model._switch_dit_prior == "exact"
 
 
 def test_bad_input_says_what_was_expected():

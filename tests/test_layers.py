@@ -2,6 +2,7 @@
 against "triton" (the interpreter on CPU, float32). Shapes break tiling on purpose
 (D = 20, L = 5); GPU bf16 variants skip without a GPU."""
 
+import copy
 import math
 
 import pytest
@@ -19,8 +20,9 @@ from switch_dit.layers import (
     TimestepEmbedder,
     TimestepRouter,
     adaln_zero_block,
-    ln_modulate,
-    modulate,
+    gate_probs_of_blocks,
+    is_silu_linear,
+    route_top_k,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -54,24 +56,13 @@ def layer_norm(x, eps=1e-6):
 # ---------------------------------------------------------------------------- adaLN pieces
 
 
-def test_modulate_and_ln_modulate_are_the_formulas():
-    x, shift, scale = rand(2, 5, 20, seed=1), rand(2, 20, seed=2), rand(2, 20, seed=3)
-    want = x * (1 + scale[:, None]) + shift[:, None]
-    torch.testing.assert_close(modulate(x, shift, scale), want)
-    for mask in (None, rand(2, 5, 20, seed=4), (rand(2, 1, 20, seed=5) > 0).to(F64)):
-        r = x if mask is None else x * mask
-        want = layer_norm(r) * (1 + scale[:, None]) + shift[:, None]
-        torch.testing.assert_close(ln_modulate(x, shift, scale, mask, backend="reference"), want)
-
-
-@pytest.mark.parametrize("mask_shape", [None, (3, 5, 20), (3, 1, 20)])
-def test_ln_modulate_triton_matches_reference(mask_shape):
-    x = rand(3, 5, 20, seed=6, dtype=torch.float32)
-    shift, scale = rand(3, 20, seed=7, dtype=torch.float32), rand(3, 20, seed=8, dtype=torch.float32)
-    mask = None if mask_shape is None else rand(*mask_shape, seed=9, dtype=torch.float32)
-    want = ln_modulate(x.double(), shift.double(), scale.double(), None if mask is None else mask.double(), backend="reference")
-    got = ln_modulate(x.to(DEV), shift.to(DEV), scale.to(DEV), None if mask is None else mask.to(DEV), backend="triton")
-    assert rel(got.cpu(), want) < 1e-6
+def test_final_layer_reference_is_the_formula():
+    """LN without affine, adaLN modulate, then the linear; through ops' reference twin."""
+    fl = randomize(FinalLayer(20, 2, 3, backend="reference").double(), seed=4)
+    x, c = rand(2, 5, 20, seed=1), rand(2, 20, seed=2)
+    shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
+    h = layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(fl(x, c), fl.linear(h))
 
 
 # ---------------------------------------------------------------------------- embedders
@@ -152,6 +143,23 @@ def test_router_ties_go_to_the_lower_index():
     r = TimestepRouter(4, 4, 2)
     idx, w = r.route(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.3, 0.3, 0.3]]))
     assert idx.tolist() == [[0, 1], [1, 2]]
+
+
+def test_gates_of_all_blocks_as_one_gemm_equal_each_gate():
+    """The one-GEMM gate (models and the drop-in share it) against each block's own gate."""
+    routers = [randomize(TimestepRouter(12, 3, 2).double(), seed=s) for s in range(4)]
+    gates = [r.f_gate for r in routers]
+    assert all(is_silu_linear(g) for g in gates) and not is_silu_linear(torch.nn.Linear(12, 3))
+    e = rand(5, 12, seed=7)
+    each = torch.stack([r.gate_probs(e) for r in routers], dim=1)  # (5, 4, 3)
+    torch.testing.assert_close(gate_probs_of_blocks(e, gates, one_gemm=True), each)
+    torch.testing.assert_close(gate_probs_of_blocks(e, gates, one_gemm=False), each)
+    torch.testing.assert_close(each.sum(-1), torch.ones(5, 4, dtype=F64))
+    half = gate_probs_of_blocks(e.half(), [copy.deepcopy(g).half() for g in gates], one_gemm=True)
+    assert half.dtype == torch.float32  # the softmax runs in at least float32
+    idx, w = route_top_k(each, 2)  # (5, 4, 2): weights are the probabilities, not renormalised
+    assert idx.shape == (5, 4, 2) and torch.equal(w, each.gather(-1, idx))
+    assert (w[..., 0] >= w[..., 1]).all()
 
 
 def test_router_gradcheck_float64():
@@ -276,12 +284,15 @@ def test_bad_backend_and_shapes_raise():
     for make in (lambda: DiTBlock(8, 2, backend="cuda"), lambda: FinalLayer(8, 2, 3, backend="fast"), lambda: TimestepRouter(8, 3, 2, backend="x")):
         with pytest.raises(ValueError, match="backend"):
             make()
-    with pytest.raises(ValueError, match="backend"):
-        ln_modulate(rand(1, 2, 4), rand(1, 4), rand(1, 4), backend="gpu")
+    with pytest.raises(ValueError, match="backend 'gpu' is not a strategy of mask_ln_modulate"):
+        adaln_zero_block(rand(1, 2, 4), rand(1, 4), None, lambda c: c.repeat(1, 6), lambda h: h, lambda h: h,
+                         backend="gpu")
     with pytest.raises(ValueError, match="top_k"):
         TimestepRouter(8, 3, 4)
     with pytest.raises(ValueError, match="m must have shape"):
-        ln_modulate(rand(2, 3, 4, dtype=torch.float32), rand(2, 4, dtype=torch.float32), rand(2, 4, dtype=torch.float32), rand(2, 2, 4, dtype=torch.float32), backend="triton")
+        f32 = dict(dtype=torch.float32)
+        adaln_zero_block(rand(2, 3, 4, **f32), rand(2, 4, **f32), rand(2, 2, 4, **f32), lambda c: c.repeat(1, 6),
+                         lambda h: h, lambda h: h, backend="triton")
 
 
 # ---------------------------------------------------------------------------- GPU, bf16

@@ -1,7 +1,7 @@
 """Fused block ops (mask + LN + modulate, residual + LN + modulate, gated residual).
 
 Kernels run under the Triton interpreter on the CPU (float32, float16, float64), each
-checked against the float64 reference twin (DESIGN.md §3): forward and backward,
+checked against the float64 reference twin (docs/design.md §4): forward and backward,
 shapes that break tiling, non-contiguous and stride-0 inputs, bitwise-reproducible
 gradients, gradcheck, opcheck, torch.compile, bad input, and the block identity (b).
 GPU tests (bf16, CUDA graphs) skip without CUDA.

@@ -122,7 +122,8 @@ def test_prior_loss_gradcheck_float64():
 
 
 def test_model_prior_loss_uses_the_gate_table():
-    m = create("Switch-DiT-S/2", input_size=8, in_channels=1, num_classes=3, hidden_size=12, depth=3, num_heads=2, num_timesteps=30).double()
+    m = create("Switch-DiT-S/2", input_size=8, in_channels=1, num_classes=3, hidden_size=12, depth=3, num_heads=2,
+               num_timesteps=30, prior="exact").double()
     t = torch.tensor([0, 10, 29])
     table = m.gate_table()
     assert table.shape == (30, 3, 3)
@@ -132,6 +133,25 @@ def test_model_prior_loss_uses_the_gate_table():
     m.prior_loss(t).backward()
     assert m.routers[0].f_gate[1].weight.grad.abs().sum() > 0
     assert m.t_embedder.mlp[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_model_prior_is_matched_by_default_on_every_backend(backend):
+    """prior="matched" (the default) does not depend on backend: the one-step-lagged
+    assignment, whose first call is the synchronous unshuffled solve."""
+    m = create("Switch-DiT-S/2", input_size=8, in_channels=1, num_classes=3, hidden_size=12, depth=3, num_heads=2,
+               num_timesteps=30, backend=backend).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    assert m.prior_mode == "matched"
+    t = torch.tensor([0, 10, 29])
+    want = prior.prior_loss(m.gate_table(), m.w_prior, t, 2, shuffle=False)
+    torch.testing.assert_close(m.prior_loss(t), want)
+    assert m.prior_matcher is not None and m.prior_matcher.state_dict()["perm"] is not None
+    with pytest.raises(ValueError, match="prior must be one of \\('matched', 'exact'\\)"):
+        create("Switch-DiT-S/2", input_size=8, hidden_size=12, depth=1, num_heads=2, prior="reference")
 
 
 def test_bad_arguments():

@@ -168,7 +168,7 @@ def _write_disk(key: str, entry: dict) -> None:
 
 
 def _on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
+    return dispatch.on_gpu(device)
 
 
 def _measure(strategy: Strategy, fn: Callable[[], object], repeat: int = 5) -> float:
@@ -191,7 +191,8 @@ def _run_once(strategy: Strategy, args, kw, grad_inputs: list[Tensor]) -> Callab
         out = strategy.impl(*args, **kw)
         if not grad_inputs:
             return out
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, Tensor) and o.requires_grad]
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        outs = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
         return torch.autograd.grad(outs, grad_inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
 
     return run

@@ -64,6 +64,8 @@ __all__ = [
     "resolve",
     "explain",
     "check_backend",
+    "runs_reference",
+    "on_gpu",
     "kernels",
     "on_device",
     "no_autocast",
@@ -124,6 +126,23 @@ def check_backend(backend: Optional[str]) -> str:
     if not isinstance(backend, str) or backend not in _all_names():
         raise ValueError(f"backend must be None or one of {sorted(_all_names())}, got {backend!r}")
     return backend
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Tensors on this device may run the GPU strategies; elsewhere "auto" is "reference"."""
+    return device.type == "cuda"
+
+
+def runs_reference(backend: Optional[str], x: Tensor) -> bool:
+    """Whether a module's ``backend`` means the model code as written, in plain PyTorch, for x:
+    "reference", or "auto"/None where "auto" gives every op its reference (not ``on_gpu``).
+
+    For the few places where a model has two ways of writing one computation, not two
+    strategies of one op: the block as written vs through the fused ops, each router's gate vs
+    one GEMM for all gates. Everything else is decided per op call."""
+    if backend == REFERENCE:
+        return True
+    return (backend is None or backend == AUTO) and not on_gpu(x.device)
 
 
 # --------------------------------------------------------------------------- resolution

@@ -1,4 +1,4 @@
-"""Fused block ops: mask + LayerNorm + adaLN modulate, gated residuals (DESIGN.md §2 (b)).
+"""Fused block ops: mask + LayerNorm + adaLN modulate, gated residuals (docs/design.md §2.2).
 
 Public ops (x, z, r0, attn_out, y: (B, L, D); m: (B, L, D), (B, 1, D) or None;
 shift, scale, gate: (B, D); LayerNorm without affine, eps 1e-6 by default;
@@ -82,6 +82,7 @@ def gated_residual_reference(z, y, gate) -> Tensor:
 
 
 def _compute_dtype(*ts: Optional[Tensor]) -> torch.dtype:
+    """The kernels' accumulation dtype: float64 if any input is float64 (exact gradchecks), else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
@@ -97,48 +98,50 @@ def _ln_grad(dn: Tensor, n: Tensor, rstd: Tensor) -> Tensor:
 
 
 def _emulated_mask_ln_modulate_fwd(x, m, shift, scale, eps, write_r0):
-    c = _compute_dtype(x, m, shift, scale)
-    r = x.to(c) if m is None else x.to(c) * m.to(c)
+    compute = _compute_dtype(x, m, shift, scale)
+    r = x.to(compute) if m is None else x.to(compute) * m.to(compute)
     mean, rstd = _stats(r, eps)
-    h = (r - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.to(c).unsqueeze(1)) + shift.to(c).unsqueeze(1)
+    n = (r - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    h = n * (1 + scale.to(compute).unsqueeze(1)) + shift.to(compute).unsqueeze(1)
     r0_dtype, h_dtype = _mask_ln_modulate_dtypes(x, m, shift, scale)
     r0 = r.to(r0_dtype) if (write_r0 and m is not None) else None
     return r0, h.to(h_dtype), mean, rstd
 
 
 def _emulated_mask_ln_modulate_bwd(x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype):
-    c = mean.dtype
-    r = x.to(c) if m is None else x.to(c) * m.to(c)
+    compute = mean.dtype
+    r = x.to(compute) if m is None else x.to(compute) * m.to(compute)
     n = (r - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dh = dh.to(c)
+    dh = dh.to(compute)
     dshift, dscale = dh.sum(1), (dh * n).sum(1)
-    dr = _ln_grad(dh * (1 + scale.to(c).unsqueeze(1)), n, rstd)
+    dr = _ln_grad(dh * (1 + scale.to(compute).unsqueeze(1)), n, rstd)
     if dr0 is not None:
-        dr = dr + dr0.to(c)
-    dx = dr if m is None else dr * m.to(c)
+        dr = dr + dr0.to(compute)
+    dx = dr if m is None else dr * m.to(compute)
     dm = None
     if m is not None and need_dm:
-        dm = (dr * x.to(c)).sum_to_size(m.shape).to(m.dtype)
+        dm = (dr * x.to(compute)).sum_to_size(m.shape).to(m.dtype)
     return dx.to(x.dtype), dm, dshift.to(shift_dtype), dscale.to(scale.dtype)
 
 
 def _emulated_residual_ln_modulate_fwd(z, r0, attn_out, gate, shift, scale, eps):
-    c = _compute_dtype(z, r0, attn_out, gate, shift, scale)
-    a = gate.to(c).unsqueeze(1) * attn_out.to(c)
-    u = r0.to(c) + a
+    compute = _compute_dtype(z, r0, attn_out, gate, shift, scale)
+    a = gate.to(compute).unsqueeze(1) * attn_out.to(compute)
+    u = r0.to(compute) + a
     mean, rstd = _stats(u, eps)
-    h = (u - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * (1 + scale.to(c).unsqueeze(1)) + shift.to(c).unsqueeze(1)
+    n = (u - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    h = n * (1 + scale.to(compute).unsqueeze(1)) + shift.to(compute).unsqueeze(1)
     zr_dtype, h_dtype = _residual_ln_modulate_dtypes(z, r0, attn_out, gate, shift, scale)
-    return (z.to(c) + a).to(zr_dtype), h.to(h_dtype), mean, rstd
+    return (z.to(compute) + a).to(zr_dtype), h.to(h_dtype), mean, rstd
 
 
 def _emulated_residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype):
-    c = mean.dtype
-    g, attn = gate.to(c).unsqueeze(1), attn_out.to(c)
-    n = (r0.to(c) + g * attn - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    dh = dh.to(c)
-    du = _ln_grad(dh * (1 + scale.to(c).unsqueeze(1)), n, rstd)
-    da = du if dzr is None else du + dzr.to(c)
+    compute = mean.dtype
+    g, attn = gate.to(compute).unsqueeze(1), attn_out.to(compute)
+    n = (r0.to(compute) + g * attn - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    dh = dh.to(compute)
+    du = _ln_grad(dh * (1 + scale.to(compute).unsqueeze(1)), n, rstd)
+    da = du if dzr is None else du + dzr.to(compute)
     return (
         du.to(r0.dtype), (g * da).to(attn_out.dtype), (da * attn).sum(1).to(gate.dtype),
         dh.sum(1).to(shift_dtype), (dh * n).sum(1).to(scale.dtype),
@@ -146,14 +149,14 @@ def _emulated_residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dz
 
 
 def _emulated_gated_residual_fwd(z, y, gate):
-    c = _compute_dtype(z, y, gate)
-    return (z.to(c) + gate.to(c).unsqueeze(1) * y.to(c)).to(_gated_residual_dtype(z, y, gate))
+    compute = _compute_dtype(z, y, gate)
+    return (z.to(compute) + gate.to(compute).unsqueeze(1) * y.to(compute)).to(_gated_residual_dtype(z, y, gate))
 
 
 def _emulated_gated_residual_bwd(y, gate, dout):
-    c = _compute_dtype(y, gate, dout)
-    do = dout.to(c)
-    return (gate.to(c).unsqueeze(1) * do).to(y.dtype), (do * y.to(c)).sum(1).to(gate.dtype)
+    compute = _compute_dtype(y, gate, dout)
+    do = dout.to(compute)
+    return (gate.to(compute).unsqueeze(1) * do).to(y.dtype), (do * y.to(compute)).sum(1).to(gate.dtype)
 
 
 # Output dtypes follow PyTorch's promotion of the reference expressions.
@@ -255,7 +258,8 @@ def _mask_ln_modulate_backward(ctx, dr0, dh, _dmean, _drstd):
         dh = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     dr0 = dr0 if ctx.write_r0 else None
     need_dm = m is not None and ctx.needs_input_grad[1]
-    dx, dm, dshift, dscale = _mask_ln_modulate_backward_op(x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.strategy)
+    dx, dm, dshift, dscale = _mask_ln_modulate_backward_op(
+        x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.strategy)
     return dx, (dm if need_dm else None), dshift, dscale, None, None, None
 
 
@@ -522,7 +526,7 @@ Branch = Callable[[Tensor], Tensor]
 def reference_block(
     z: Tensor, m: Optional[Tensor], ada: Sequence[Tensor], attn: Branch, mlp: Branch, eps: float = _EPS
 ) -> Tensor:
-    """The masked adaLN-Zero block as written (DESIGN.md §1): z (B, L, D), m as in
+    """The masked adaLN-Zero block as written (docs/design.md §1): z (B, L, D), m as in
     mask_ln_modulate, ada = (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) (B, D) each."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada
     r = z if m is None else z * m

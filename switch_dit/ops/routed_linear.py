@@ -16,7 +16,8 @@ switch_dit.kernels.routed_linear, fp16/bf16/fp32; CUDA tensors, or CPU tensors u
 TRITON_INTERPRET=1), None/"auto" (chosen per call, docs/design.md §3). The fused path is one
 torch.library custom op per call (forward) and one for the backward, with fake
 implementations, so torch.compile(fullgraph=True) and CUDA graphs see through it. Under
-autocast, x, weight and bias are cast to the autocast dtype (like F.linear); coef keeps its dtype, gradients come back in each input's dtype.
+autocast, x, weight and bias are cast to the autocast dtype (like F.linear); coef keeps its
+dtype, gradients come back in each input's dtype.
 """
 
 from __future__ import annotations

@@ -6,22 +6,32 @@ with ``SWITCH_DIT_AUTOTUNE=0`` and in deterministic mode (docs/design.md §3). K
 dtype; each entry is an order of preference, and the first strategy that is registered and
 supports the inputs runs ("reference" always can).
 
-Status: **predicted, not measured.** No GPU run has timed the strategies yet. The orders
-follow docs/design.md §2 and the expert reading of the kernels in the strategy issue
-(bf16, XL shapes, H100): the fused forward/dx kernels are estimated at 50-70 us against ~35 us
-for one dense cuBLAS GEMM, and the fused weight gradient at 140-230 us (4 MMA steps per sample,
-the pipeline drained after each) against M row-scaled cuBLAS GEMMs of ~40 us each; so for
-training the cuBLAS compositions are predicted ahead of "fused". Of the two, "bmm" does one
-dense linear's FLOPs forward and two backward (dx, and P = x^T dA giving dW and dcoef), where
-"grouped" does k each way (switch_dit.perf_model: 237 against 290 us fwd+bwd at XL, bf16, k = 2,
-H100), so "bmm" comes first. In fp32 without TF32 every fused candidate spills, so fp32 goes to
-"bmm" (cuBLAS SGEMM, the documented fp32 default of switch_dit.ops.composed_linear), then the
-reference (itself cuBLAS bmm); "grouped" in fp32 on CUDA has no sync-free grouped GEMM and runs
-its per-pair fallback, so it comes after them, and "fused" last. The norm/residual
-ops are memory-bound single passes: "fused" reads and writes each row once, the minimum; the
-compiled reference ("compiled") should be close, the eager reference several passes behind.
-When a GPU run measures them, replace the orders with the measured winners and change
-``STATUS`` per device.
+Status: **predicted, not measured.** No GPU run has timed the strategies yet. Sources: the
+analytic model (``switch_dit.perf_model``, docs/design.md §5) at XL shapes (B = 32, L = 256,
+D = 1152, M = 3, k = 2, forward + backward), in microseconds,
+
+    routed linear, bf16    fused    bmm   grouped   reference
+      A100                   348    505       700        1097
+      H100 SXM               124    237       290         527
+      H200                   124    189       261         415
+
+and an expert reading of the compiled kernels (TTGIR and cubin reports, sm_90, XL, bf16),
+which sees what the model cannot: the fused weight gradient drains its
+pipeline after every sample (4 MMA steps of L = 256 rows), 140-230 us alone, and forward/dx
+do not overlap the mixing with the MMA, 50-70 us each; fused fwd+bwd is then 240-370 us. So:
+  - bf16/fp16: "bmm" first (cuBLAS, whose model numbers are close to what it reaches; one dense
+    linear's FLOPs forward, two backward), then "grouped" (k GEMMs each way), then "fused",
+    then the reference. The model's order among the cuBLAS strategies is kept.
+  - fp32 with TF32 off: every fused fp32 ("ieee") config spills registers (the kernels' static
+    check), so "bmm" (cuBLAS SGEMM, the fp32 default of switch_dit.ops.composed_linear), then
+    the reference (cuBLAS bmm too); "grouped" has no sync-free grouped GEMM in fp32 on CUDA and
+    runs its per-pair fallback, so it comes after them; "fused" last.
+  - norm/residual ops: the model puts "compiled" 8-15 % ahead of "fused" (H100 bf16: 64 vs 74,
+    76 vs 91, 46 vs 51 us), within its error. This table decides under CUDA-graph capture and
+    torch.compile tracing, where a first compile of the "compiled" strategy cannot run, so
+    "fused" (one pass, the fewest bytes of the kernels) leads.
+When a GPU run measures them, replace the orders with the measured winners and set ``STATUS``
+per device to "measured on <device>, <date>".
 """
 
 from __future__ import annotations
@@ -34,9 +44,9 @@ _ROUTED = ("mixed_linear", "expert_mask", "expert_mask_and_apply")
 _NORM = ("mask_ln_modulate", "residual_ln_modulate", "gated_residual")
 _HALF = (torch.float16, torch.bfloat16)
 
-_ROUTED_HALF = ("bmm", "grouped", "fused", "reference")
-_ROUTED_FP32 = ("bmm", "reference", "grouped", "fused")
-_NORM_ANY = ("fused", "compiled", "reference")
+_ROUTED_HALF = ("bmm", "grouped", "fused", "reference")  # fused after the compositions: expert reading
+_ROUTED_FP32 = ("bmm", "reference", "grouped", "fused")  # fused fp32 spills; grouped fp32 falls back per pair
+_NORM_ANY = ("fused", "compiled", "reference")  # "compiled" cannot compile under capture
 
 # device pattern -> {(op, dtype): order of preference}
 TABLE: dict[str, dict[tuple[str, torch.dtype], tuple[str, ...]]] = {}
@@ -51,7 +61,7 @@ for _device in ("A100", "H100", "H200", "*"):
             _rows[(_op, _dtype)] = _NORM_ANY
     TABLE[_device] = _rows
 
-STATUS = {device: "predicted, not measured" for device in TABLE}
+STATUS = {device: "predicted (perf_model and a reading of the kernels), not measured" for device in TABLE}
 
 
 def lookup(device_name: str, op: str, dtype: torch.dtype, available: list[str]) -> tuple[str, str]:
