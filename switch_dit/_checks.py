@@ -40,6 +40,15 @@ def check_index(x: torch.Tensor, upper: int, name: str, batch: int | None = None
         raise ValueError(f"{name} values must be in [0, {upper}), got range [{int(x.min())}, {int(x.max())}]")
 
 
+def check_expert_index_values(idx: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
+    """Every expert index in [0, num_experts) (M = weight.shape[0]); where values are checked (see above)."""
+    if idx.numel() and _should_check_values(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{name} values must be in [0, {num_experts}) (M = weight.shape[0]), "
+                             f"got range [{lo}, {hi}]")
+
+
 def check_timesteps(t: torch.Tensor, num_timesteps: int, batch: int | None = None) -> None:
     check_index(t, num_timesteps, "t (timesteps)", batch)
 

@@ -89,9 +89,10 @@ def accelerate(model: nn.Module, *, backend: str = "auto", prior: str = "matched
     """Patch a reference-code Switch-DiT / DTR / DiT in place to run the fused fast path.
 
     model: the reference implementation's DiT (also inside DistributedDataParallel or
-    DataParallel: its ``.module`` is patched). backend: "auto" (fused ops on CUDA tensors,
-    plain PyTorch on CPU), "triton" (fused ops; CPU tensors need TRITON_INTERPRET=1) or
-    "reference" (plain PyTorch ops, still without host syncs in the routing). prior:
+    DataParallel: its ``.module`` is patched). backend: "auto" (the ops choose their strategy
+    on CUDA tensors; plain PyTorch on CPU), "reference" (plain PyTorch ops, still without host
+    syncs in the routing) or a strategy name of ``switch_dit.ops.strategies`` such as "fused"
+    (alias "triton"; CPU tensors need TRITON_INTERPRET=1). prior:
     "matched" (deterministic, sync-free matching) or "exact" (the model's own
     DiffusionPrior, random shuffle, host solve per step); see the module doc.
     Calling it again changes backend / prior. Returns ``model``. A Remix-DiT built by the

@@ -327,8 +327,8 @@ class DiTBlock(nn.Module):
 
     forward(x (B, L, D), c (B, D), mask=None) -> (B, L, D). The Switch-DiT block and the
     DTR block are this block with a mask: m (B, L, D) from a TimestepRouter, or DTR's
-    (B, 1, D) 0/1 mask. backend "reference" runs it as written; "triton" (and "auto" on
-    CUDA) through the fused ops.
+    (B, 1, D) 0/1 mask. backend "reference" (and "auto" on CPU tensors) runs it as written;
+    any other through the fused block ops, each op with that strategy (or its own "auto" choice).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, backend: str = "auto"):

@@ -147,7 +147,7 @@ class DiT(nn.Module):
         return self.__dict__.get("_matcher")
 
     def set_backend(self, backend: str) -> "DiT":
-        """Switch every block, router and the final layer to ``backend`` ("auto", "reference" or "triton")."""
+        """Switch every block, router and the final layer to ``backend`` ("auto", "reference" or a strategy name)."""
         self.backend = check_backend(backend)
         for module in self.modules():
             if isinstance(module, (DiTBlock, TimestepRouter, FinalLayer)):

@@ -54,7 +54,7 @@ from .layers import (
 )
 from .models import DiT
 from .ops import mixed_linear
-from .ops.dispatch import check_backend, runs_reference
+from .ops.dispatch import check_backend, no_autocast, runs_reference
 
 __all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMESTEP_SAMPLING", "expert_prior",
            "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
@@ -80,16 +80,8 @@ def mix_bases(coef: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     weight afterwards, instead of casting all K bases.
     """
     dev = bases.device.type
-    with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else _nullctx():
+    with no_autocast(dev):
         return (coef.to(bases.dtype).unsqueeze(0) @ bases.flatten(1)).view(bases.shape[1:])
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def mixed_linear_shared(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor,

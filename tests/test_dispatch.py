@@ -232,6 +232,24 @@ def test_auto_times_once_picks_the_fastest_and_caches_on_disk(fake_op, fake_gpu,
     assert len(json.loads((tmp_path / "strategies.json").read_text())["choices"]) == 2
 
 
+def test_a_decided_call_asks_no_strategy_again(fake_op, fake_gpu, monkeypatch):
+    """After the first call, a call with the same signature is one lookup: no ``supports``, no timing."""
+    x, y = xy()
+    dispatch.call(OP, None, x, y)
+    asked = []
+    fused = dispatch._REGISTRY[OP]["fused"]
+    monkeypatch.setitem(dispatch._REGISTRY[OP], "fused", dispatch.Strategy(
+        "fused", fused.impl, lambda *a: asked.append(1)))
+    fake_gpu.clear()
+    for _ in range(3):
+        dispatch.call(OP, None, torch.randn(3, 4), torch.randn(3, 4))
+    assert asked == [] and fake_gpu == [] and fake_op[-3:] == ["quick"] * 3
+    monkeypatch.setenv("SWITCH_DIT_AUTOTUNE", "0")
+    for _ in range(3):
+        dispatch.call(OP, None, x, y)
+    assert len(asked) == 1 and fake_op[-1] == "fused"  # the table, decided once
+
+
 def test_auto_skips_strategies_that_cannot_run(fake_op, fake_gpu):
     dispatch.call(OP, None, *xy(torch.float64))
     assert "fused" not in fake_gpu and len(fake_gpu) == 3
@@ -325,3 +343,13 @@ def test_table_follows_the_performance_model_for_bf16(device):
     predicted = {s: perf_model.estimate("mixed_linear", s, shape, torch.bfloat16, device.lower()).time_s for s in order}
     assert order == sorted(order, key=predicted.get) == ["bmm", "grouped", "reference"]
     assert "predicted" in strategy_table.STATUS[device]
+
+
+def test_runs_reference_is_autos_cpu_rule(monkeypatch):
+    """Where a model has two ways of writing one computation, "auto" follows the ops' rule."""
+    x = torch.zeros(2)
+    assert dispatch.runs_reference("reference", x) and dispatch.runs_reference("auto", x)
+    assert dispatch.runs_reference(None, x)
+    assert not dispatch.runs_reference("fused", x) and not dispatch.runs_reference("bmm", x)
+    monkeypatch.setattr(dispatch, "on_gpu", lambda device: True)
+    assert not dispatch.runs_reference("auto", x) and dispatch.runs_reference("reference", x)

@@ -48,6 +48,8 @@ log = logging.getLogger("switch_dit.ops")
 
 _MEMORY: dict[str, str] = {}  # key -> measured fastest strategy, this process and the disk cache
 _FROM_TABLE: dict[str, str] = {}  # key -> the shipped table's choice (made once per key, then logged)
+_DECIDED: dict[tuple, str] = {}  # (op, device, grad, shapes and dtypes) -> measured choice: the per-call lookup
+_DECIDED_BY_TABLE: dict[tuple, str] = {}  # the same, for SWITCH_DIT_AUTOTUNE=0 and deterministic mode
 _DISK_LOADED = False
 _CACHE_VERSION = 1
 
@@ -63,6 +65,8 @@ def clear_memory_cache() -> None:
     global _DISK_LOADED
     _MEMORY.clear()
     _FROM_TABLE.clear()
+    _DECIDED.clear()
+    _DECIDED_BY_TABLE.clear()
     _DISK_LOADED = False
 
 
@@ -207,31 +211,42 @@ def choose(op: str, table: dict[str, Strategy], args, kw) -> tuple[Strategy, str
     device = tensors[0].device if tensors else torch.device("cpu")
     if not _on_gpu(device):
         return table[REFERENCE], f"auto: {device.type} tensors run the reference (the kernels need a GPU)"
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # The hot path of every later call with this signature: one tuple, one dict lookup.
+    signature = (op, device, grad, tuple((t.shape, t.dtype) for t in tensors))
+    table_only = _table_only()
+    if table_only is None and signature in _DECIDED:
+        return table[_DECIDED[signature]], f"auto: measured fastest earlier, cached ({cache_path()})"
+    if table_only is not None and signature in _DECIDED_BY_TABLE:
+        return table[_DECIDED_BY_TABLE[signature]], f"auto: shipped table; no timing: {table_only}"
     candidates = [s for s in table.values() if s.tunable and s.why_not(args, kw) is None]
     if table[REFERENCE] not in candidates:
         candidates.append(table[REFERENCE])
     if len(candidates) == 1:
         return candidates[0], "auto: the only strategy that supports these inputs"
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     key = _key(op, device, tensors, grad)
     by_name = {s.name: s for s in candidates}
     forbidden = timing_allowed()
-    if _table_only() is None:
+    if table_only is None:
         _load_disk_once()
         cached = _MEMORY.get(key)
         if cached in by_name:
+            _DECIDED[signature] = cached
             return by_name[cached], f"auto: measured fastest earlier, cached ({cache_path()})"
     if forbidden is not None:
         name, source = strategy_table.lookup(_device_name(device), op, tensors[0].dtype, list(by_name))
         if _FROM_TABLE.get(key) != name:
             _FROM_TABLE[key] = name
             log.debug("switch_dit: auto chose %r for %s from the shipped table (%s)", name, key, source)
-        return by_name[name], f"auto: shipped table ({source}), no timing {forbidden}"
+        if table_only is not None:  # (capture and tracing are passing states: not remembered)
+            _DECIDED_BY_TABLE[signature] = name
+        return by_name[name], f"auto: shipped table ({source}); no timing: {forbidden}"
     grad_inputs = [t for t in tensors if t.requires_grad] if grad else []
     with dispatch.on_device(tensors[0]):
         times = {s.name: _measure(s, _run_once(s, args, kw, grad_inputs)) for s in candidates}
     best = min(times, key=times.get)
     _MEMORY[key] = best
+    _DECIDED[signature] = best
     _write_disk(key, {"strategy": best, "seconds": times})
     shown = ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in sorted(times.items(), key=lambda item: item[1]))
     log.debug("switch_dit: auto chose %r for %s (%s)", best, key, shown)

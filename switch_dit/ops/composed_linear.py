@@ -48,15 +48,6 @@ def _impl(strategy: str):
         raise ValueError(f"strategy must be one of {COMPOSED_STRATEGIES}, got {strategy!r}") from None
 
 
-def _check_idx_values(idx: Tensor, num_experts: int) -> None:
-    # Values are checked on CPU; on CUDA only when asked (a host sync), see switch_dit._checks.
-    if idx.numel() and _checks._should_check_values(idx):
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"topk_idx values must be in [0, {num_experts}) (M = weight.shape[0]), "
-                             f"got range [{lo}, {hi}]")
-
-
 def _none(x: Tensor) -> Tensor:
     # Custom ops return tensors only: a fresh empty tensor stands for "not computed".
     return x.new_empty((0,))
@@ -65,7 +56,7 @@ def _none(x: Tensor) -> Tensor:
 @torch.library.custom_op("switch_dit::composed_mixed_linear", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
                 add_one: bool, apply: bool, strategy: str) -> tuple[Tensor, Tensor]:
-    _check_idx_values(idx, weight.shape[0])
+    _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.no_autocast(x.device.type):
         y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one)
         return y, (x * y if apply else _none(x))

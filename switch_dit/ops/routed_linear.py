@@ -61,19 +61,10 @@ def mixed_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], id
 # --------------------------------------------------------------------------- custom ops
 
 
-def _check_idx_values(idx: Tensor, num_experts: int) -> None:
-    # Value check on CPU only (on CUDA it would be a host sync per call); see _checks.
-    if _checks._should_check_values(idx) and idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"topk_idx values must be in [0, {num_experts}) (M = weight.shape[0]), "
-                             f"got range [{lo}, {hi}]")
-
-
 @torch.library.custom_op("switch_dit::mixed_linear", mutates_args=())
 def _mixed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
                      add_one: bool) -> Tensor:
-    _check_idx_values(idx, weight.shape[0])
+    _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
         return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=add_one)
 
@@ -86,7 +77,7 @@ def _(x, weight, bias, idx, coef, add_one):
 @torch.library.custom_op("switch_dit::expert_mask_apply", mutates_args=())
 def _expert_mask_apply_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
                           coef: Tensor) -> tuple[Tensor, Tensor]:
-    _check_idx_values(idx, weight.shape[0])
+    _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
         return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=True, apply=True)
 
@@ -247,8 +238,7 @@ def expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], top
 
 
 def _reference_checked(x, weight, bias, idx, coef, add_one=False):
-    if not torch.compiler.is_compiling():
-        _check_idx_values(idx, weight.shape[0])
+    _checks.check_expert_index_values(idx, weight.shape[0])
     return mixed_linear_reference(x, weight, bias, idx, coef, add_one=add_one)
 
 

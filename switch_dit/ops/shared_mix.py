@@ -27,22 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from switch_dit import _checks
+from switch_dit.ops import dispatch
 
 __all__ = ["mix_experts", "shared_mixed_linear", "shared_expert_mask"]
-
-
-class _NoAutocast:
-    def __init__(self, device_type: str):
-        on = torch.is_autocast_enabled(device_type)
-        self.ctx = torch.autocast(device_type, enabled=False) if on else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _check(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor) -> None:
@@ -66,10 +53,7 @@ def _check(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor) ->
     for name, t in (("bias", bias), ("idx", idx), ("coef", coef)):
         if t is not None and t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
-    if idx.numel() and _checks._should_check_values(idx):
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= M:
-            raise ValueError(f"idx values must be in [0, {M}) (M = weight.shape[0]), got range [{lo}, {hi}]")
+    _checks.check_expert_index_values(idx, M, "idx")
 
 
 def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor
@@ -81,7 +65,7 @@ def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tenso
     no copy of the experts), whichever reads less."""
     _check(weight, bias, idx, coef)
     M, k = weight.shape[0], idx.shape[0]
-    with _NoAutocast(weight.device.type):
+    with dispatch.no_autocast(weight.device.type):
         if 2 * k < M:
             c, w, b = coef.to(weight.dtype), weight.index_select(0, idx), None
             b = bias.index_select(0, idx) if bias is not None else None
