@@ -94,6 +94,8 @@ def register_family(name: str, model: str | None = None, *, train: dict | None =
 for _name in ("DiT", "DTR", "Switch-DiT"):
     register_family(_name)
 register_family("Remix-DiT", init_from="DiT")  # switch_dit.remix_dit, from the DiT run of the same seed
+# switch_dit.diffmoe with its published objective (rectified flow, E = 16), sampled with Euler.
+register_family("DiffMoE", train={"objective": "flow"}, sample={"method": "euler"})
 DEFAULT_FAMILIES = ("DiT", "DTR", "Switch-DiT")
 
 

@@ -357,9 +357,14 @@ def create(
 
 def count_params(model: DiT) -> dict[str, int]:
     """Trainable parameters: ``total`` and ``activated`` (what one sample uses: k of the M
-    experts of every block), the paper's Table 2 counts the activated ones."""
+    experts of every block), the paper's Table 2 counts the activated ones. For DiffMoE,
+    activated counts ``capacity`` experts per MoE layer (one at the published capacity 1)."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     idle = 0
+    if model.routing == "diffmoe":  # capacity c: a token passes c of the E experts on average
+        for layer in model.moe_layers():
+            per_expert = sum(p[0].numel() for p in (layer.fc1_weight, layer.fc1_bias, layer.fc2_weight, layer.fc2_bias))
+            idle += round((layer.num_experts - layer.capacity) * per_expert)
     if model.routing == "switch":
         for router in model.routers:
             per_expert = router.experts.w[0].numel() + router.experts.b[0].numel()

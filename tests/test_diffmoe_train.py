@@ -127,3 +127,20 @@ def test_two_gloo_ranks_share_thresholds(tmp_path):
     for i, a in enumerate(thr0):
         assert not torch.equal(singles[0][i], singles[1][i])
         torch.testing.assert_close(a, (singles[0][i] + singles[1][i]) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_compare_row_and_activated_params():
+    from switch_dit.compare import FAMILIES, CompareConfig, _train_config
+    from switch_dit.models import count_params, create
+
+    fam = FAMILIES["DiffMoE"]
+    cfg = CompareConfig(families=("DiT", "DiffMoE"), steps=2, eval_every=1)
+    tc = _train_config(cfg, fam, 0, __import__("pathlib").Path("/tmp/unused"))
+    assert (tc.model, tc.objective, tc.num_experts, tc.sample_method) == ("DiffMoE-S/4", "flow", 16, "euler")
+    with torch.device("meta"):
+        dense = count_params(create("DiT-S/2", hidden_size=64, depth=2, num_heads=4))
+        moe = create("DiffMoE-S/2", hidden_size=64, depth=2, num_heads=4, interleave=False)
+        n = count_params(moe)
+    # Activated = the dense DiT plus, per MoE layer, the gate and the capacity predictor.
+    extra = 2 * (16 * 64 + (64 * 64 + 64) + (64 * 16 + 16))
+    assert n["activated"] == dense["total"] + extra and n["total"] > n["activated"]
