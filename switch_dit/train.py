@@ -334,10 +334,11 @@ class _Run:
         self.opt.load_state_dict(opt_state)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        ts = ckpt["train_state"]
-        self.step, self.skipped, self.bad_run = int(ts["step"]), int(ts["skipped"]), int(ts["bad_run"])
-        self.elapsed_before = float(ts.get("elapsed_s", 0.0))
-        self.window = {**self._empty_window(), **ts["window"]}
+        counters = ckpt["train_state"]
+        self.step, self.skipped = int(counters["step"]), int(counters["skipped"])
+        self.bad_run = int(counters["bad_run"])
+        self.elapsed_before = float(counters.get("elapsed_s", 0.0))
+        self.window = {**self._empty_window(), **counters["window"]}
         self.sampler.load_state_dict(ckpt["data"])
         if ckpt.get("prior_matcher") and self.model.prior_matcher is not None:
             self.model.prior_matcher.load_state_dict(ckpt["prior_matcher"])
@@ -449,9 +450,9 @@ class _Run:
                 self.opt.step()
             decay = ema_decay_at(self.step, cfg.ema_decay) if cfg.ema_warmup else cfg.ema_decay
             update_ema(self.ema, self.model, decay)
-            w = self.window
-            w["loss"] += loss; w["mse"] += mse; w["vb"] += vb; w["prior"] += prior; w["grad_norm"] += gnorm  # noqa: E702
-            w["good"] += 1
+            for key, value in (("loss", loss), ("mse", mse), ("vb", vb), ("prior", prior), ("grad_norm", gnorm)):
+                self.window[key] += value
+            self.window["good"] += 1
             self.bad_run = 0
         else:
             if self.scaler.is_enabled():
@@ -464,12 +465,12 @@ class _Run:
         return finite, stop > 0
 
     def log_record(self, window_time: float) -> dict:
-        w, cfg = self.window, self.cfg
-        n = w["good"]
+        window, cfg = self.window, self.cfg
+        good = window["good"]
         record = {"step": self.step}
-        for k in ("loss", "mse", "vb", "prior", "grad_norm"):
-            record[k] = w[k] / n if n else None  # None: every step of the window was skipped
-        steps_per_sec = w["steps"] / window_time if window_time > 0 else None
+        for key in ("loss", "mse", "vb", "prior", "grad_norm"):
+            record[key] = window[key] / good if good else None  # None: every step of the window was skipped
+        steps_per_sec = window["steps"] / window_time if window_time > 0 else None
         record.update(lr=lr_at(self.step - 1, cfg), steps_per_sec=steps_per_sec,
                       images_per_sec=steps_per_sec * cfg.batch_size if steps_per_sec else None,
                       elapsed_s=self.elapsed(), skipped=self.skipped)

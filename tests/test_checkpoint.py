@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from switch_dit import checkpoint as ck
+from switch_dit import checkpoint
 from switch_dit.config import TrainConfig
 
 pytest.importorskip("sklearn")
@@ -39,38 +39,38 @@ def quiet(*args, **kwargs):
 
 def test_atomic_save_and_newest_complete(tmp_path):
     for step in (3, 6, 9):
-        ck.atomic_save({"format": ck.FORMAT, "model_kwargs": {}, "model": {}, "ema": {}, "step": step},
-                       ck.checkpoint_path(tmp_path, step))
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, "model_kwargs": {}, "model": {}, "ema": {}, "step": step},
+                       checkpoint.checkpoint_path(tmp_path, step))
     assert not list(tmp_path.glob("*.tmp"))
     # What a crash in the middle of a save leaves: a temporary file, never a final name.
     (tmp_path / "ckpt-00000012.pt.tmp").write_bytes(b"half a checkpoint")
-    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [9, 6, 3]
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [9, 6, 3]
     # A final name holding a damaged file (copied by hand, a full disk): skipped, said.
-    (tmp_path / "ckpt-00000015.pt").write_bytes(ck.checkpoint_path(tmp_path, 9).read_bytes()[:100])
+    (tmp_path / "ckpt-00000015.pt").write_bytes(checkpoint.checkpoint_path(tmp_path, 9).read_bytes()[:100])
     said = []
-    path, state = ck.latest_checkpoint(tmp_path, said.append)
+    path, state = checkpoint.latest_checkpoint(tmp_path, said.append)
     assert path.name == "ckpt-00000009.pt" and state["step"] == 9
     assert "skipping unreadable checkpoint" in said[0] and "ckpt-00000015.pt" in said[0]
-    assert [p.name for p in ck.prune_checkpoints(tmp_path, 2)] == ["ckpt-00000006.pt", "ckpt-00000003.pt"]
-    assert ck.latest_checkpoint(tmp_path / "none") is None
+    assert [p.name for p in checkpoint.prune_checkpoints(tmp_path, 2)] == ["ckpt-00000006.pt", "ckpt-00000003.pt"]
+    assert checkpoint.latest_checkpoint(tmp_path / "none") is None
     with pytest.raises(ValueError, match="not a switch-dit training checkpoint"):
         torch.save({"weights": 1}, tmp_path / "x.pt")
-        ck.load_checkpoint(tmp_path / "x.pt")
+        checkpoint.load_checkpoint(tmp_path / "x.pt")
 
 
 def test_rng_states_round_trip():
     g = torch.Generator().manual_seed(5)
-    state = ck.capture_rng({"g": g})
+    state = checkpoint.capture_rng({"g": g})
     draws = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
     buf = __import__("io").BytesIO()
     torch.save(state, buf)  # what a checkpoint holds must load with weights_only
     buf.seek(0)
-    ck.restore_rng(torch.load(buf, weights_only=True), {"g": g})
+    checkpoint.restore_rng(torch.load(buf, weights_only=True), {"g": g})
     again = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
     assert torch.equal(draws[0], again[0]) and draws[1] == again[1] and draws[2] == again[2]
     assert torch.equal(draws[3], again[3])
     with pytest.raises(ValueError, match="no state for the 'other' generator"):
-        ck.restore_rng(state, {"other": torch.Generator()})
+        checkpoint.restore_rng(state, {"other": torch.Generator()})
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,9 @@ def short_run(tmp_path_factory):
 
 
 def test_run_folder_checkpoints(short_run):
-    assert [p.name for _, p in ck.list_checkpoints(short_run / "checkpoints")] == ["ckpt-00000004.pt"]
-    state = ck.load_checkpoint(short_run / "checkpoint.pt")
-    assert state["step"] == 4 and state["format"] == ck.FORMAT
+    assert [p.name for _, p in checkpoint.list_checkpoints(short_run / "checkpoints")] == ["ckpt-00000004.pt"]
+    state = checkpoint.load_checkpoint(short_run / "checkpoint.pt")
+    assert state["step"] == 4 and state["format"] == checkpoint.FORMAT
     assert {"model", "ema", "opt", "scaler", "rng", "data", "config", "train_state"} <= set(state)
     assert len(state["rng"]["ranks"]) == 1 and state["data"]["position"] == 4
     assert json.loads((short_run / "config.json").read_text()) == state["config"]
@@ -96,12 +96,12 @@ def test_run_folder_checkpoints(short_run):
 def test_reference_layout(short_run, tmp_path):
     from switch_dit.interop import load_official
 
-    state = ck.load_checkpoint(short_run / "checkpoint.pt")
-    ref = ck.export_reference(state, tmp_path / "ref.pt")
+    state = checkpoint.load_checkpoint(short_run / "checkpoint.pt")
+    ref = checkpoint.export_reference(state, tmp_path / "ref.pt")
     assert set(ref) == {"model", "ema", "opt", "args"} and "prior._unit_mapping" in ref["model"]
     loaded = torch.load(tmp_path / "ref.pt", weights_only=True)
     for source in (loaded, state):  # the exported file, and our own checkpoint as it is
-        model = ck.model_from_checkpoint(state)  # the right architecture, then overwritten
+        model = checkpoint.model_from_checkpoint(state)  # the right architecture, then overwritten
         for p in model.parameters():
             p.data.zero_()
         load_official(model, source, ema=True)
@@ -133,7 +133,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] is None for r in records] == [False, False, True, True, False, False]
     assert records[-1]["skipped"] == 2
-    state = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    state = checkpoint.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
     # From step 5 on every loss is NaN: 3 in a row stop the run, with the weights of step 4.
@@ -143,8 +143,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(train_mod.NonFiniteLossError, match="3 steps in a row .* stopped at step 7") as e:
         train_mod.train(TrainConfig(**TINY, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet)
     assert "ckpt-00000007.pt" in str(e.value)
-    good = ck.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000004.pt")
-    last = ck.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000007.pt")
+    good = checkpoint.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000004.pt")
+    last = checkpoint.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000007.pt")
     for key in ("model", "ema"):
         for k in good[key]:
             assert torch.equal(good[key][k], last[key][k]), (key, k)
@@ -157,21 +157,21 @@ def test_resume_errors(short_run, tmp_path):
     from switch_dit.train import train
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ck.resume_checkpoint(str(tmp_path / "nope"))
+        checkpoint.resume_checkpoint(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ck.resume_checkpoint(str(tmp_path / "empty"))
+        checkpoint.resume_checkpoint(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="needs --out"):
-        ck.resume_checkpoint("auto", None)
-    assert ck.resume_checkpoint("auto", str(tmp_path / "fresh")) is None  # nothing yet: a fresh start
-    assert ck.resume_checkpoint(None) is None
-    state = ck.load_checkpoint(short_run / "checkpoint.pt")
+        checkpoint.resume_checkpoint("auto", None)
+    assert checkpoint.resume_checkpoint("auto", str(tmp_path / "fresh")) is None  # nothing yet: a fresh start
+    assert checkpoint.resume_checkpoint(None) is None
+    state = checkpoint.load_checkpoint(short_run / "checkpoint.pt")
     changed = TrainConfig(**{**state["config"], "lr": 0.5, "out": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="lr cannot change when resuming"):
         train(changed, log=quiet, resume=str(short_run))
     # Weights without the training state (what `sample` needs, not what a resume needs).
     weights = {k: v for k, v in state.items() if k not in ("rng", "data", "train_state")}
-    ck.atomic_save(weights, tmp_path / "weights.pt")
+    checkpoint.atomic_save(weights, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="no training state"):
         train(TrainConfig(**{**state["config"], "out": str(tmp_path / "w")}), log=quiet,
               resume=str(tmp_path / "weights.pt"))
@@ -201,10 +201,10 @@ def test_resume_from_a_copied_run_writes_only_into_the_copy(tmp_path, capsys):
     assert f"skipping unreadable checkpoint {newest}" in printed
     assert f"resumed from {copy / 'checkpoints' / 'ckpt-00000002.pt'} at step 2" in printed
     assert _files(original) == before  # not one byte of the original run changed
-    rewritten = ck.load_checkpoint(newest)  # whole again, written by the resumed run
+    rewritten = checkpoint.load_checkpoint(newest)  # whole again, written by the resumed run
     assert rewritten["step"] == 4 and rewritten["config"]["out"] == str(copy)
     assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
-    assert ck.load_checkpoint(copy / "checkpoint.pt")["step"] == 4
+    assert checkpoint.load_checkpoint(copy / "checkpoint.pt")["step"] == 4
     # The resumed run repeats steps 3-4 of the original exactly.
     assert _records(copy) == _records(original)
 
@@ -221,28 +221,28 @@ def test_runs_never_write_over_another_runs_checkpoints(short_run, tmp_path):
         train(TrainConfig(**TINY, steps=4, out=str(other)), log=quiet,
               resume=str(short_run / "checkpoints" / "ckpt-00000004.pt"))
     assert _files(other) == before
-    ck.check_run_folder(short_run, resumed_from=short_run / "checkpoint.pt")  # its own folder: fine
-    ck.check_run_folder(tmp_path / "new")  # a new folder: fine
+    checkpoint.check_run_folder(short_run, resumed_from=short_run / "checkpoint.pt")  # its own folder: fine
+    checkpoint.check_run_folder(tmp_path / "new")  # a new folder: fine
 
 
 def test_run_folder_and_find_checkpoint(tmp_path):
-    assert ck.run_folder(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt") == tmp_path / "run"
-    assert ck.run_folder(tmp_path / "run" / "checkpoint.pt") == tmp_path / "run"
+    assert checkpoint.run_folder(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt") == tmp_path / "run"
+    assert checkpoint.run_folder(tmp_path / "run" / "checkpoint.pt") == tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt or ckpt-<step>.pt"):
-        ck.find_checkpoint(tmp_path)
+        checkpoint.find_checkpoint(tmp_path)
     (tmp_path / "checkpoints").mkdir()  # a run in progress: the trainer's layout
     for step in (5, 7):
         (tmp_path / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(b"")
-    assert ck.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt-00000007.pt"
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt-00000007.pt"
     for step in (10, 200, 30):
         (tmp_path / f"ckpt-{step:08d}.pt").write_bytes(b"")
     (tmp_path / "ckpt-00000300.pt.tmp").write_bytes(b"")  # an unfinished write is no checkpoint
-    assert ck.find_checkpoint(tmp_path).name == "ckpt-00000200.pt"
+    assert checkpoint.find_checkpoint(tmp_path).name == "ckpt-00000200.pt"
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert ck.find_checkpoint(tmp_path).name == "checkpoint.pt"
-    assert ck.find_checkpoint(tmp_path / "ckpt-00000010.pt").name == "ckpt-00000010.pt"
+    assert checkpoint.find_checkpoint(tmp_path).name == "checkpoint.pt"
+    assert checkpoint.find_checkpoint(tmp_path / "ckpt-00000010.pt").name == "ckpt-00000010.pt"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ck.find_checkpoint(tmp_path / "missing.pt")
+        checkpoint.find_checkpoint(tmp_path / "missing.pt")
 
 
 def _start(out: Path, steps: int, *extra) -> subprocess.Popen:
@@ -320,7 +320,7 @@ def test_mixed_precision_and_clipping_resume_exactly(precision, tmp_path):
           resume=str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"))
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert b == a[2:] and all(r["loss"] is not None for r in a)
-    state = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    state = checkpoint.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     if precision == "fp16":
         assert state["scaler"]["scale"] > 0 and all("scale" in r for r in a)
     else:
@@ -338,7 +338,7 @@ def test_fast_path_resume_keeps_the_prior_matching(tmp_path):
     train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet, resume=str(step2))
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert b == a[2:] and len(a) == 4
-    state = ck.load_checkpoint(step2)["prior_matcher"]
+    state = checkpoint.load_checkpoint(step2)["prior_matcher"]
     U = 2 * 3  # depth x experts
     assert state["perm"].shape == (U,) and state["cost"].shape == (U, U)
     assert sorted(state["perm"].tolist()) == list(range(U))
