@@ -24,7 +24,9 @@ flip generator; shared: the prior's tie-breaking shuffle and the data order), so
 killed at any step and resumed with ``--resume`` computes the same losses, step for
 step, as one that never stopped (same world size, device and thread count).
 
-Reading order: one step (``forward_backward``, EMA), the state of a run on one rank
+This module is about 700 lines, over the package's usual size, because the step, the state
+of a run and the loop around it share the run's private state; everything else that training
+needs lives in its own module. Reading order: one step (``forward_backward``, EMA), the state of a run on one rank
 (``_Run``: build, restore, save, ``train_step``), the loop (``train``), the command line.
 Checkpoint files and run folders are ``switch_dit.checkpoint``'s, the data
 ``switch_dit.data``'s, the log ``switch_dit.runlog``'s, samples ``switch_dit.sampling``'s.
@@ -185,6 +187,24 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
     return None if setting == "none" else setting
 
 
+@torch.no_grad()
+def warm_up(model: torch.nn.Module, batch: int) -> None:
+    """One eager forward of a ``batch`` of zeros in eval mode (no label dropout: no random draw),
+    before compiling. It imports the kernel modules and lets ``backend="auto"`` time its
+    strategies for the training shapes outside the trace; a first call inside the trace would
+    break the graph at every op (dynamo does not trace imports) and time under tracing."""
+    device = next(model.parameters()).device
+    x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.full((batch,), model.num_timesteps // 2, device=device)
+    y = torch.zeros(batch, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        model(x, t, y)
+    finally:
+        model.train(was_training)
+
+
 def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
     """Compile the model's forward in place (``nn.Module.compile``: the state dict keeps its
     keys, so checkpoints do not depend on it).
@@ -292,6 +312,7 @@ class _Run:
         model.train()
         self.compile_mode = compile_mode(cfg.compile, dev)
         if self.compile_mode is not None:
+            warm_up(model, cfg.batch_size // ctx.world_size)
             compile_model(model, self.compile_mode)
         self.net = distributed.wrap(model, ctx, cfg.parallel, with_prior=cfg.lambda_dp > 0)
         self.model = distributed.unwrap(self.net)

@@ -264,3 +264,21 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, one_thread):
     a, b = load_checkpoint(tmp_path / "eager" / "checkpoint.pt"), load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")
     assert a["model"].keys() == b["model"].keys()
     assert b["config"]["compile"] == "default"
+
+
+def test_warm_up_keeps_the_fused_ops_in_one_graph(one_thread, monkeypatch):
+    """The fused ops are custom ops: a traced forward is one graph, once their kernel modules
+    are imported (warm_up, before compiling; dynamo breaks the graph at an import)."""
+    from switch_dit.models import create
+    from switch_dit.ops import dispatch
+    from switch_dit.train import warm_up
+
+    monkeypatch.setattr(dispatch, "_KERNELS", {})  # as in a fresh process: no kernel module loaded yet
+    torch._dynamo.reset()
+    model = create("Switch-DiT-S/4", input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=2,
+                   num_heads=2, backend="triton").train()
+    warm_up(model, 4)
+    assert model.training
+    x, t, y = torch.randn(4, 1, 16, 16), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    explained = torch._dynamo.explain(model)(x, t, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
