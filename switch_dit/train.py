@@ -26,8 +26,9 @@ step, as one that never stopped (same world size, device and thread count).
 
 This module is about 700 lines, over the package's usual size, because the step, the state
 of a run and the loop around it share the run's private state; everything else that training
-needs lives in its own module. Reading order: one step (``forward_backward``, EMA), the state of a run on one rank
-(``_Run``: build, restore, save, ``train_step``), the loop (``train``), the command line.
+needs lives in its own module. Reading order: one step (``forward_backward``, EMA), the state
+of a run on one rank (``_Run``: build, restore, save, ``train_step``), the loop (``train``),
+the command line.
 Checkpoint files and run folders are ``switch_dit.checkpoint``'s, the data
 ``switch_dit.data``'s, the log ``switch_dit.runlog``'s, samples ``switch_dit.sampling``'s.
 
