@@ -469,3 +469,25 @@ def test_sample_command_flags_parse():
     args = build_parser().parse_args(["sample", "--ckpt", "x", "--no-capture", "--no-tf32"])
     assert args.capture is False and args.tf32 is False
     assert build_parser().parse_args(["eval", "s.npz", "--no-tf32"]).tf32 is False
+
+
+def test_tf32_follows_the_flag(monkeypatch):
+    """set_tf32 flips the two process-wide flags on CUDA devices and leaves the CPU alone; the
+    conftest fixture restores them after the test."""
+    cuda = torch.device("cuda", 0)  # the flags are plain settings: no GPU needed to set them
+    distributed.set_tf32(cuda, True)
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    distributed.set_tf32(cuda, False)
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    distributed.set_tf32(torch.device("cpu"), True)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_sample_command_sets_tf32_as_asked(tiny_checkpoint, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(distributed, "set_tf32", lambda device, enabled=True: seen.append((device.type, enabled)))
+    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "g.png", "--sample-steps", "2",
+               "--samples-per-class", "1", "--no-eval", "--no-tf32") == 0
+    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "h.png", "--sample-steps", "2",
+               "--samples-per-class", "1", "--no-eval") == 0
+    assert seen == [("cpu", False), ("cpu", True)]
