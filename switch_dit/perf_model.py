@@ -331,14 +331,53 @@ def _norm_steps(op: str, strategy: str, mode: str, sh: dict, dtype, dev: Device)
     return out
 
 
+# --------------------------------------------------------------------------- expert MLPs (DiffMoE)
+
+
+def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
+    """E experts (D -> H -> D) over the (E, C) token slots of a pool of S tokens; ``rows``: the
+    valid (expert, token) pairs (E * C in training; fewer at evaluation). Backward: the dx and
+    dW GEMMs of both layers (twice the forward FLOPs) and the same activations again."""
+    S, D, H, E, C = sh["S"], sh["D"], sh["H"], sh["E"], sh["C"]
+    R = sh.get("rows", E * C)
+    e = torch.tensor([], dtype=dtype).element_size()
+    w_b = 2 * E * D * H * e
+    fwd = mode in ("fwd", "fwd+bwd")
+    bwd = mode in ("bwd", "fwd+bwd")
+    # "bmm" computes every slot; "grouped" and the reference only the valid pairs
+    rows = E * C if strategy == "bmm" else R
+
+    def mlp(name, factor):
+        return [_gemm(f"{name} fc1", rows, H * factor, D, e, b_bytes=w_b / 2 * factor),
+                _ew(f"{name} gelu", 8.0 * rows * H, 2 * rows * H * e),
+                _gemm(f"{name} fc2", rows, D * factor, H, e, b_bytes=w_b / 2 * factor)]
+
+    out: list[Step] = []
+    if strategy not in ("dense", "bmm", "grouped", "reference"):
+        raise ValueError(f"strategy: unknown for expert_mlp: {strategy!r} (valid: {', '.join(STRATEGIES['expert_mlp'])})")
+    gather = [] if strategy == "dense" else [_ew("gather rows", 0, 2 * rows * D * e)]
+    # combine: each token sums its E candidate rows (zero where not chosen), in expert order
+    combine = [] if strategy == "dense" else [_ew("scale + combine", 2.0 * E * S * D, (E * S + S) * D * e)]
+    per_expert = E if strategy == "reference" else 1  # the reference launches per expert
+    if fwd:
+        out += gather + mlp("fwd", 1) + combine
+    if bwd:  # dx and dW of both layers: twice the GEMM work; the gathers and combine again
+        out += combine + mlp("bwd", 2) + gather
+    if per_expert > 1:
+        out += [_ew("per-expert launches", 0, 0)] * (len(out) * (per_expert - 1))
+    return out
+
+
 STRATEGIES = {
     "mixed_linear": ("fused", "bmm", "grouped", "reference", "dense"),
+    "expert_mlp": ("bmm", "grouped", "reference", "dense"),
     "mask_ln_modulate": ("fused", "compiled", "reference"),
     "residual_ln_modulate": ("fused", "compiled", "reference"),
     "gated_residual": ("fused", "compiled", "reference"),
 }
 _REQUIRED = {"mixed_linear": ("B", "L", "M", "k"), "mask_ln_modulate": ("B", "L", "D"),
-             "residual_ln_modulate": ("B", "L", "D"), "gated_residual": ("B", "L", "D")}
+             "residual_ln_modulate": ("B", "L", "D"), "gated_residual": ("B", "L", "D"),
+             "expert_mlp": ("S", "D", "H", "E", "C")}
 
 
 def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="h100", *, mode: str = "fwd+bwd",
@@ -347,7 +386,9 @@ def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="
 
     op: one of ``STRATEGIES`` ("expert_mask" is an alias of "mixed_linear"); strategy: one of
     ``STRATEGIES[op]`` ("dense" is the floor: one plain D_in x D_out linear on the same tokens).
-    shape: B, L, D (or D_in and D_out), and M, k for the routed linear. dtype: the
+    shape: B, L, D (or D_in and D_out), and M, k for the routed linear; S (pool tokens), D, H,
+    E, C (slots per expert) and optionally rows (valid pairs, default E * C) for the expert
+    MLPs ("dense": the valid rows through their experts, nothing gathered). dtype: the
     activations' dtype; fp32 products use TF32 only with ``tf32=True`` (PyTorch's default is
     off). device: a name, a CUDA device or a :class:`Device` with measured peaks.
     mode: "fwd", "bwd" or "fwd+bwd".
@@ -368,6 +409,8 @@ def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="
     dev = device_peaks(device)
     if op == "mixed_linear":
         steps = _routed_linear_steps(strategy, mode, shape, dtype, tf32, dev)
+    elif op == "expert_mlp":
+        steps = _expert_mlp_steps(strategy, mode, shape, dtype)
     else:
         steps = _norm_steps(op, strategy, mode, shape, dtype, dev)
     rate = dev.rate(dtype, tf32)

@@ -150,3 +150,25 @@ def test_norm_backward_partials_are_a_small_share_at_xl():
         est = P.estimate(op, "fused", dict(B=32, L=256, D=1152), torch.bfloat16, "h100", mode="bwd")
         partials = next(s for s in est.steps if s.name == "sum partials").bytes
         assert partials < 0.1 * est.bytes, op
+
+
+def test_expert_mlp_strategies():
+    """DiffMoE's expert MLPs: two GEMMs of 2*rows*D*H FLOPs forward, twice that backward; "bmm"
+    computes every (E, C) slot, "grouped" only the valid pairs, so at evaluation (half the
+    slots valid) "grouped" does half the GEMM work; the dense MLP over the rows is the floor."""
+    S, D, H, E = 512, 64, 256, 8
+    sh = dict(S=S, D=D, H=H, E=E, C=S // E)
+    fwd = P.estimate("expert_mlp", "dense", sh, torch.float16, "h100", mode="fwd")
+    assert sum(s.mma_flops for s in fwd.steps) == 2 * (2 * S * D * H)
+    both = P.estimate("expert_mlp", "dense", sh, torch.float16, "h100")
+    assert sum(s.mma_flops for s in both.steps) == 3 * 2 * (2 * S * D * H)
+    half = dict(sh, rows=S // 2)
+
+    def mma(strategy, shape):
+        return sum(s.mma_flops for s in P.estimate("expert_mlp", strategy, shape, torch.float16, "h100").steps)
+
+    assert mma("bmm", half) == mma("bmm", sh) == 2 * mma("grouped", half)
+    t = {s: P.estimate("expert_mlp", s, sh, torch.bfloat16, "h100").time_s for s in P.STRATEGIES["expert_mlp"]}
+    assert t["dense"] == min(t.values()) and t["reference"] == max(t.values())
+    with pytest.raises(ValueError, match="shape: expert_mlp needs"):
+        P.estimate("expert_mlp", "bmm", dict(S=1, D=2))
