@@ -262,8 +262,8 @@ def _validate(c: TrainConfig) -> None:
     need(c.objective in OBJECTIVES, "objective", "'diffusion' or 'flow'")
     if c.objective == "flow":
         need(c.sample_method in ("euler", "heun"), "sample_method", "'euler' or 'heun' for objective 'flow'")
-        need(c.model.startswith("DiffMoE"), "model", "a DiffMoE model for objective 'flow' (the other families "
-             "take integer timesteps)")
+        need(c.model.startswith(("DiffMoE-", "DiT-")), "model", "a DiffMoE or DiT model for objective 'flow' "
+             "(DTR, Switch-DiT and Remix-DiT index tables by integer timesteps)")
     else:
         need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
     need(c.compile in COMPILE_MODES, "compile", " or ".join(repr(m) for m in COMPILE_MODES))

@@ -12,8 +12,9 @@ channels. The two passes are separate calls (not one doubled batch) because a Di
 forward chooses tokens over the whole batch: batching them together would change the result.
 
 Model contract: ``model(z, t, y) -> (B, C or 2C, H, W)`` with t float (B,) in [0, 1]; models
-whose ``objective`` attribute is "flow" accept such t (see ``switch_dit.models``). Any family
-trains with this objective or with ``switch_dit.diffusion``'s Gaussian diffusion.
+built with ``objective="flow"`` accept such t: DiffMoE (its default) and plain DiT. DTR,
+Switch-DiT and Remix-DiT keep Gaussian diffusion (their masks, prior and intervals are tables
+over the integer timesteps); DiT and DiffMoE train with either objective.
 """
 
 from __future__ import annotations

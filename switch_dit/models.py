@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_labels, check_timesteps
+from .flow import check_flow_time
 from .ops.dispatch import check_backend, runs_reference
 from .layers import (  # noqa: F401  the building blocks stay importable from here
     Attention,
@@ -87,8 +88,14 @@ class DiT(nn.Module):
         dtr_beta: float = 0.8,
         backend: str = "auto",
         prior: str = "matched",
+        objective: str = "diffusion",
     ):
         super().__init__()
+        if objective not in ("diffusion", "flow"):
+            raise ValueError(f"objective must be 'diffusion' or 'flow', got {objective!r}")
+        if objective == "flow" and routing != "none":
+            # DTR's masks and Switch-DiT's prior are tables over the T integer timesteps.
+            raise ValueError(f"objective 'flow' (float t in [0, 1]) needs routing 'none' (plain DiT), got {routing!r}")
         if prior not in PRIOR_MODES:
             raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
         if routing not in ("none", "dtr", "switch"):
@@ -100,6 +107,7 @@ class DiT(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.routing = routing
+        self.objective = objective
         self.backend = check_backend(backend)
         self.prior_mode = prior
         self.learn_sigma = learn_sigma
@@ -196,7 +204,10 @@ class DiT(nn.Module):
             raise ValueError(f"x must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-        if isinstance(t, torch.Tensor) and t.dim() == 0:  # one timestep for the batch
+        if self.objective == "flow":  # float flow times (switch_dit.flow); 1 is Heun's last point
+            check_flow_time(t.reshape(1) if isinstance(t, torch.Tensor) and t.dim() == 0 else t,
+                            None if isinstance(t, torch.Tensor) and t.dim() == 0 else x.shape[0], closed=True)
+        elif isinstance(t, torch.Tensor) and t.dim() == 0:  # one timestep for the batch
             check_timesteps(t.reshape(1), self.num_timesteps)
         else:
             check_timesteps(t, self.num_timesteps, batch=x.shape[0])

@@ -102,7 +102,7 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(cfg, key):
             kw[key] = getattr(cfg, key)
-    if cfg.model.startswith("DiffMoE"):
+    if cfg.model.startswith("DiffMoE") or cfg.objective == "flow":
         kw["objective"] = cfg.objective  # the model checks its t (float flow times or int steps)
     return kw
 

@@ -29,8 +29,9 @@ def test_config_objective():
     assert TrainConfig(model="DiffMoE-S/4").num_experts == 16  # the published E
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(**{**TINY, "objective": "magic"})
-    with pytest.raises(ValueError, match="DiffMoE model for objective 'flow'"):
-        TrainConfig(**{**TINY, "model": "DiT-S/4"})
+    with pytest.raises(ValueError, match="DiffMoE or DiT model for objective 'flow'"):
+        TrainConfig(**{**TINY, "model": "Switch-DiT-S/4"})
+    assert TrainConfig(**{**TINY, "model": "DiT-S/4"}).objective == "flow"
     with pytest.raises(ValueError, match="'euler' or 'heun'"):
         TrainConfig(**{**TINY, "sample_method": "ddim"})
     assert TrainConfig(**{**TINY, "objective": "diffusion"}).sample_method == "ddim"
@@ -144,3 +145,22 @@ def test_compare_row_and_activated_params():
     # Activated = the dense DiT plus, per MoE layer, the gate and the capacity predictor.
     extra = 2 * (16 * 64 + (64 * 64 + 64) + (64 * 16 + 16))
     assert n["activated"] == dense["total"] + extra and n["total"] > n["activated"]
+
+
+def test_dit_trains_with_flow(tmp_path):
+    """Plain DiT with the flow objective: float t accepted, integer t refused, a run completes."""
+    pytest.importorskip("sklearn")
+    from switch_dit.models import create
+    from switch_dit.train import train
+
+    dit = create("DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2, num_heads=2,
+                 objective="flow")
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    assert dit(x, torch.tensor([0.0, 0.99]), y).shape == (2, 2, 8, 8)
+    with pytest.raises(ValueError, match="floating-point"):
+        dit(x, torch.tensor([3, 4]), y)
+    with pytest.raises(ValueError, match="routing 'none'"):
+        create("Switch-DiT-S/4", hidden_size=16, depth=2, num_heads=2, objective="flow")
+    cfg = dict(TINY, model="DiT-S/4", steps=2, sample=True, samples_per_class=1, sample_steps=2)
+    summary = train(TrainConfig(**cfg, out=str(tmp_path / "dit")), log=lambda *a, **k: None)
+    assert summary["steps"] == 2 and all(r["loss"] > 0 for r in _records(tmp_path / "dit"))
