@@ -28,8 +28,11 @@ Fast paths (backend "triton", or "auto" on CUDA), docs/design.md §2.1 and §2.3
 If T is not a multiple of N (the published code would index past the table for the
 last T mod N timesteps), those timesteps belong to the last expert.
 
-The drop-in patch for models built by the published code (``accelerate_published``) is
-at the end of this module.
+Reading order: the mixed linear as functions, the layers, the model, the configs and the
+published training recipe, then the drop-in patch for models built by the published code
+(``accelerate_published``, what ``switch_dit.accelerate`` calls for them). The module is a
+little over 600 lines because it keeps all of Remix-DiT in one file, as DiT's and the
+published code's single-file style does.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from .layers import (
     adaln_zero_block,
     get_2d_sincos_pos_embed,
 )
-from .models import DiT
+from .models import SIZES, DiT
 from .ops import mixed_linear
 from .ops.dispatch import check_backend, no_autocast, runs_reference
 
@@ -60,8 +63,6 @@ __all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMEST
            "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
            "published_prior_weight", "coefficient_param_groups", "accelerate_published"]
 
-# name -> (hidden size, depth, heads), the same sizes as DiT
-SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 MODEL_NAMES = [f"Remix-DiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]
 MIXING = ("batch", "sample")
 PRIOR_STRENGTH = 3.0  # published: coefficient logits start at randn + 3 std * prior
@@ -416,7 +417,7 @@ def create(name: str, *, num_basis: int = 4, num_experts: int | None = None, mix
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     size, patch = name[len("Remix-DiT-"):].split("/")
-    hidden, depth, heads = SIZES[size]
+    hidden, depth, heads = SIZES[size]  # DiT's sizes
     cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
     cfg.update(kwargs)
     if timestep_sampling is not None:
