@@ -353,3 +353,17 @@ def test_runs_reference_is_autos_cpu_rule(monkeypatch):
     assert not dispatch.runs_reference("fused", x) and not dispatch.runs_reference("bmm", x)
     monkeypatch.setattr(dispatch, "on_gpu", lambda device: True)
     assert not dispatch.runs_reference("auto", x) and dispatch.runs_reference("reference", x)
+
+
+def test_auto_traces_into_one_graph_without_timing(monkeypatch):
+    """torch.compile(fullgraph=True) follows auto's code on a (fake) GPU: the shipped table decides,
+    nothing is timed, no graph break; the result equals the reference twin."""
+    monkeypatch.setattr(autotune, "_on_gpu", lambda device: True)
+    monkeypatch.setattr(autotune, "_measure", lambda *a: pytest.fail("no timing while torch.compile traces"))
+    autotune.clear_memory_cache()
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    z, y, gate = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g), torch.randn(2, 8, generator=g)
+    compiled = torch.compile(lambda *a: ops.gated_residual(*a, backend=None) * 2, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(z, y, gate), (z + gate[:, None] * y) * 2)
+    autotune.clear_memory_cache()

@@ -15,10 +15,12 @@ The rule, per op call:
      autotuner does. Later processes read it back.
   4. No timing inside CUDA-graph capture, while torch.compile traces, with
      ``SWITCH_DIT_AUTOTUNE=0``, or in deterministic mode
-     (``torch.use_deterministic_algorithms(True)``). Under capture and tracing a choice already
-     cached for the key is used; otherwise, and always with ``SWITCH_DIT_AUTOTUNE=0`` or in
-     deterministic mode (where the choice must not depend on a timing), the shipped table
-     ``switch_dit.ops.strategy_table`` decides, whose entries say whether they were measured.
+     (``torch.use_deterministic_algorithms(True)``). Under capture a choice already cached for
+     the key is used (the eager warm-up before a capture has timed it); otherwise the shipped
+     table ``switch_dit.ops.strategy_table`` decides, whose entries say whether they were
+     measured: always while torch.compile traces (the tracer follows this code, so there it is
+     dictionary lookups only), with ``SWITCH_DIT_AUTOTUNE=0`` and in deterministic mode (where
+     the choice must not depend on a timing).
 
 Timing uses the real arguments; ``torch.autograd.grad`` gives the backward without touching
 any ``.grad``. ``_measure`` is the one clock, ``_on_gpu`` the one device test (tests replace
@@ -123,9 +125,13 @@ def _versions() -> str:
     return f"torch {torch.__version__}, triton {triton_version}"
 
 
-@functools.lru_cache(maxsize=None)
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    if device not in _DEVICE_NAMES:
+        _DEVICE_NAMES[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return _DEVICE_NAMES[device]
 
 
 def _key(op: str, device: torch.device, tensors: list[Tensor], grad: bool) -> str:
@@ -205,12 +211,30 @@ def _run_once(strategy: Strategy, args, kw, grad_inputs: list[Tensor]) -> Callab
 # --------------------------------------------------------------------------- the choice
 
 
+def _candidates(table: dict[str, Strategy], args, kw) -> list[Strategy]:
+    """The tunable strategies that support these inputs, and always the reference."""
+    found = [s for s in table.values() if s.tunable and s.why_not(args, kw) is None]
+    return found if table[REFERENCE] in found else [*found, table[REFERENCE]]
+
+
+def _from_table(op: str, candidates: list[Strategy], device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The shipped table's choice among the candidates, and where it came from."""
+    # A device first seen while torch.compile traces has no name yet (asking CUDA is not
+    # traceable): it takes the table's "*" row.
+    name = _DEVICE_NAMES.get(device, "") if _compiling() else _device_name(device)
+    return strategy_table.lookup(name, op, dtype, [s.name for s in candidates])
+
+
 def choose(op: str, table: dict[str, Strategy], args, kw) -> tuple[Strategy, str]:
     """The strategy "auto" runs for this call, and why (see the module doc)."""
     tensors = [a for a in (*args, *kw.values()) if isinstance(a, Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     if not _on_gpu(device):
         return table[REFERENCE], f"auto: {device.type} tensors run the reference (the kernels need a GPU)"
+    if _compiling():
+        # torch.compile traces this code: only dictionary lookups here, no timing, no files, no logging.
+        name, source = _from_table(op, _candidates(table, args, kw), device, tensors[0].dtype)
+        return table[name], f"auto: shipped table ({source}); no timing: while torch.compile traces"
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # The hot path of every later call with this signature: one tuple, one dict lookup.
     signature = (op, device, grad, tuple((t.shape, t.dtype) for t in tensors))
@@ -219,28 +243,25 @@ def choose(op: str, table: dict[str, Strategy], args, kw) -> tuple[Strategy, str
         return table[_DECIDED[signature]], f"auto: measured fastest earlier, cached ({cache_path()})"
     if table_only is not None and signature in _DECIDED_BY_TABLE:
         return table[_DECIDED_BY_TABLE[signature]], f"auto: shipped table; no timing: {table_only}"
-    candidates = [s for s in table.values() if s.tunable and s.why_not(args, kw) is None]
-    if table[REFERENCE] not in candidates:
-        candidates.append(table[REFERENCE])
+    candidates = _candidates(table, args, kw)
     if len(candidates) == 1:
         return candidates[0], "auto: the only strategy that supports these inputs"
     key = _key(op, device, tensors, grad)
-    by_name = {s.name: s for s in candidates}
     forbidden = timing_allowed()
     if table_only is None:
         _load_disk_once()
         cached = _MEMORY.get(key)
-        if cached in by_name:
+        if cached in table and table[cached] in candidates:
             _DECIDED[signature] = cached
-            return by_name[cached], f"auto: measured fastest earlier, cached ({cache_path()})"
+            return table[cached], f"auto: measured fastest earlier, cached ({cache_path()})"
     if forbidden is not None:
-        name, source = strategy_table.lookup(_device_name(device), op, tensors[0].dtype, list(by_name))
+        name, source = _from_table(op, candidates, device, tensors[0].dtype)
         if _FROM_TABLE.get(key) != name:
             _FROM_TABLE[key] = name
             log.debug("switch_dit: auto chose %r for %s from the shipped table (%s)", name, key, source)
-        if table_only is not None:  # (capture and tracing are passing states: not remembered)
+        if table_only is not None:  # (capture is a passing state: not remembered)
             _DECIDED_BY_TABLE[signature] = name
-        return by_name[name], f"auto: shipped table ({source}); no timing: {forbidden}"
+        return table[name], f"auto: shipped table ({source}); no timing: {forbidden}"
     grad_inputs = [t for t in tensors if t.requires_grad] if grad else []
     with dispatch.on_device(tensors[0]):
         times = {s.name: _measure(s, _run_once(s, args, kw, grad_inputs)) for s in candidates}
@@ -250,4 +271,4 @@ def choose(op: str, table: dict[str, Strategy], args, kw) -> tuple[Strategy, str
     _write_disk(key, {"strategy": best, "seconds": times})
     shown = ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in sorted(times.items(), key=lambda item: item[1]))
     log.debug("switch_dit: auto chose %r for %s (%s)", best, key, shown)
-    return by_name[best], f"auto: measured fastest ({shown})"
+    return table[best], f"auto: measured fastest ({shown})"

@@ -514,6 +514,7 @@ for _op, _reference in (("mask_ln_modulate", _reference_mask_ln_modulate),
     dispatch.register(_op, "fused", _custom_op_strategy("fused")[_op], supports=_fused_unavailable)
     # A test tool (checks the hand-written backward in float64, on any device), never faster than reference.
     dispatch.register(_op, "emulated", _custom_op_strategy("emulated")[_op], tunable=False)
+dispatch.kernels("norm_modulate")  # imported now, not while torch.compile traces a first call
 
 
 # ----------------------------------------------------------------------------------

@@ -259,3 +259,4 @@ dispatch.register("mixed_linear", "fused", lambda x, w, b, i, c: _mixed_linear_o
 dispatch.register("expert_mask", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, True),
                   supports=_fused_unavailable)
 dispatch.register("expert_mask_and_apply", "fused", _expert_mask_apply_op, supports=_fused_unavailable)
+dispatch.kernels("routed_linear")  # imported now, not while torch.compile traces a first call
