@@ -367,3 +367,35 @@ def test_auto_traces_into_one_graph_without_timing(monkeypatch):
     compiled = torch.compile(lambda *a: ops.gated_residual(*a, backend=None) * 2, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(z, y, gate), (z + gate[:, None] * y) * 2)
     autotune.clear_memory_cache()
+
+
+def test_auto_times_every_real_strategy_forward_and_backward(monkeypatch, tmp_path):
+    """On a (fake) GPU, auto runs each registered strategy of expert_mask_and_apply once through
+    the timer, forward and backward, and then runs the one the clock calls fastest."""
+    monkeypatch.setenv("SWITCH_DIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SWITCH_DIT_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_on_gpu", lambda device: True)
+    autotune.clear_memory_cache()
+    timed = {}
+
+    def measure(strategy, fn):
+        grads = fn()  # the backward's gradients (autograd.grad), since the inputs require them
+        timed[strategy.name] = [g for g in grads if g is not None]
+        return 1e-6 if strategy.name == "reference" else 1e-5
+
+    monkeypatch.setattr(autotune, "_measure", measure)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    w, b = (0.1 * torch.randn(3, 8, 8, generator=g)).requires_grad_(), torch.randn(3, 8, generator=g)
+    idx, coef = torch.tensor([[0, 2], [1, 1]]), torch.rand(2, 2, generator=g)
+    m, r = ops.expert_mask_and_apply(x, w, b, idx, coef)
+    assert set(timed) == {s for s in ops.strategies("expert_mask_and_apply") if s != "emulated"}
+    want = ops.mixed_linear_reference(x, w, b, idx, coef, add_one=True)
+    torch.testing.assert_close(m, want)
+    torch.testing.assert_close(r, x * want)
+    assert x.grad is None and w.grad is None  # timing left no gradients behind
+    for name, grads in timed.items():  # every strategy's backward agrees with the reference's
+        assert len(grads) == 2, name
+        for got, ref in zip(grads, timed["reference"]):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+    autotune.clear_memory_cache()
