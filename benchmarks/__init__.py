@@ -10,4 +10,4 @@ importing this package does not import ``switch_dit`` (so the smoke mode can set
 TRITON_INTERPRET before any kernel module is loaded).
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows carry their provenance; the file its datasheet peaks

@@ -1,124 +1,61 @@
-"""How the benchmarks reach the fast path, and the plain-PyTorch twins they compare it with.
+"""How the benchmarks reach the ops, their strategies and the plain-PyTorch twins.
 
-The fused ops land in ``switch_dit.ops`` / ``switch_dit.routing`` from other issues.
-Every lookup is here, so that a renamed op or a changed signature is fixed in one
-place. A lookup that fails raises ``Unavailable``; the harness then records the variant
-as skipped with the reason instead of stopping.
+Every lookup of ``switch_dit`` is here, so that a renamed op is fixed in one place. A
+variant that cannot run here raises ``Unavailable``; the harness records it as skipped
+with the reason instead of stopping.
 
-Assumed signatures (from the issues; adjust here when the ops land):
+The op sweep times every strategy that ``switch_dit.ops.strategies(op)`` lists (the fused
+Triton kernels, the cuBLAS compositions, the reference twin...), each called with
+``backend=<strategy>``:
   ops.expert_mask(x, weight, bias, topk_idx, topk_w, *, backend) -> m (B, L, D)
   ops.mask_ln_modulate(x, m, shift, scale, *, backend) -> modulate(LN(x * m))
   ops.residual_ln_modulate(z, r0, a, gate, shift, scale, *, backend)
       -> (z + gate * a, modulate(LN(r0 + gate * a)))
   routing.plan(gate_probs (N, T, M), timesteps (B,), top_k, *, seq_len) -> RoutingPlan
-The "reference" variants call the same ops with backend="reference" (the project's
-reference twins); before an op exists they fall back to the local twins below.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
-import torch.nn.functional as F
 
 
 class Unavailable(Exception):
-    """A variant that cannot run here (op not landed yet, no GPU...): recorded as skipped."""
+    """A variant that cannot run here (no GPU, extension built CPU-only...): recorded as skipped."""
 
 
-def _lookup(module: str, names: tuple[str, ...]):
-    try:
-        mod = importlib.import_module(module)
-    except Exception as exc:  # an import error of a half-landed module is a skip, not a crash
-        raise Unavailable(f"{module} not importable: {type(exc).__name__}: {exc}") from None
-    for name in names:
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    raise Unavailable(f"{module} has none of {', '.join(names)} yet")
+# The strategies every op had before ``switch_dit.ops.strategies`` existed.
+LEGACY_STRATEGIES = ("reference", "triton")
 
 
-def expert_mask(backend: str = "triton"):
-    """The routed linear; backend "reference" falls back to the local twin before the op exists."""
-    try:
-        fn = _lookup("switch_dit.ops", ("expert_mask",))
-    except Unavailable:
-        if backend == "reference":
-            return ref_expert_mask
-        raise
-    return lambda x, w, b, idx, g: fn(x, w, b, idx, g, backend=backend)
+def strategies(op: str) -> tuple[str, ...]:
+    """The strategy names of an op, as ``switch_dit.ops.strategies`` lists them (``auto`` excluded:
+    the sweep times it as its own variant)."""
+    from switch_dit import ops
+
+    listed = getattr(ops, "strategies", None)
+    names = LEGACY_STRATEGIES if listed is None else tuple(listed(op))
+    return tuple(n for n in names if n not in ("auto", None))
 
 
-def mask_ln_modulate(backend: str = "triton"):
-    try:
-        fn = _lookup("switch_dit.ops", ("mask_ln_modulate", "mask_layernorm_modulate", "masked_ln_modulate"))
-    except Unavailable:
-        if backend == "reference":
-            return ref_mask_ln_modulate
-        raise
-    return lambda x, m, shift, scale: fn(x, m, shift, scale, backend=backend)
+def op_fn(op: str, strategy: str):
+    """``switch_dit.ops.<op>`` bound to ``backend=strategy``."""
+    from switch_dit import ops
 
-
-def gated_residual_ln_modulate(backend: str = "triton"):
-    try:
-        fn = _lookup("switch_dit.ops", ("residual_ln_modulate", "gated_residual_ln_modulate"))
-    except Unavailable:
-        if backend == "reference":
-            return ref_gated_residual_ln_modulate
-        raise
-    return lambda z, r0, a, gate, shift, scale: fn(z, r0, a, gate, shift, scale, backend=backend)
+    fn = getattr(ops, op)
+    return lambda *args: fn(*args, backend=strategy)
 
 
 def routing_plan():
     """plan(gate_probs, timesteps, k, L): the tile schedule for L tokens per sample included."""
-    fn = _lookup("switch_dit.routing", ("plan",))
-    from switch_dit import _extension
+    from switch_dit import _extension, routing
 
-    if torch.cuda.is_available() and not (
-            _extension.available() and torch._C._dispatch_has_kernel_for_dispatch_key("switch_dit::routing_plan", "CUDA")):
+    if torch.cuda.is_available() and not _extension.has_kernel("switch_dit::routing_plan", "cuda"):
         # Otherwise plan() falls back to its PyTorch twin, and "fast" would time that.
         raise Unavailable(f"switch_dit._C has no CUDA kernel here ({_extension.load_error or 'built CPU-only'})")
-    return lambda gate_probs, timesteps, top_k, seq_len: fn(gate_probs, timesteps, top_k, seq_len=seq_len)
-
-
-def fast_model_path() -> None:
-    """Raise Unavailable unless a fused model path can exist (the routed-linear op landed).
-
-    ``models.create(..., backend="triton")`` is accepted before the fast path exists and
-    then runs the reference code, which would make "fast" rows silently equal to the
-    reference ones; this check keeps them out until the op is there.
-    """
-    _lookup("switch_dit.ops", ("expert_mask",))
+    return lambda gate_probs, timesteps, top_k, seq_len: routing.plan(gate_probs, timesteps, top_k, seq_len=seq_len)
 
 
 # ----------------------------------------------------------- plain PyTorch twins
-
-
-def ref_expert_mask(x, w, b, idx, g):
-    """m = 1 + sum_j g_j (x @ W[idx_j] + b[idx_j]), one gathered bmm per slot."""
-    m = 1.0
-    for j in range(idx.shape[1]):
-        m = m + g[:, j, None, None].to(x.dtype) * (torch.bmm(x, w[idx[:, j]]) + b[idx[:, j]][:, None, :])
-    return m
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def ref_mask_ln_modulate(x, m, shift, scale):
-    """modulate(LN(x * m)), LayerNorm without affine, eps 1e-6 (DiT's block input)."""
-    r = x * m
-    return modulate(F.layer_norm(r, (r.shape[-1],), eps=1e-6), shift, scale)
-
-
-def ref_gated_residual_ln_modulate(z, r0, a, gate, shift, scale):
-    """(z + gate * a, modulate(LN(r0 + gate * a))): DESIGN.md §2b, the residual stream and
-    the MLP branch input after the attention branch."""
-    ga = gate.unsqueeze(1) * a
-    h = r0 + ga
-    return z + ga, modulate(F.layer_norm(h, (h.shape[-1],), eps=1e-6), shift, scale)
 
 
 def ref_routing(gate_probs: torch.Tensor, timesteps: torch.Tensor, top_k: int, seq_len: int = 0):

@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="only the cases behind the issue targets (GPU)")
+    mode.add_argument("--gpu", action="store_true",
+                      help="the plan of make gpu: every op strategy at the S, B, XL widths, blocks, S/2 and XL/2 "
+                           "steps (benchmarks/gpu.py runs it phase by phase)")
     mode.add_argument("--smoke", action="store_true",
                       help="CPU smoke run: tiny shapes, fp32, Triton interpreter; results go to a temp dir")
     p.add_argument("--only", default=",".join(SUITES),
@@ -61,7 +64,7 @@ def _under_cwd(path: Path) -> bool:
 def main(argv=None) -> int:
     started = time.monotonic()  # --time-limit counts from here, imports included
     args = parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
     if mode == "smoke":
         # Must precede any import of a Triton kernel module: @triton.jit reads it then.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -133,25 +136,30 @@ def main(argv=None) -> int:
     timer = Timer(device, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cpu_warmup=s.cpu_warmup, cpu_iters=s.cpu_iters)
     ctx = Context(device=device, timer=timer, results=None, run_id=0, peaks={}, smoke=mode == "smoke",
                   repeats=s.repeats, resume=args.resume, compile_backend=args.compile_backend,
-                  compile_mode=args.compile_mode)
+                  compile_mode=args.compile_mode, heavy_margin_s=s.heavy_margin_s, light_margin_s=s.light_margin_s)
     cases = _collect(s, ctx, args.only)
 
     limit = args.time_limit if args.time_limit is not None else (None if mode == "smoke" else 540.0)
     if limit is not None:
         ctx.deadline = started + limit
-    measured = env.measure_peaks(device, seconds=0.3 if device.type == "cuda" else 0.05)
-    peaks = env.peaks_record(env.peaks_for(info["name"], measured))
-    results = Results(path, info, peaks)
-    ctx.results, ctx.peaks = results, peaks
+    # The floors use the rates measured now, on this card (benchmarks/README.md, Definitions).
+    peaks = env.peaks_record(env.measure_peaks(device, seconds=0.3 if device.type == "cuda" else 0.05))
+    datasheet = env.peaks_record(env.datasheet_for(info["name"]))
+    git, versions = env.git_commit(), env.versions()
+    results = Results(path, info, peaks, datasheet)
+    _warn_mixed_commits(results, git)
+    ctx.results, ctx.peaks, ctx.datasheet = results, peaks, datasheet
+    ctx.provenance = {**git, "device": info["name"], "torch": versions["torch"], "triton": versions["triton"]}
     ctx.run_id = results.start_run({
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "mode": mode,
         "suites": args.only,
         "started": env.now(),
-        "git": env.git_commit(),
-        "versions": env.versions(),
+        "git": git,
+        "versions": versions,
         "timer": timer.method,
-        "measured_peaks": env.peaks_record(measured),
+        "measured_peaks": peaks,
+        "datasheet_peaks": datasheet,
         "settings": {
             "op_dtype": str(s.op_dtype).replace("torch.", ""), "M": s.M, "k": s.k, "input_sets": s.input_sets,
             "repeats": s.repeats, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
@@ -183,6 +191,18 @@ def main(argv=None) -> int:
         print()
         print(report.performance_section(out_dir))
     return 0
+
+
+def _warn_mixed_commits(results, git: dict) -> None:
+    """Rows of another commit (or source digest) kept in the file this run adds to: say so."""
+    here = (git.get("commit"), git.get("source_digest"))
+    other = {(r["provenance"].get("commit"), r["provenance"].get("source_digest")) for r in results.rows}
+    other.discard(here)
+    if other:
+        names = ", ".join(f"{(c or '?')[:10]} (source {d})" for c, d in sorted(other, key=str))
+        print(f"WARNING: {results.path.name} already holds rows of other sources: {names}; this run is "
+              f"{(here[0] or '?')[:10]} (source {here[1]}). The report marks every table that mixes them; "
+              "use a fresh --out to keep them apart.", file=sys.stderr)
 
 
 def _collect(s, ctx, suites) -> list:

@@ -1,15 +1,19 @@
-"""Where a run happened: device name and slug, peak rates, software versions, git commit.
+"""Where a run happened: device name and slug, peak rates, software versions, provenance.
 
-The floors of DESIGN.md §4 divide the work by the device's *measured* peak rates, not
-the datasheet's: a kernel at 100% of a datasheet number is impossible, so a floor built
-from it would hide how close a kernel really is. ``PEAKS`` holds one entry per device
-family, matched by name; ``measure_peaks`` re-measures them on the spot (a large GEMM
-and a large copy) and every run records both, so a table entry can be checked later.
+Two sets of peak rates, both recorded (benchmarks/README.md, "Definitions"):
+  - measured: ``measure_peaks`` times an 8192^3 bf16 matmul (and fp16, fp32) and a 1 GiB
+    device-to-device copy in the same run. The floors of docs/design.md §5 and the
+    "MFU (measured peak)" use these: a kernel cannot beat what cuBLAS reaches on this card today.
+  - datasheet: ``DATASHEET``, the vendor's dense (no sparsity) tensor-core rates and memory
+    bandwidth, matched by device name. "MFU (datasheet)" uses them. An unknown device has none:
+    its rows carry the measured figures only.
+Nothing here is claimed as measured unless the run measured it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import re
@@ -26,27 +30,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Peaks:
-    """Sustained rates: dense tensor-core FLOP/s per dtype and device-memory bytes/s."""
+    """Rates: dense tensor-core FLOP/s per dtype and device-memory bytes/s."""
 
     flops: dict  # dtype name ("bf16", "fp16", "fp32") -> FLOP/s
     bytes_per_s: float
     source: str
 
 
-# Matched in order against the lower-cased device name; the first hit wins, so the
-# specific names (PCIe, NVL) come before the generic one.
-PEAKS: list[tuple[str, Peaks]] = [
-    ("h200", Peaks({"bf16": 790e12, "fp16": 790e12, "fp32": 51e12}, 4.3e12,
-                   "estimate: H100 compute (same die), ~90% of the 4.8 TB/s datasheet memory rate")),
-    ("h100 pcie", Peaks({"bf16": 600e12, "fp16": 600e12, "fp32": 40e12}, 1.8e12,
-                        "estimate: ~80% of the PCIe datasheet rates")),
-    ("h100", Peaks({"bf16": 790e12, "fp16": 790e12, "fp32": 51e12}, 3.0e12,
-                   "measured on the project's lent H100 SXM machines (DESIGN.md §4)")),
-    ("a100", Peaks({"bf16": 280e12, "fp16": 280e12, "fp32": 19e12}, 1.7e12,
-                   "estimate: ~90% of the 312 TFLOP/s / ~85% of the 2.0 TB/s datasheet rates")),
+# Vendor datasheets, dense rates (the sparsity figures are twice these). fp32 is the plain
+# (non-TF32) rate. Matched in order against the lower-cased device name; the first hit wins,
+# so the specific names (NVL, PCIe) come before the generic ones.
+DATASHEET: list[tuple[str, Peaks]] = [
+    ("h200 nvl", Peaks({"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}, 4.8e12, "NVIDIA H200 NVL datasheet")),
+    ("h200", Peaks({"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 4.8e12, "NVIDIA H200 SXM datasheet")),
+    ("h100 nvl", Peaks({"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}, 3.9e12, "NVIDIA H100 NVL datasheet")),
+    ("h100 pcie", Peaks({"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}, 2.0e12, "NVIDIA H100 PCIe datasheet")),
+    ("h100", Peaks({"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 3.35e12, "NVIDIA H100 SXM datasheet")),
+    ("a100 80gb pcie", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1.935e12,
+                             "NVIDIA A100 80GB PCIe datasheet")),
+    ("a100-sxm4-80gb", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 2.039e12,
+                             "NVIDIA A100 80GB SXM datasheet")),
+    ("a100", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1.555e12, "NVIDIA A100 40GB datasheet")),
 ]
-# A nominal entry so that CPU smoke runs fill every field; its floors mean nothing.
-CPU_PEAKS = Peaks({"bf16": 1e12, "fp16": 1e12, "fp32": 1e12}, 50e9, "nominal CPU placeholder (smoke runs only)")
 
 
 def device_name(device: torch.device) -> str:
@@ -60,17 +65,13 @@ def slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
-def peaks_for(name: str, measured: Peaks | None = None) -> Peaks:
-    """The table entry for a device name; a measured set for unknown GPUs; CPU_PEAKS on CPUs."""
+def datasheet_for(name: str) -> Peaks | None:
+    """The datasheet entry of a device name; None for an unknown device (and for CPUs)."""
     low = name.lower()
-    for key, peaks in PEAKS:
+    for key, peaks in DATASHEET:
         if key in low:
             return peaks
-    if low.startswith("cpu"):
-        return CPU_PEAKS
-    if measured is not None:
-        return Peaks(measured.flops, measured.bytes_per_s, "measured in this run (device not in the table)")
-    return CPU_PEAKS
+    return None
 
 
 def measure_peaks(device: torch.device, seconds: float = 0.5) -> Peaks:
@@ -94,7 +95,8 @@ def measure_peaks(device: torch.device, seconds: float = 0.5) -> Peaks:
     src = torch.randn(m, device=device)
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * src.element_size() / _best_seconds(lambda: dst.copy_(src), device, seconds)
-    return Peaks(out, bw, "measured in this run: best of a few repeats, 8192^3 GEMM and a 1 GiB copy")
+    what = "8192^3 matmul and a 1 GiB copy" if big else "256^3 fp32 matmul and a 4 MiB copy (CPU)"
+    return Peaks(out, bw, f"measured in this run: best of a few repeats of a {what}")
 
 
 def _best_seconds(fn, device: torch.device, budget: float) -> float:
@@ -113,22 +115,61 @@ def _best_seconds(fn, device: torch.device, budget: float) -> float:
     return best
 
 
+# What the results' provenance counts as source: an untracked file of these kinds makes the tree dirty.
+SOURCE_SUFFIXES = (".py", ".cu", ".cpp", ".h", ".toml", ".txt", ".cfg", ".yaml", ".yml")
+SOURCE_NAMES = ("Makefile", "CMakeLists.txt")
+RESULTS_PREFIX = "benchmarks/results/"
+
+
+def _is_source(path: str) -> bool:
+    return path.endswith(SOURCE_SUFFIXES) or path.rsplit("/", 1)[-1] in SOURCE_NAMES
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """sha256 (16 hex digits) of the package, kernel, C++ and benchmark sources: the same on any
+    copy of the same tree, .git or not (a lent GPU machine gets the tree without .git)."""
+    h = hashlib.sha256()
+    for folder in ("switch_dit", "kernels", "csrc", "benchmarks"):
+        for p in sorted((root / folder).rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() or not p.is_file() or not _is_source(rel) or "__pycache__" in rel:
+                continue
+            if rel.startswith(RESULTS_PREFIX):
+                continue
+            h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def git_commit() -> dict:
-    """HEAD commit and whether the working tree differs from it (None outside git)."""
+    """HEAD commit, whether the tree differs from it, and the source digest.
+
+    dirty: a tracked file is modified, or an untracked source file (not ignored) exists;
+    the results folder does not count (a run writes its own file there). None outside git.
+    """
 
     def git(*args):
         r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 else None
+        return r.stdout if r.returncode == 0 else None
 
     try:
         commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--untracked-files=no")
+        status = git("status", "--porcelain", "--untracked-files=all")
     except (OSError, subprocess.SubprocessError):
         commit = status = None
-    if commit is None and os.environ.get("SWITCH_DIT_GIT_COMMIT"):
-        # A copy of the tree without .git (a lent GPU machine): the commit, passed along.
-        return {"commit": os.environ["SWITCH_DIT_GIT_COMMIT"], "dirty": None}
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    digest = source_digest()
+    if commit is None:
+        # A copy of the tree without .git (a lent GPU machine): the commit, when passed along.
+        return {"commit": os.environ.get("SWITCH_DIT_GIT_COMMIT"), "dirty": None, "source_digest": digest}
+    dirty = None
+    if status is not None:
+        changed = []
+        for line in status.splitlines():
+            code, path = line[:2], line[3:].strip().strip('"')
+            if path.startswith(RESULTS_PREFIX) or (code == "??" and not _is_source(path)):
+                continue
+            changed.append(path)
+        dirty = bool(changed)
+    return {"commit": commit.strip(), "dirty": dirty, "source_digest": digest}
 
 
 def versions() -> dict:
@@ -161,8 +202,8 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def peaks_record(peaks: Peaks) -> dict:
-    return asdict(peaks)
+def peaks_record(peaks: Peaks | None) -> dict | None:
+    return None if peaks is None else asdict(peaks)
 
 
 def today() -> str:

@@ -2,13 +2,15 @@
 
 Model FLOPs are counted from the configuration, matmuls only (elementwise work is a
 rounding error next to them): the patch embedding, the timestep MLP, per block the adaLN
-linear, qkv, attention scores and values, proj, the MLP and for Switch-DiT the k expert
-linears of the M (the model's definition; the fused kernel does less, see DESIGN.md §2a)
-and the gate, and the final layer. One multiply-add is 2 FLOPs; ``macs`` halves it, which
+linear, qkv, attention scores and values, proj, the MLP and, for Switch-DiT, ONE expert
+linear per SMoE layer (docs/design.md §2, identity (a): the k-expert mixture is one D x D
+linear with mixed weights; the k GEMMs the reference code runs are its own overhead, not
+model work), and the final layer. One multiply-add is 2 FLOPs; ``macs`` halves it, which
 is the convention of the DiT and Switch-DiT papers' "GFLOPs" columns (DiT-XL/2: 118.6).
 
 A training step costs 3x the forward (backward = 2x), plus, for Switch-DiT, the gate
-table that the prior loss evaluates on all T timesteps once per step.
+table (timestep MLP and every layer's gate on all T timesteps), counted once per step, not per
+image: the routing of every sample reads its row, and the prior loss uses the whole table.
 
 The op floors use the *least* work that computes the op (one dense GEMM for the routed
 linear, whatever k is) and the fewest bytes: every input read once, every output
@@ -79,8 +81,7 @@ def model_macs(cfg: ModelConfig) -> dict:
         "mlp": 2 * L * D * hidden_mlp,
     }
     if cfg.routing == "switch":
-        per_block["experts"] = cfg.top_k * L * D * D
-        per_block["gate"] = D * cfg.num_experts
+        per_block["experts"] = L * D * D  # one mixed-weight GEMM, whatever k is (identity (a))
     out = {
         "patch_embed": L * cfg.patch**2 * cfg.in_channels * D,
         "timestep_mlp": FREQ_DIM * D + D * D,

@@ -29,10 +29,21 @@ def config_for(name: str, overrides: dict) -> ModelConfig:
     return ModelConfig.from_name(name, **{_CFG_FIELDS[k]: v for k, v in overrides.items() if k in _CFG_FIELDS})
 
 
+# variant suffix -> torch.compile mode (None: the run's --compile-mode, default "default")
+COMPILE_SUFFIXES = {"compile": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 def parse_variant(variant: str) -> tuple[str, bool]:
-    """'fast+compile' -> ('fast', True)."""
+    """'fast+compile' -> ('fast', True); 'reference+max-autotune' -> ('reference', True)."""
     base, _, suffix = variant.partition("+")
-    return base, suffix == "compile"
+    return base, suffix in COMPILE_SUFFIXES
+
+
+def compile_mode(variant: str, default: str | None) -> str | None:
+    """The torch.compile mode of a variant: "+max-autotune" is max-autotune-no-cudagraphs (CUDA
+    graphs would overwrite the outputs that the bwd timings replay), "+compile" the run's default."""
+    _, _, suffix = variant.partition("+")
+    return COMPILE_SUFFIXES.get(suffix) or default
 
 
 def build_model(name: str, overrides: dict, variant: str, device: torch.device):
@@ -41,8 +52,6 @@ def build_model(name: str, overrides: dict, variant: str, device: torch.device):
     from switch_dit import models
 
     base, _ = parse_variant(variant)
-    if base == "fast":
-        adapters.fast_model_path()
     if base in ("official", "patched") and not name.startswith("Switch-DiT"):
         raise adapters.Unavailable(f"the {base} variant applies to Switch-DiT only")
     if base == "patched":
@@ -111,7 +120,10 @@ def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None
 
 def maybe_compile(model, variant: str, backend: str, mode: str | None):
     _, compiled = parse_variant(variant)
-    return torch.compile(model, backend=backend, mode=mode) if compiled else model
+    if not compiled:
+        return model
+    # Only inductor has modes (aot_eager, the smoke run's backend, would warn and ignore it).
+    return torch.compile(model, backend=backend, mode=compile_mode(variant, mode) if backend == "inductor" else None)
 
 
 def autocast(device: torch.device, precision: str):

@@ -1,8 +1,8 @@
 """Tables, chart and the README's performance section, from the kept results files.
 
     python -m benchmarks.report [FOLDER]             # rewrite FOLDER/README.md and FOLDER/chart.png
-    python -m benchmarks.report [FOLDER] --section   # also print the README performance section
-    python -m benchmarks.report --readme README.md   # and write it between the README's markers
+    python -m benchmarks.report --section            # and update the performance section of README.md
+    python -m benchmarks.report --section --readme X # ... of the file X instead
 
 FOLDER defaults to benchmarks/results. Everything is derived from the JSON files there;
 nothing is measured here, so this runs anywhere (the chart needs matplotlib).
@@ -18,10 +18,11 @@ from pathlib import Path
 from .results import load, result_files
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_README = Path(__file__).resolve().parent.parent / "README.md"
 CHART = "chart.png"
 TABLE = "README.md"
 
-# The issue 6 targets (H100, bf16), checked by ``performance_section``.
+# The targets (H100/H200, bf16), checked by ``targets``; definitions in benchmarks/README.md.
 TARGETS = {
     "routed_vs_dense": 1.25,  # routed linear fwd+bwd / dense linear fwd+bwd, at most
     "routed_vs_reference": 4.0,  # reference / fast, at least
@@ -90,14 +91,26 @@ def _shape_text(shape: dict) -> str:
 def file_section(path: Path, data: dict) -> str:
     dev, peaks, rows = data["device"], data["peaks"], data["rows"]
     out = [f"## {dev['name']} — `{path.name}`", ""]
-    out.append(f"Peaks used for the floors: {peaks['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, "
-               f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s ({peaks['source']}).")
+    sheet = data.get("datasheet")
+    out.append(f"Peaks of the floors, measured in the newest run: {peaks['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, "
+               f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s ({peaks['source']}). Datasheet: "
+               + (f"{sheet['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, {sheet['bytes_per_s'] / 1e12:.2f} TB/s "
+                  f"({sheet['source']})." if sheet else "none for this device (MFU against the measured peak only)."))
+    commits = _commits(data)
+    if len(commits) > 1:
+        out += ["", "**This file mixes rows of " + str(len(commits)) + " sources: "
+                + ", ".join(f"commit {(c or '?')[:10]} (source {d}): runs "
+                            + ", ".join(str(i) for i in sorted({r['run'] for r in _ok(rows)
+                                                                if r['provenance'].get('source_digest') == d}))
+                            for c, d in commits)
+                + ". Compare rows of one source only (the run column of each row says which).**"]
     out.append("")
     out.append("| run | command | mode | commit | torch | triton | CUDA | timer | measured peaks |")
     out.append("|---|---|---|---|---|---|---|---|---|")
     for run in data["runs"]:
         v, g, mp = run["versions"], run["git"], run.get("measured_peaks") or {}
-        commit = (g.get("commit") or "?")[:10] + (" (dirty)" if g.get("dirty") else "")
+        commit = (g.get("commit") or "?")[:10] + (" (dirty)" if g.get("dirty") else "") + \
+            (f" src {g['source_digest']}" if g.get("source_digest") else "")
         meas = (f"{mp['flops']['bf16'] / 1e12:.3g} TFLOP/s, {mp['bytes_per_s'] / 1e12:.3g} TB/s"
                 if mp.get("flops") else "–")
         out.append(f"| {run['id']} | `{run['command']}` | {run['mode']} | {commit} | {v.get('torch')} | "
@@ -154,21 +167,24 @@ def _step_table(rows) -> list[str]:
     if not steps:
         return []
     out = ["### Training step", "",
-           "Forward, loss with the prior, backward, AdamW, EMA. *vs compile*: the reference Switch-DiT "
-           "under torch.compile in the same precision / this time. MFU: analytic model FLOPs (3x forward) "
-           "over the peak.", "",
-           "| model | precision | variant | step ms | img/s | MFU | vs compile | × floor | peak GiB | syncs/step | first step s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Forward, loss with the prior, backward, AdamW, EMA. *vs best ref*: the best reference Switch-DiT "
+           "variant (eager, compiled, max-autotune) in the same precision / this time. MFU: model FLOPs "
+           "(benchmarks/README.md) over the datasheet peak / over the peak measured in the run.", "",
+           "| model | precision | variant | step ms | img/s | MFU sheet | MFU meas. | vs best ref | × floor | peak GiB "
+           "| syncs/step | first step s | run |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in steps:
         model = r["shape"]["model"]
-        base = _find(rows, suite="step", variant="reference+compile", dtype=r["dtype"],
+        base = _best(rows, REFERENCE_VARIANTS, suite="step", dtype=r["dtype"],
                      shape={"model": "Switch-DiT-" + model.rsplit("-", 1)[1], "B": r["shape"]["B"]})
         ex = r["extra"]
         peak = None if r["peak_mem_mib"] is None else r["peak_mem_mib"] / 1024
         out.append(f"| {model} B={r['shape']['B']} | {r['dtype']} | {r['variant']} | {_ms_cell(r)} | "
-                   f"{_fmt(ex.get('images_per_s'), '.1f')} | {_pct(ex.get('mfu')) or '–'} | "
+                   f"{_fmt(ex.get('images_per_s'), '.1f')} | {_pct(ex.get('mfu_datasheet')) or '–'} | "
+                   f"{_pct(ex.get('mfu_measured_peak')) or '–'} | "
                    f"{_fmt(_ratio(_ms(base), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
-                   f"{_fmt(peak, '.1f')} | {_fmt(r['host_syncs'], '.1f')} | {_fmt(ex.get('first_step_s'), '.1f')} |")
+                   f"{_fmt(peak, '.1f')} | {_fmt(r['host_syncs'], '.1f')} | {_fmt(ex.get('first_step_s'), '.1f')} | "
+                   f"{r['run']} |")
     return out + [""]
 
 
@@ -272,92 +288,170 @@ def _bars(ax, rows, group_of, metric, title, log):
 
 
 def performance_section(folder: Path = RESULTS_DIR) -> str:
-    """Markdown for the top-level README: the issue targets against the newest GPU results
-    (the newest file of any kind when no GPU file exists, marked as a smoke run)."""
+    """Markdown for the top-level README: the targets against the newest GPU results (the
+    newest file of any kind when no GPU file exists, marked as a smoke run)."""
     files = [(p, load(p)) for p in result_files(folder)]
     gpu = [(p, d) for p, d in files if d["device"]["kind"] == "cuda"]
     pick = gpu[-1] if gpu else (files[-1] if files else None)
     lines = ["## Performance", ""]
     if pick is None:
-        return "\n".join(lines + ["No benchmark results yet: run `python -m benchmarks` on a GPU "
+        return "\n".join(lines + ["No benchmark results yet: run `make gpu` on a GPU machine "
                                   "(see benchmarks/README.md)."]) + "\n"
     path, data = pick
-    rows = data["rows"]
     run = data["runs"][-1]
     v = run["versions"]
-    commit = (run["git"].get("commit") or "?")[:10]
     commands = ", ".join(dict.fromkeys(f"`{r['command']}`" for r in data["runs"]))
     lines.append(f"Measured on {data['device']['name']} with {commands} (torch {v.get('torch')}, "
-                 f"triton {v.get('triton')}, CUDA {v.get('cuda')}, commit {commit}); every figure, with its "
-                 f"spread and baselines, is in benchmarks/results/ (`{path.name}`).")
+                 f"triton {v.get('triton')}, CUDA {v.get('cuda')}, {_sources_text(data)}); every figure, with "
+                 f"its spread and baselines, is in benchmarks/results/ (`{path.name}`).")
     if data["device"]["kind"] != "cuda":
         lines.append("")
         lines.append("*These are CPU smoke-run numbers: they check the harness and say nothing about speed.*")
-    lines += ["", "| what | measured | target |", "|---|---|---|"]
-    for what, measured, target in _target_rows(rows):
-        lines.append(f"| {what} | {measured} | {target} |")
+    lines += ["", targets_table(data["rows"])]
     return "\n".join(lines) + "\n"
 
 
-def _target_rows(rows):
-    fast = ("fast", "fast+compile")
+def _sources_text(data) -> str:
+    commits = _commits(data)
+    if len(commits) <= 1:
+        (commit, digest), = commits or [(None, None)]
+        return f"commit {(commit or '?')[:10]}"
+    return "**rows of " + ", ".join(f"commit {(c or '?')[:10]} (source {d})" for c, d in commits) + "**"
+
+
+def _commits(data) -> list:
+    """The (commit, source digest) pairs of a file's ok rows."""
+    return sorted({(r["provenance"].get("commit"), r["provenance"].get("source_digest")) for r in _ok(data["rows"])},
+                  key=str)
+
+
+# ------------------------------------------------------------------ targets
+#
+# Definitions (benchmarks/README.md): "fast" is the best row of the fast path (role "strategy"
+# or "auto", the reference strategy excluded); a baseline is the best of its eager and compiled
+# variants (default and max-autotune-no-cudagraphs).
+
+REFERENCE_VARIANTS = ("reference", "reference+compile", "reference+max-autotune")
+OFFICIAL_VARIANTS = ("official", "official+compile", "official+max-autotune")
+
+
+def _is_fast(row) -> bool:
+    role = row["extra"].get("role")
+    if role is None:  # rows of schema 1
+        return row["variant"].startswith("fast")
+    return role in ("strategy", "auto") and row["variant"] != "reference"
+
+
+def _best_fast(rows, **want):
+    shape = want.pop("shape", {})
+    found = [r for r in _ok(rows) if _is_fast(r) and all(r.get(k) == v for k, v in want.items())
+             and all(r["shape"].get(k) == v for k, v in shape.items())]
+    return min(found, key=_ms) if found else None
+
+
+def targets(rows) -> list[dict]:
+    """Every target: {"what", "measured" (text), "target" (text), "values" (list), "passed" (True,
+    False, or None when not measured)}; a target with several shapes passes when all do."""
+    out = []
+
+    checks = {"<=": lambda x, t: x <= t, ">=": lambda x, t: x >= t, "<": lambda x, t: x < t}
+
+    def add(what, pairs, op, threshold, percent=False):
+        """pairs: [(label, value or None)], each compared with ``threshold`` by ``op``."""
+        show = _pct if percent else (lambda x: None if x is None else f"{x:.2f}x")
+        values = [x for _, x in pairs]
+        measured = [x for x in values if x is not None]
+        if any(not checks[op](x, threshold) for x in measured):
+            passed = False
+        else:
+            passed = True if measured and len(measured) == len(values) else None
+        out.append({"what": what, "values": values, "passed": passed,
+                    "measured": ", ".join(f"{label}: {show(x) or '–'}" for label, x in pairs) or "not measured",
+                    "target": f"{op} {threshold:.0%}" if percent else f"{op} {threshold}x"})
+
     Ds = sorted({r["shape"]["D"] for r in _ok(rows) if r["bench"] == "routed_linear"})
 
-    def per_D(num_variants, den_variants, invert=False):
-        vals = []
+    def per_D(num, den):
+        pairs = []
         for D in Ds:
-            a = _best(rows, num_variants, bench="routed_linear", mode="fwd+bwd", shape={"D": D})
-            b = _best(rows, den_variants, bench="routed_linear", mode="fwd+bwd", shape={"D": D})
-            x = _ratio(_ms(b), _ms(a)) if invert else _ratio(_ms(a), _ms(b))
-            vals.append(f"D={D}: {_fmt(x, '.2f')}x")
-        return ", ".join(vals) if vals else "not measured yet"
+            a = num(D)
+            b = den(D)
+            pairs.append((f"D={D}", _ratio(_ms(a), _ms(b))))
+        return pairs
 
-    yield ("routed linear fwd+bwd time / one dense D×D linear", per_D(fast, ("dense_linear",)),
-           f"≤ {TARGETS['routed_vs_dense']}x")
-    yield ("routed linear fwd+bwd speed-up over the reference path", per_D(fast, ("reference",), invert=True),
-           f"≥ {TARGETS['routed_vs_reference']}x")
-    yield ("routed linear fwd+bwd speed-up over the official algorithm",
-           per_D(fast, ("official",), invert=True), "–")
+    fast_rl = lambda D: _best_fast(rows, bench="routed_linear", mode="fwd+bwd", shape={"D": D})  # noqa: E731
+    best_rl = lambda vs: lambda D: _best(rows, vs, bench="routed_linear", mode="fwd+bwd", shape={"D": D})  # noqa: E731
+    add("routed linear fwd+bwd: fast time / one dense D×D linear", per_D(fast_rl, best_rl(("dense_linear",))),
+        "<=", TARGETS["routed_vs_dense"])
+    add("routed linear fwd+bwd: speed-up over the best reference variant",
+        per_D(best_rl(REFERENCE_VARIANTS), fast_rl), ">=", TARGETS["routed_vs_reference"])
 
     sizes = sorted({r["shape"]["model"].rsplit("-", 1)[1] for r in _ok(rows) if r["suite"] == "block"})
-    dense, ref = [], []
-    for size in sizes:
-        f = _best(rows, fast, suite="block", bench="Switch-DiT block", mode="fwd+bwd", shape={"model": f"Switch-DiT-{size}"})
-        d = _find(rows, suite="block", bench="DiT block", variant="reference", mode="fwd+bwd", shape={"model": f"DiT-{size}"})
-        r = _find(rows, suite="block", bench="Switch-DiT block", variant="reference", mode="fwd+bwd",
-                  shape={"model": f"Switch-DiT-{size}"})
-        dense.append(f"{size}: {_fmt(_ratio(_ms(f), _ms(d)), '.2f')}x")
-        ref.append(f"{size}: {_fmt(_ratio(_ms(r), _ms(f)), '.2f')}x")
-    yield ("fast Switch-DiT block fwd+bwd time / reference dense DiT block", ", ".join(dense) or "not measured yet",
-           f"< {TARGETS['block_vs_dense_dit']}x")
-    yield ("fast Switch-DiT block fwd+bwd speed-up over the reference Switch-DiT block",
-           ", ".join(ref) or "not measured yet", f"≥ {TARGETS['block_vs_reference']}x")
+    blk = lambda fam, size: dict(suite="block", bench=f"{fam} block", mode="fwd+bwd",  # noqa: E731
+                                 shape={"model": f"{fam}-{size}"})
+    add("fast Switch-DiT block fwd+bwd time / best reference dense DiT block",
+        [(size, _ratio(_ms(_best_fast(rows, **blk("Switch-DiT", size))),
+                       _ms(_best(rows, REFERENCE_VARIANTS, **blk("DiT", size))))) for size in sizes],
+        "<", TARGETS["block_vs_dense_dit"])
+    add("Switch-DiT block fwd+bwd: speed-up over the best reference variant",
+        [(size, _ratio(_ms(_best(rows, REFERENCE_VARIANTS, **blk("Switch-DiT", size))),
+                       _ms(_best_fast(rows, **blk("Switch-DiT", size))))) for size in sizes],
+        ">=", TARGETS["block_vs_reference"])
 
     for size, key in (("XL/2", "xl_vs_compile"), ("S/2", "s_vs_compile")):
         for precision in ("bf16-autocast", "fp16-autocast+scaler"):
-            f = _best(rows, fast, suite="step", dtype=precision, shape={"model": f"Switch-DiT-{size}"})
-            c = _find(rows, suite="step", variant="reference+compile", dtype=precision, shape={"model": f"Switch-DiT-{size}"})
-            o = _find(rows, suite="step", variant="official+compile", dtype=precision, shape={"model": f"Switch-DiT-{size}"})
+            want = dict(suite="step", dtype=precision, shape={"model": f"Switch-DiT-{size}"})
+            f = _best_fast(rows, **want)
+            c = _best(rows, REFERENCE_VARIANTS, **want)
             if f is None and c is None:
                 continue
-            measured = f"{_fmt(_ratio(_ms(c), _ms(f)), '.2f')}x"
-            if o is not None:
-                measured += f" (vs official + compile: {_fmt(_ratio(_ms(o), _ms(f)), '.2f')}x)"
-            yield (f"Switch-DiT-{size} training step ({precision}) speed-up over reference + torch.compile",
-                   measured, f"≥ {TARGETS[key]}x")
+            add(f"Switch-DiT-{size} training step ({precision}): speed-up over the best reference variant",
+                [(f"vs {c['variant'] if c else 'reference'}", _ratio(_ms(c), _ms(f)))], ">=", TARGETS[key])
     for precision in ("bf16-autocast",):
-        f = _best(rows, fast, suite="step", dtype=precision, shape={"model": "Switch-DiT-XL/2"})
-        r = _best(rows, ("reference+compile", "reference"), suite="step", dtype=precision,
-                  shape={"model": "Switch-DiT-XL/2"})
-        mfu = lambda row: _pct(row["extra"].get("mfu")) if row else None  # noqa: E731
-        yield (f"Switch-DiT-XL/2 training step model FLOP utilisation ({precision})",
-               f"fast: {mfu(f) or '–'}; best reference: {mfu(r) or '–'}", f"≥ {TARGETS['xl_mfu']:.0%}")
-    syncs = [(r["variant"], r["host_syncs"]) for r in _ok(rows)
-             if r["suite"] == "step" and r["shape"]["model"].startswith("Switch-DiT") and r["dtype"] == "bf16-autocast"
-             and r["host_syncs"] is not None and r["shape"]["model"].endswith("XL/2")]
+        f = _best_fast(rows, suite="step", dtype=precision, shape={"model": "Switch-DiT-XL/2"})
+        add(f"Switch-DiT-XL/2 training step ({precision}): model FLOP utilisation, datasheet peak",
+            [("fast", f["extra"].get("mfu_datasheet") if f else None)], ">=", TARGETS["xl_mfu"], percent=True)
+    syncs = [r for r in _ok(rows) if _is_fast(r) and r["suite"] == "step" and r["host_syncs"] is not None]
     if syncs:
-        yield ("host syncs per Switch-DiT-XL/2 training step (bf16)",
-               ", ".join(f"{v}: {n:.0f}" for v, n in syncs), "fast: 0")
+        add("host syncs per fast training step", [(f"{r['shape']['model']} {r['dtype'].split('-')[0]}",
+                                                    r["host_syncs"]) for r in syncs], "<=", 0)
+    return out
+
+
+def targets_table(rows) -> str:
+    lines = ["| what | measured | target | pass |", "|---|---|---|---|"]
+    for t in targets(rows):
+        mark = {True: "pass", False: "**FAIL**", None: "not measured"}[t["passed"]]
+        lines.append(f"| {t['what']} | {t['measured']} | {t['target']} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ predictions
+
+# bench -> the op name of switch_dit.perf_model
+PREDICTED_OPS = {"routed_linear": "expert_mask", "mask_ln_modulate": "mask_ln_modulate",
+                 "gated_residual_ln_modulate": "residual_ln_modulate"}
+
+
+def prediction_ms(row, device: str) -> tuple[float | None, str]:
+    """The analytic model's time (ms) for an op row's strategy on ``device`` (a name), with a
+    note; (None, why) where the model has no such strategy or is not there."""
+    op = PREDICTED_OPS.get(row["bench"])
+    if op is None or row["mode"] not in ("fwd", "bwd", "fwd+bwd"):
+        return None, "no model"
+    strategy = "dense" if row["variant"] == "dense_linear" else row["variant"]
+    if strategy == "triton":
+        strategy = "fused"
+    try:
+        from switch_dit import perf_model
+    except ImportError as exc:
+        return None, f"switch_dit.perf_model not importable ({exc})"
+    dtype = row["dtype"].split("-")[0]
+    try:
+        est = perf_model.estimate(op, strategy, dict(row["shape"]), dtype, device, mode=row["mode"])
+    except (ValueError, KeyError) as exc:
+        return None, str(exc).split(";")[0][:80]
+    return est.time_s * 1e3, est.bound
 
 
 README_START = "<!-- benchmarks:start -->"
@@ -398,10 +492,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", default=str(RESULTS_DIR))
-    p.add_argument("--section", action="store_true", help="print the README performance section")
-    p.add_argument("--readme", default=None,
-                   help="also rewrite the performance section of this README between the markers "
+    p.add_argument("--section", action="store_true",
+                   help="print the performance section and write it into the README between the markers "
                         f"{README_START} and {README_END}")
+    p.add_argument("--readme", default=str(REPO_README), help="the README that --section updates (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a one-line summary of the folder's files as JSON")
     args = p.parse_args(argv)
     written = regenerate(Path(args.folder))
@@ -409,7 +503,6 @@ def main(argv=None) -> int:
     if args.section:
         print()
         print(performance_section(Path(args.folder)))
-    if args.readme:
         if update_readme(Path(args.readme), Path(args.folder)):
             print(f"updated the performance section of {args.readme}")
         else:

@@ -4,7 +4,8 @@ Layout::
 
     {"schema_version": 1,
      "device": {"name", "slug", "kind", ...},
-     "peaks": {"flops": {"bf16", "fp16", "fp32"}, "bytes_per_s", "source"},
+     "peaks": {"flops": {"bf16", "fp16", "fp32"}, "bytes_per_s", "source"},  # measured in the run
+     "datasheet": {same fields} or null,                                    # null: unknown device
      "runs": [{"id", "command", "mode", "started", "finished", "git": {...},
                "versions": {...}, "timer", "measured_peaks", "settings"}],
      "rows": [ROW, ...]}
@@ -12,7 +13,8 @@ Layout::
 A ROW (``make_row``) names its suite, bench, variant, mode, shape and dtype (together the
 key), its status ("ok", "skipped", "error") with a reason, the timing in ms (median,
 p20, p80) with any re-timings, the work (FLOPs, bytes), the floor and the derived
-figures, and the id of the run that produced it. A second run on the same device and
+figures, the id of the run that produced it and its provenance (commit, dirty, source digest,
+device, torch, triton: ``PROVENANCE_FIELDS``). A second run on the same device and
 day is merged into the same file: its rows replace rows with the same key.
 """
 
@@ -33,7 +35,9 @@ ROW_FIELDS = {
     "wall_ms": (float, type(None)), "work": dict, "floor_ms": (float, type(None)),
     "over_floor": (float, type(None)), "tflops": (float, type(None)), "gbps": (float, type(None)),
     "peak_mem_mib": (float, type(None)), "host_syncs": (float, type(None)), "extra": dict, "run": int,
+    "provenance": dict,
 }
+PROVENANCE_FIELDS = ("commit", "dirty", "source_digest", "device", "torch", "triton")
 
 
 def row_key(row: dict) -> tuple:
@@ -43,7 +47,7 @@ def row_key(row: dict) -> tuple:
 
 def make_row(*, suite, bench, variant, mode, shape, dtype, status="ok", reason=None, ms=None,
              reruns_ms=(), wall_ms=None, work=None, peaks=None, peak_mem_mib=None, host_syncs=None,
-             extra=None, run=0) -> dict:
+             extra=None, run=0, provenance=None) -> dict:
     """A complete row; the floor and derived rates follow from ``ms``, ``work`` and ``peaks``.
 
     floor = max(FLOPs / peak FLOP/s of the dtype, bytes / peak bytes/s) (DESIGN.md §4).
@@ -65,6 +69,7 @@ def make_row(*, suite, bench, variant, mode, shape, dtype, status="ok", reason=N
         "wall_ms": _f(wall_ms), "work": work, "floor_ms": _f(floor_ms), "over_floor": _f(over),
         "tflops": _f(tflops), "gbps": _f(gbps), "peak_mem_mib": _f(peak_mem_mib),
         "host_syncs": _f(host_syncs), "extra": dict(extra or {}), "run": run,
+        "provenance": {k: (provenance or {}).get(k) for k in PROVENANCE_FIELDS},
     }
 
 
@@ -80,9 +85,10 @@ def _peak_dtype(dtype: str) -> str:
 class Results:
     """Rows of one device and day, saved after every row (a killed run keeps what it did)."""
 
-    def __init__(self, path: Path, device: dict, peaks: dict):
+    def __init__(self, path: Path, device: dict, peaks: dict, datasheet: dict | None = None):
         self.path = Path(path)
-        self.data = {"schema_version": SCHEMA_VERSION, "device": device, "peaks": peaks, "runs": [], "rows": []}
+        self.data = {"schema_version": SCHEMA_VERSION, "device": device, "peaks": peaks, "datasheet": datasheet,
+                     "runs": [], "rows": []}
         if self.path.exists():
             old = load(self.path)
             if old.get("device", {}).get("slug") == device.get("slug"):
@@ -150,7 +156,7 @@ def validate(data: dict) -> None:
     """Raise ValueError naming the first field that breaks the schema."""
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"schema_version must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    for field in ("device", "peaks", "runs", "rows"):
+    for field in ("device", "peaks", "datasheet", "runs", "rows"):
         if field not in data:
             raise ValueError(f"results lack {field!r}")
     for field in ("name", "slug", "kind"):
@@ -186,5 +192,8 @@ def validate(data: dict) -> None:
                 raise ValueError(f"row {i} is ok but has no median/p20/p80")
         elif not row["reason"]:
             raise ValueError(f"row {i} is {row['status']} without a reason")
+        missing = [k for k in PROVENANCE_FIELDS if k not in row["provenance"]]
+        if missing:
+            raise ValueError(f"row {i} provenance lacks {missing[0]!r}")
         if row["run"] not in run_ids:
             raise ValueError(f"row {i} names run {row['run']} that is not in runs")

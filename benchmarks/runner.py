@@ -38,6 +38,7 @@ class Case:
     compiled: bool = False  # reset dynamo afterwards, so compiled graphs do not pile up
     measure: Callable | None = None  # (ctx, fn, case, mode) -> row fields; default: op timing
     note: str = ""
+    role: str = "baseline"  # "strategy" (the fast path), "auto", "baseline" or "floor": recorded in extra.role
 
     def key(self, mode: str) -> tuple:
         return row_key({"suite": self.suite, "bench": self.bench, "variant": self.variant, "mode": mode,
@@ -50,7 +51,9 @@ class Context:
     timer: Timer
     results: Results
     run_id: int
-    peaks: dict
+    peaks: dict  # measured in this run: the floors
+    datasheet: dict | None = None  # the device's datasheet rates (None: unknown device)
+    provenance: dict = field(default_factory=dict)  # results.PROVENANCE_FIELDS, stamped on every row
     smoke: bool = False
     repeats: int = 1
     deadline: float = float("inf")  # time.monotonic() after which nothing new starts
@@ -153,9 +156,11 @@ def measure_op(ctx: Context, fn: Callable[[], object], case: Case, mode: str) ->
 
 def _record(ctx: Context, case: Case, mode: str, count: bool = True, **fields) -> dict:
     row = make_row(suite=case.suite, bench=case.bench, variant=case.variant, mode=mode, shape=case.shape,
-                   dtype=case.dtype, work=_safe_work(case, mode), peaks=ctx.peaks, run=ctx.run_id, **fields)
+                   dtype=case.dtype, work=_safe_work(case, mode), peaks=ctx.peaks, run=ctx.run_id,
+                   provenance=ctx.provenance, **fields)
     if case.note:
         row["extra"].setdefault("note", case.note)
+    row["extra"].setdefault("role", case.role)
     ctx.results.add(row)
     if count:
         ctx.counts[row["status"]] += 1

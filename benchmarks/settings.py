@@ -1,8 +1,10 @@
 """What each mode measures: shapes, models, precisions, iteration counts.
 
-full  (GPU) every benchmark of issue 6 at the paper's sizes;
-quick (GPU) the cases that decide the issue targets (they also run first in full mode);
-smoke (CPU) tiny shapes, fp32, a few iterations: checks the harness, not the speed.
+full  (GPU) every benchmark at the paper's sizes;
+quick (GPU) the cases that decide the targets (they also run first in full mode);
+gpu   (GPU) the plan of ``make gpu`` (benchmarks/gpu.py): every op strategy at the S, B and XL
+      widths, block rows, S/2 and XL/2 training steps, shorter timing loops to fit its budget;
+smoke (CPU) tiny shapes, fp32, a few iterations: checks the harness, not the speed (``make gpu DRY=1``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Settings:
     rep_ms: int = 100
     cpu_warmup: int = 1
     cpu_iters: int = 5
+    # Seconds that must be left before the deadline for a case to start (runner.Context).
+    heavy_margin_s: float = 120.0
+    light_margin_s: float = 15.0
 
 
 def settings_for(mode: str) -> Settings:
@@ -63,9 +68,30 @@ def settings_for(mode: str) -> Settings:
             overrides={"hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10, "depth": 1},
             cpu_warmup=0,  # the runner's first call already warmed up
             cpu_iters=2,
+            heavy_margin_s=5.0,  # make gpu DRY=1 gives each suite a budget of about a minute
+            light_margin_s=1.0,
+        )
+    if mode == "gpu":
+        # Every case is "quick" here: the plan is what make gpu runs, phase by phase, each under
+        # its own budget (benchmarks/gpu.py); the cases deciding the targets come first.
+        return Settings(
+            mode="gpu",
+            op_dtype=torch.bfloat16,
+            op_shapes=[{"B": 32, "L": 256, "D": D} for D in (384, 768, 1152)],  # S, B, XL widths
+            op_quick_D=(384, 768, 1152),
+            plan_shapes=[{"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256}],
+            block_sizes=("B/2", "XL/2"),
+            step_sizes=("S/2", "XL/2"),
+            repeats=2,
+            warmup_ms=10,
+            rep_ms=40,
+            step_warmup=2,
+            step_iters=8,
+            heavy_margin_s=40.0,
+            light_margin_s=4.0,
         )
     if mode not in ("quick", "full"):
-        raise ValueError(f"mode must be smoke, quick or full, got {mode!r}")
+        raise ValueError(f"mode must be smoke, quick, gpu or full, got {mode!r}")
     return Settings(
         mode=mode,
         op_dtype=torch.bfloat16,

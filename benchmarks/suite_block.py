@@ -40,7 +40,7 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
                     _build(ctx, s, name, overrides, variant),
                     lambda mode, cfg=cfg: flops.model_work(cfg, s.block_batch, elem, mode),
                     quick=size in s.block_quick_sizes and variant in QUICK[family],
-                    compiled="compile" in variant, note=NOTE,
+                    compiled="+" in variant, note=NOTE, role="strategy" if variant.startswith("fast") else "baseline",
                 ))
     return out
 

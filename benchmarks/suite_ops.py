@@ -1,12 +1,18 @@
 """Op benchmarks: routed expert linear, mask+LN+modulate, gated residual+LN+modulate, routing plan.
 
-Variants of every op, side by side in one run:
-  fast               the fused kernel (switch_dit.ops / switch_dit.routing), when it exists
-  reference          the project's plain PyTorch path, eager
-  reference+compile  the same under torch.compile
-  official           (routed linear, routing) the public implementation's algorithm
-  dense_linear       (routed linear) one dense D x D F.linear on the same tokens: the floor
-                     a routed linear can hope for (DESIGN.md §2a)
+Variants of every op, side by side in one run (the row's ``extra.role`` says which kind):
+  <strategy>              (role "strategy") every strategy ``switch_dit.ops.strategies(op)`` lists,
+                          called with backend=<strategy>: the fused Triton kernels, the cuBLAS
+                          compositions, "reference" (the project's plain PyTorch twin, eager)...
+  auto                    (role "auto") backend="auto": what the models run (its first call
+                          chooses; the timing is of the chosen strategy)
+  reference+compile       (baseline) the reference twin under torch.compile, default mode
+  reference+max-autotune  (baseline) the same, mode="max-autotune-no-cudagraphs"
+  official                (baseline; routed linear, routing) the public implementation's algorithm
+  dense_linear            (role "floor"; routed linear) one dense D x D F.linear on the same tokens:
+                          the floor a routed linear can hope for (docs/design.md §2)
+Speed-ups are taken against the best of a baseline's eager and compiled variants
+(benchmarks/README.md, "Definitions").
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters, flops
+from .modelkit import compile_mode
 from .modes import mode_runner
 from .official import official_expert_mask
 from .runner import Case, Context
@@ -22,6 +29,28 @@ from .settings import DTYPE_NAMES, Settings
 from .timing import rotate
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# bench name -> (switch_dit.ops function, input maker name, work formula)
+NORM_OPS = {
+    "mask_ln_modulate": "mask_ln_modulate",
+    "gated_residual_ln_modulate": "residual_ln_modulate",
+}
+
+
+def variants(op: str, max_autotune: bool = True) -> list[tuple[str, str, str | None]]:
+    """(variant, role, strategy) of an op: its strategies, auto, then the compiled reference twins
+    (not where the op registers "compiled", the same thing as a strategy; max-autotune only when
+    asked: it costs ~45 s of autotuning per shape on a cold GPU)."""
+    try:
+        names = adapters.strategies(op)
+    except Exception as exc:  # noqa: BLE001 - a broken registry is one error row, not a crash
+        return [("strategies", "strategy", f"!{type(exc).__name__}: {exc}")]
+    out = [(name, "strategy", name) for name in names]
+    out.append(("auto", "auto", "auto"))
+    if "compiled" not in names:
+        out.append(("reference+compile", "baseline", "reference"))
+    if max_autotune:
+        out.append(("reference+max-autotune", "baseline", "reference"))
+    return out
 
 
 def cases(s: Settings, ctx: Context) -> list[Case]:
@@ -36,54 +65,57 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
         def routed_work(mode, B=B, L=L, D=D):
             return flops.routed_linear_work(B, L, D, s.M, s.k, elem, mode)
 
-        for variant, make in (
-            ("fast", lambda: adapters.expert_mask("triton")),
-            ("reference", _reference_expert_mask),
-            ("reference+compile", lambda: _compiled(ctx, _reference_expert_mask())),
-            ("official", lambda: official_expert_mask),
-            ("dense_linear", None),
-        ):
+        # make gpu's budget allows max-autotune at the XL width only (the target's shape)
+        # (and not in the smoke run, where the compile backend, aot_eager, has no modes)
+        autotune = s.mode in ("full", "quick") or (s.mode == "gpu" and D == max(sh["D"] for sh in s.op_shapes))
+        routed = [(v, role, _maker(ctx, "expert_mask", v, strategy))
+                  for v, role, strategy in variants("expert_mask", max_autotune=autotune)]
+        routed += [("official", "baseline", lambda: official_expert_mask), ("dense_linear", "floor", None)]
+        for variant, role, make in routed:
             build = _dense_linear_build(ctx, s, shape) if make is None else _routed_build(ctx, s, shape, make)
             out.append(Case("ops", "routed_linear", variant, full_shape, dtype, MODES, build, routed_work,
-                            quick=quick, compiled="compile" in variant))
+                            quick=quick, compiled="+" in variant, role=role))
 
-        for bench, op, make_inputs, work in (
-            ("mask_ln_modulate", adapters.mask_ln_modulate, _mask_ln_inputs, flops.mask_ln_modulate_work),
-            ("gated_residual_ln_modulate", adapters.gated_residual_ln_modulate, _gated_inputs,
-             flops.gated_residual_work),
+        for bench, make_inputs, work in (
+            ("mask_ln_modulate", _mask_ln_inputs, flops.mask_ln_modulate_work),
+            ("gated_residual_ln_modulate", _gated_inputs, flops.gated_residual_work),
         ):
-            for variant, make in (
-                ("fast", lambda op=op: op("triton")),
-                ("reference", lambda op=op: op("reference")),
-                ("reference+compile", lambda op=op: _compiled(ctx, op("reference"))),
-            ):
+            op = NORM_OPS[bench]
+            for variant, role, strategy in variants(op, max_autotune=s.mode not in ("gpu", "smoke")):
                 out.append(Case("ops", bench, variant, dict(shape), dtype, MODES,
-                                _simple_build(ctx, s, shape, make, make_inputs),
+                                _simple_build(ctx, s, shape, _maker(ctx, op, variant, strategy), make_inputs),
                                 lambda mode, work=work, B=B, L=L, D=D: work(B, L, D, elem, mode),
-                                quick=quick, compiled="compile" in variant))
+                                quick=quick, compiled="+" in variant, role=role))
 
     for i, shape in enumerate(s.plan_shapes):
-        for variant, make in (
-            ("fast", adapters.routing_plan),
-            ("reference", lambda: adapters.ref_routing),
-            ("official", lambda: adapters.official_routing),
+        for variant, role, make in (
+            ("fast", "strategy", adapters.routing_plan),
+            ("reference", "baseline", lambda: adapters.ref_routing),
+            ("official", "baseline", lambda: adapters.official_routing),
         ):
             out.append(Case("ops", "routing_plan", variant, dict(shape), "fp32", ("fwd",),
                             _plan_build(ctx, shape, make),
                             lambda mode, sh=shape: flops.routing_plan_work(sh["N"], sh["T"], sh["M"], sh["B"], sh["k"]),
-                            quick=i == 0))
+                            quick=i == 0, role=role))
     return out
 
 
 # ------------------------------------------------------------------ builders
 
 
-def _compiled(ctx: Context, fn):
-    return torch.compile(fn, backend=ctx.compile_backend, mode=ctx.compile_mode)
+def _maker(ctx: Context, op: str, variant: str, strategy: str):
+    """A zero-argument function returning the callable of a variant (built when the case runs)."""
 
+    def make():
+        if strategy.startswith("!"):
+            raise RuntimeError(f"switch_dit.ops.strategies({op!r}) failed: {strategy[1:]}")
+        fn = adapters.op_fn(op, strategy)
+        if "+" in variant:
+            mode = compile_mode(variant, ctx.compile_mode) if ctx.compile_backend == "inductor" else None
+            fn = torch.compile(fn, backend=ctx.compile_backend, mode=mode)
+        return fn
 
-def _reference_expert_mask():
-    return adapters.expert_mask("reference")
+    return make
 
 
 def _rand(shape, ctx, dtype, grad=True, scale=1.0):

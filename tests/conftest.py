@@ -70,3 +70,35 @@ def tiny_checkpoint(tmp_path_factory):
     finally:
         torch.set_num_threads(saved)
     return path
+
+
+# ------------------------------------------------------------------ the gpu marker and the test extra
+
+HAS_CUDA = torch.cuda.is_available()
+# The `test` extra of pyproject.toml: the trainer, checkpoint, resume, metrics and figure tests
+# need them. In CI (CI=true) a missing one fails the run instead of skipping those tests.
+TEST_EXTRA = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without a CUDA device (``make gpu`` selects them with -m gpu)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu; run by make gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+
+    missing = [pkg for mod, pkg in TEST_EXTRA.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return
+    message = (f"the test extra is incomplete: {', '.join(missing)} missing (pip install -e '.[test]'); "
+               "the tests that need them are skipped")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.exit(f"CI: {message.split(';')[0]}: refusing to skip the trainer, checkpoint and resume tests",
+                    returncode=1)
+    session.config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)

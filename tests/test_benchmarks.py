@@ -337,7 +337,7 @@ def test_cli_lists_the_gpu_plan_and_refuses_to_time_without_a_gpu(capsys):
         assert cli.main(["--quick", "--only", "ops"]) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_host_sync_counter_sees_item():
     from benchmarks.timing import count_host_syncs
 

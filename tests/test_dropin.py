@@ -243,7 +243,7 @@ def test_bad_input_says_what_was_expected():
         fast(x, torch.tensor([0, 1, 50]), y)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_gpu_bf16_patched_vs_unpatched(routing):
     """bf16 autocast on the GPU: the patched model's error against the float32 unpatched model

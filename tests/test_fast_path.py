@@ -82,7 +82,7 @@ def test_fast_path_compiles_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["Switch-DiT-S/2", "Switch-DiT-B/2"])
 def test_gpu_bf16_fast_model_vs_reference(name):
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def test_gpu_bf16_fast_model_vs_reference(name):
     assert rel(got, want) <= 2 * rel(base, want) + 1e-3
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_training_step_has_no_host_sync():
     from switch_dit.diffusion import create_diffusion
 

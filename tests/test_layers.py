@@ -298,7 +298,7 @@ def test_bad_backend_and_shapes_raise():
 # ---------------------------------------------------------------------------- GPU, bf16
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", MASKS)
 def test_gpu_bf16_block_and_router(kind):
     """bf16 fused path vs the float32 reference: at most twice the bf16 reference's error plus 1e-3."""

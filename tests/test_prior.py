@@ -175,7 +175,7 @@ def test_matched_prior_loss_equals_synchronous():
         torch.testing.assert_close(got, prior.prior_loss(probs, w_prior, t, 2, shuffle=False))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_async_assignment_cuda_no_sync_after_first_call():
     probs = _gate_probs(seed=4).cuda()
     w_prior = prior.prior_table(20, 3, 3, 2).cuda()

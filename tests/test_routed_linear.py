@@ -24,7 +24,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and not K.INTERPRET:
     pytest.skip("no GPU and TRITON_INTERPRET was set to 0 before import", allow_module_level=True)
 
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu
 TOL32 = 1e-5  # docs/design.md §4: float32 well under 1e-5 (TF32 off)
 
 

@@ -14,7 +14,7 @@ from switch_dit.routing import RoutingPlan, block_routing, num_tiles, plan, refe
 
 requires_ext = pytest.mark.skipif(not _extension.available(),
                                   reason=f"switch_dit._C not built: {_extension.load_error}")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.gpu
 
 EXT_OP = getattr(torch.ops.switch_dit, "routing_plan", None) if _extension.available() else None
 TORCH_OP = torch.ops.switch_dit.routing_plan_torch
