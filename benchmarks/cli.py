@@ -29,8 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None,
                    help="comma-separated model sizes for block/step, e.g. S/2,XL/2 (default: the mode's)")
     p.add_argument("--out", default=None,
-                   help=f"results folder (default: {RESULTS_DIR.relative_to(Path.cwd()) if _under_cwd(RESULTS_DIR) else RESULTS_DIR}; "
-                        "a new temp dir with --smoke)")
+                   help=f"results folder (default: {_shown(RESULTS_DIR)}; a new temp dir with --smoke)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already 'ok' in today's results file for this device (in --out, else "
                         "in benchmarks/results) and run the rest")
@@ -53,12 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _under_cwd(path: Path) -> bool:
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is under it."""
     try:
-        path.relative_to(Path.cwd())
-        return True
+        return path.relative_to(Path.cwd())
     except ValueError:
-        return False
+        return path
 
 
 def main(argv=None) -> int:

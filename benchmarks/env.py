@@ -88,7 +88,7 @@ def measure_peaks(device: torch.device, seconds: float = 0.5) -> Peaks:
     for name, dtype in dtypes.items():
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        out[name] = 2 * n**3 / _best_seconds(lambda: a @ b, device, seconds)
+        out[name] = 2 * n**3 / _best_seconds(lambda a=a, b=b: a @ b, device, seconds)
     out.setdefault("bf16", out["fp32"])
     out.setdefault("fp16", out["fp32"])
     m = (1 << 28) if big else (1 << 20)  # 1 GiB of fp32 on the GPU
@@ -125,9 +125,10 @@ def _is_source(path: str) -> bool:
     return path.endswith(SOURCE_SUFFIXES) or path.rsplit("/", 1)[-1] in SOURCE_NAMES
 
 
-def source_digest(root: Path = REPO_ROOT) -> str:
+def source_digest(root: Path | None = None) -> str:
     """sha256 (16 hex digits) of the package, kernel, C++ and benchmark sources: the same on any
     copy of the same tree, .git or not (a lent GPU machine gets the tree without .git)."""
+    root = REPO_ROOT if root is None else root
     h = hashlib.sha256()
     for folder in ("switch_dit", "kernels", "csrc", "benchmarks"):
         for p in sorted((root / folder).rglob("*")):

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +67,16 @@ class Phase:
 
 
 def phases() -> list[Phase]:
-    # The GPU budgets add up to 455 s, leaving 25 s of the 480 for start-up and the report.
+    # The GPU budgets add up to 455 s, leaving 25 s of the 480 for start-up and the report. The
+    # dry build's budget allows a CPU build from scratch (a fresh tree, the rehearsal); in CI
+    # `make test` has built it and the phase only checks it (seconds), so the dry run stays
+    # under its 300 s.
     return [
-        Phase("build", "the extension for this device's arch, every core", 70, 60),
-        Phase("tests", "pytest -m gpu (CUDA-only tests)", 70, 75),
-        Phase("ops", "every op strategy at the S, B, XL widths, dense floor, baselines", 140, 60),
-        Phase("block", "1-block models, fast vs reference, dense DiT", 65, 40),
-        Phase("step", "S/2 and XL/2 training steps, patched reference-code rows", 110, 55),
+        Phase("build", "the extension for this device's arch, every core", 70, 150),
+        Phase("tests", "pytest -m gpu (CUDA-only tests)", 70, 60),
+        Phase("ops", "every op strategy at the S, B, XL widths, dense floor, baselines", 140, 70),
+        Phase("block", "1-block models, fast vs reference, dense DiT", 65, 50),
+        Phase("step", "S/2 and XL/2 training steps, patched reference-code rows", 110, 60),
     ]
 
 
@@ -88,8 +91,8 @@ COSTS = {
     "gpu": {"eager": 1.0, "fused": 6.0, "auto": 4.0, "compile": 12.0, "max-autotune": 45.0,
             "model_eager": 4.0, "model_fused": 10.0, "model_compile_small": 30.0, "model_compile_large": 60.0,
             "model_max-autotune": 150.0, "build": 60.0, "tests": 60.0, "startup": 8.0},
-    "dry": {"eager": 0.3, "fused": 2.0, "auto": 2.0, "compile": 4.0, "max-autotune": 4.0,
-            "model_eager": 1.5, "model_fused": 4.0, "model_compile_small": 8.0, "model_compile_large": 8.0,
+    "dry": {"eager": 0.3, "fused": 8.0, "auto": 1.0, "compile": 4.0, "max-autotune": 4.0,
+            "model_eager": 1.5, "model_fused": 15.0, "model_compile_small": 10.0, "model_compile_large": 10.0,
             "model_max-autotune": 8.0, "build": 5.0, "tests": 40.0, "startup": 6.0},
 }
 
@@ -117,11 +120,11 @@ def estimate(phase: str, dry: bool) -> tuple[float, str]:
     costs = COSTS["dry" if dry else "gpu"]
     if phase in ("build", "tests"):
         return costs[phase], "fixed guess"
+    import torch
+
     from . import cli
     from .runner import Context
     from .settings import settings_for
-
-    import torch
 
     s = settings_for("smoke" if dry else "gpu")
     ctx = Context(device=torch.device("cpu"), timer=None, results=None, run_id=0, peaks={})
@@ -185,7 +188,8 @@ def _extension_is_current() -> bool:
 def build_phase(phase: Phase, dry: bool, out: Path, log) -> None:
     py = sys.executable
     check = [py, "-c", "from switch_dit import _extension as e; import sys, torch; "
-             "ok = e.available() and (not torch.cuda.is_available() or e.has_kernel('switch_dit::routing_plan', 'cuda')); "
+             "ok = e.available() and (not torch.cuda.is_available() "
+             "or e.has_kernel('switch_dit::routing_plan', 'cuda')); "
              "print('extension:', 'loaded' if ok else (e.load_error or 'no CUDA kernel')); sys.exit(0 if ok else 1)"]
     if _extension_is_current():
         rc, took = run_command(check, phase_budget(phase, dry), log)
@@ -315,7 +319,8 @@ def summary(data: dict | None, run_phases: list[Phase], dry: bool, wall_s: float
         lines.append("")
     budget = DRY_WALL_BUDGET_S if dry else WALL_BUDGET_S
     lines += [f"Wall time {wall_s:.0f} s of {budget} s.", "",
-              "## Phases", "", "| phase | what | estimate s | budget s | took s | status |", "|---|---|---|---|---|---|"]
+              "## Phases", "", "| phase | what | estimate s | budget s | took s | status |",
+              "|---|---|---|---|---|---|"]
     for p in run_phases:
         est = "–" if p.estimate_s is None else f"{p.estimate_s:.0f}"
         took = "–" if p.took_s is None else f"{p.took_s:.0f}"
@@ -371,10 +376,14 @@ def steps_table(rows) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for r in steps:
         ex = r["extra"]
-        pct = (lambda x: "–" if x is None else f"{100 * x:.1f}%")
         out.append(f"| {r['shape']['model']} | {r['dtype']} | {r['variant']} | {r['ms']['median']:.4g} | "
-                   f"{ex['images_per_s']:.1f} | {pct(ex.get('mfu_datasheet'))} | {pct(ex.get('mfu_measured_peak'))} |")
+                   f"{ex['images_per_s']:.1f} | {_pct(ex.get('mfu_datasheet'))} | "
+                   f"{_pct(ex.get('mfu_measured_peak'))} |")
     return out + [""]
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def not_run_table(rows) -> list[str]:
@@ -439,8 +448,8 @@ def main(argv=None) -> int:
                 ph.estimate_s, how = None, f"no estimate ({type(exc).__name__}: {exc})"
             budget = phase_budget(ph, dry)
             over = " OVER BUDGET: the cases at its end will be cut" if (ph.estimate_s or 0) > budget else ""
-            banner = (f"\n=== phase {ph.name}: {ph.what}; estimate "
-                      f"{'?' if ph.estimate_s is None else f'{ph.estimate_s:.0f}'} s ({how}), budget {budget:.0f} s{over}")
+            est = "?" if ph.estimate_s is None else f"{ph.estimate_s:.0f}"
+            banner = f"\n=== phase {ph.name}: {ph.what}; estimate {est} s ({how}), budget {budget:.0f} s{over}"
             print(banner)
             log.write(banner + "\n")
             log.flush()

@@ -2,7 +2,7 @@
 
 Variants of a model, by name:
   reference  switch_dit.models with backend="reference", eager
-  fast       backend="triton" (the fused path), skipped until the fused ops exist
+  fast       backend="triton" (the fused path)
   official   Switch-DiT whose SMoE layers run the public implementation's algorithm
   patched    a model shaped like the reference code (benchmarks/reference_code.py) after
              switch_dit.accelerate: what a user of the reference training script runs
