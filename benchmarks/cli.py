@@ -107,6 +107,14 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases ({mode} mode)")
         return 0
 
+    from switch_dit.ops import compiled_reference
+
+    compile_options = dict(compiled_reference.COMPILE_OPTIONS)  # restored at the end (main may run in-process)
+    if args.compile_backend != "inductor":
+        # The ops' own "compiled" strategy too: inductor's C++ compilation would take minutes on
+        # the CPU (recorded in the run's settings).
+        compiled_reference.COMPILE_OPTIONS["backend"] = args.compile_backend
+
     if device.type == "cuda":
         # As the official training script (DiT's train.py): TF32 for the fp32 matmuls and
         # convolutions that autocast leaves in fp32 (the official expert GEMMs use out=).
@@ -162,6 +170,7 @@ def main(argv=None) -> int:
         "settings": {
             "op_dtype": str(s.op_dtype).replace("torch.", ""), "M": s.M, "k": s.k, "input_sets": s.input_sets,
             "repeats": s.repeats, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+            "compiled_strategy_backend": _compiled_strategy_backend(),
             "tf32_matmul": tf32_matmul_allowed(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         },
@@ -176,6 +185,8 @@ def main(argv=None) -> int:
         run_cases(ctx, cases)
     finally:
         torch.set_num_threads(threads)
+        compiled_reference.COMPILE_OPTIONS.clear()
+        compiled_reference.COMPILE_OPTIONS.update(compile_options)
     elapsed = time.monotonic() - started
     results.update_run(ctx.run_id, finished=env.now(), elapsed_s=round(elapsed, 1), counts=dict(ctx.counts))
     print(f"done in {elapsed:.0f} s: " + ", ".join(f"{v} {k}" for k, v in ctx.counts.items()))
@@ -190,6 +201,12 @@ def main(argv=None) -> int:
         print()
         print(report.performance_section(out_dir))
     return 0
+
+
+def _compiled_strategy_backend():
+    from switch_dit.ops import compiled_reference
+
+    return compiled_reference.COMPILE_OPTIONS.get("backend", "inductor")
 
 
 def _warn_mixed_commits(results, git: dict) -> None:

@@ -62,8 +62,15 @@ def test_smoke_results_follow_the_schema(smoke):
     assert all(r["provenance"]["torch"] == torch.__version__ for r in rows)
     # Every routed-linear baseline of the issue is in the same run.
     variants = {r["variant"] for r in rows if r["bench"] == "routed_linear"}
-    assert {"fast", "reference", "reference+compile", "official", "dense_linear"} <= variants
-    # Issue 9: the reference code's model after switch_dit.accelerate has its step row.
+    assert {"auto", "reference", "reference+compile", "official", "dense_linear"} <= variants
+    # ... and every strategy the op registers (the sweep lists what switch_dit.ops.strategies returns)
+    from benchmarks import adapters
+    from switch_dit import ops
+
+    assert set(ops.strategies("expert_mask")) - {"auto", "triton"} <= variants
+    norm_variants = {r["variant"] for r in rows if r["bench"] == "mask_ln_modulate"}
+    assert set(adapters.strategies("mask_ln_modulate")) <= norm_variants
+    # The reference code's model after switch_dit.accelerate has its step row.
     assert any(r["variant"] == "patched" and r["status"] == "ok" for r in rows if r["bench"] == "train_step")
 
 
@@ -261,7 +268,7 @@ def test_results_merge_resume_and_failures(tmp_path):
     """A second run on the same file keeps the first run's rows, replaces rows with the same
     key, and --resume skips what is already ok; failures become rows, never crashes."""
     info = {"name": "CPU test", "slug": "cpu-test", "kind": "cpu"}
-    peaks = env.peaks_record(env.CPU_PEAKS)
+    peaks = env.peaks_record(env.Peaks({"bf16": 1e12, "fp16": 1e12, "fp32": 1e12}, 50e9, "test"))
     path = tmp_path / "cpu-test-2026-01-01.json"
     calls = []
 

@@ -168,7 +168,10 @@ def test_emulated_float32(mmode):
 @needs_kernels
 def test_float16_under_the_interpreter():
     """float16 in and out (float32 inside): only output rounding separates it from float64."""
-    tol = 2e-3
+    # The float64 reference sees the same fp16-rounded inputs, and the kernels compute in fp32, so
+    # each output differs from float64 by its own rounding to fp16: at most the unit roundoff
+    # u = eps / 2 (measured: <= 0.7 u).
+    tol = torch.finfo(torch.float16).eps / 2
     compare(mln("triton"), mln("reference"), make_mln(2, 7, 40, "full", 4), torch.float16, tol, KERNEL_DEV)
     compare(mln("triton"), mln("reference"), make_mln(1, 5, 72, "bcast", 5), torch.float16, tol, KERNEL_DEV)
     compare(rlm("triton"), rlm("reference"), make_rlm(2, 7, 40, 6), torch.float16, tol, KERNEL_DEV)
@@ -210,7 +213,8 @@ def test_non_contiguous_inputs_and_stride0_grads(backend):
     rows = [t.to(dev) for t in rows]  # .to() on the same device keeps the strides
     ada = [t.to(dev) for t in ada]
     assert not rows[0].is_contiguous() and not ada[0].is_contiguous()
-    mb = (1 + torch.randn(B, 2 * D)[:, ::2]).unsqueeze(1).to(dev)  # (B, 1, D), stride 2 in D
+    mb = (1 + torch.randn(B, 2 * D))[:, ::2].unsqueeze(1).to(dev)  # (B, 1, D), stride 2 in D
+    assert mb.stride(-1) == 2
     w = torch.randn(D).to(dev)
 
     def both(fn_name, args, nout):
@@ -370,8 +374,9 @@ def test_fused_block_reproduces_reference_block_float64(mmode, backend):
 
 
 @needs_kernels
-def test_torch_compile_fullgraph():
-    """The fused block (three custom ops) compiles without a graph break, forward and backward."""
+def test_compile_plumbing_fullgraph_matches_eager():
+    """Compile plumbing only (the kernels compared with themselves): the fused block (three custom
+    ops) compiles without a graph break, forward and backward. Numerics: the reference tests."""
     torch._dynamo.reset()
     ins, attn, mlp = _block_inputs(2, 5, 24, "random", torch.float32, KERNEL_DEV, seed=50)
     compiled = torch.compile(nm.fused_block, fullgraph=True)
@@ -389,9 +394,11 @@ def test_bf16_autocast_block_matches_reference_block():
     with torch.autocast(KERNEL_DEV, dtype=torch.bfloat16):
         got = _block_grads(nm.fused_block, ins, attn, mlp, 56, backend="triton")
         want = _block_grads(nm.reference_block, ins, attn, mlp, 56)
+    # The two paths round to bf16 at different points: at most one rounding (u = eps / 2) on each
+    # path at each of the attention and MLP branch inputs, 4 u = 2 eps in all (measured <= 1.0 eps).
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
-        assert rel(a.float(), b.float()) < 3e-2
+        assert rel(a.float(), b.float()) < 2 * torch.finfo(torch.bfloat16).eps
 
 
 @needs_kernels
@@ -421,10 +428,14 @@ def test_auto_backend_on_cpu_is_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["emulated", "triton"])
-def test_empty_sequence(backend):
+def test_empty_sequence(backend, monkeypatch):
+    """L = 0: the right shapes and zero gradients. With backend="triton" nothing is computed and no
+    kernel may launch (the dispatch runs the reference on empty input): that is what it checks."""
     if backend == "triton" and KERNEL_DEV is None:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     dev = KERNEL_DEV if backend == "triton" else "cpu"
+    if backend == "triton":
+        monkeypatch.setattr(nm, "_functions", lambda strategy: pytest.fail("empty input must launch no kernel"))
     x, m, s, c = leafs(make_mln(2, 0, 8, "full", 70), torch.float32, dev)
     r0, h = nm.mask_ln_modulate(x, m, s, c, return_r0=True, backend=backend)
     assert h.shape == (2, 0, 8)

@@ -50,8 +50,11 @@ def routing(B, M, k, mode="random", gen=None):
         return row.expand(B, k).clone()
     if mode == "unused":  # expert 0 never chosen
         return torch.stack([1 + torch.randperm(M - 1, generator=gen)[:k] for _ in range(B)])
-    if mode == "duplicate":  # mixed_linear allows repeated indices
-        return torch.randint(0, M, (B, k), generator=gen)
+    if mode == "duplicate":  # mixed_linear allows repeated indices; sample 0 always repeats one
+        idx = torch.randint(0, M, (B, k), generator=gen)
+        if k > 1:
+            idx[0, 1] = idx[0, 0]
+        return idx
     raise ValueError(mode)
 
 
@@ -388,7 +391,9 @@ def test_non_contiguous_inputs_and_stride0_grads():
 
 
 def test_float16_forward_and_backward():
-    """fp16 kernels: error vs float64 within 2x the fp16 PyTorch reference's error + small atol."""
+    """fp16 kernels: error vs float64 within 2x the fp16 PyTorch reference's error (docs/design.md §4),
+    with no absolute slack: measured at 0.5-0.8x; rounding the gate coefficients to bf16 inside the
+    kernels gives 3.5-10x, so this test catches it."""
     x, w, b, idx, g = make(3, 7, 40, 4, 2, dtype=torch.float16)
     gm, gr = torch.randn(3, 7, 40, device=DEV, dtype=torch.float16), torch.randn(3, 7, 40, device=DEV,
                                                                                  dtype=torch.float16)
@@ -397,10 +402,10 @@ def test_float16_forward_and_backward():
     houts, hgrads = _ref_same_dtype(x.cpu(), w.cpu(), b.cpu(), idx.cpu(), g.cpu(), [gm.cpu(), gr.cpu()])
     for o, ro, ho in zip(outs, routs, houts):
         assert o.dtype == torch.float16
-        assert rel(o.cpu(), ro) <= 2 * rel(ho, ro) + 1e-3
+        assert rel(o.cpu(), ro) <= 2 * rel(ho, ro)
     for gt, rg, hg, t in zip(grads, rgrads, hgrads, (x, w, b, g)):
         assert gt.dtype == t.dtype
-        assert rel(gt.cpu(), rg) <= 2 * rel(hg, rg) + 1e-3
+        assert rel(gt.cpu(), rg) <= 2 * rel(hg, rg)
 
 
 def _ref_same_dtype(x, w, b, idx, g, grads_out):
@@ -441,8 +446,11 @@ def test_autocast_dtypes():
         (m.float().sum() + r.float().square().sum()).backward()
     assert x1.grad.dtype == w1.grad.dtype == b1.grad.dtype == g1.grad.dtype == torch.float32
     _, want = ref64(expert_mask_and_apply, x, w, b, idx, g, [torch.ones(2, 5, 16), 2 * r.detach().float()])
+    # Autocast rounds the op's inputs and its outputs to dt: two roundings of at most the unit
+    # roundoff u = eps / 2 each, so the float32 gradients are within eps of float64 (fp16: measured
+    # <= 0.6 eps; coefficients rounded to bf16 inside the kernels: 1.6-4.7 eps).
     for got, ref in zip((x1.grad, w1.grad, b1.grad, g1.grad), want):
-        assert rel(got.cpu(), ref) < 3e-2
+        assert rel(got.cpu(), ref) < torch.finfo(dt).eps
     # inputs already in the autocast dtype next to float32 parameters (as F.linear accepts)
     x2, w2 = leaves(x.to(dt), w)
     with torch.autocast(DEV, dtype=dt):
@@ -468,7 +476,9 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph():
+def test_compile_plumbing_fullgraph_matches_eager():
+    """Compile plumbing only (the kernels compared with themselves): no graph break, and the same
+    gradients compiled as eager. Their numerics are tested against the reference above."""
     x, w, b, idx, g = make(2, 5, 16, 3, 2)
 
     def step(x, w, b, g):
@@ -547,9 +557,42 @@ def test_gpu_low_precision_vs_same_dtype_torch(D, dtype):
     routs, rgrads = ref64(expert_mask_and_apply, x, w, b, idx, g, go)
     houts, hgrads = _ref_same_dtype(x, w, b, idx, g, go)
     for o, ro, ho in zip(outs, routs, houts):
-        assert rel(o.cpu(), ro) <= 2 * rel(ho.cpu(), ro) + 1e-3
+        assert rel(o.cpu(), ro) <= 2 * rel(ho.cpu(), ro)
     for gt, rg, hg in zip(grads, rgrads, hgrads):
-        assert rel(gt.cpu(), rg) <= 2 * rel(hg.cpu(), rg) + 1e-3
+        assert rel(gt.cpu(), rg) <= 2 * rel(hg.cpu(), rg)
+
+
+@gpu
+@pytest.mark.parametrize("M,k,mode", [
+    pytest.param(5, 2, "random", id="5-accumulators"),
+    pytest.param(6, 3, "duplicate", id="6-accumulators-repeated-idx"),
+    pytest.param(7, 2, "unused", id="7-accumulators-unused-expert"),
+    pytest.param(8, 3, "duplicate", id="8-accumulators-repeated-idx"),
+    pytest.param(9, 3, "duplicate", id="fallback-M9-repeated-idx"),
+    pytest.param(12, 2, "duplicate", id="fallback-M12-repeated-idx"),
+])
+@pytest.mark.parametrize("D", [200, 1152])  # 200 is no multiple of any tile size
+def test_gpu_accumulators_fallback_and_ragged_D_float32(M, k, mode, D):
+    """The compiled (not interpreted) kernels with M = 5..8 accumulator tiles and the M > 8
+    fallback, repeated indices, and a width that no tile divides, in exact fp32 (TF32 off)."""
+    check_against_reference(expert_mask_and_apply, *make(4, 100, D, M, k, mode=mode))
+
+
+@gpu
+def test_gpu_tf32_float32_within_twice_pytorch_tf32_error():
+    """fp32 with TF32 allowed: the kernels' error is within 2x the error of PyTorch's own TF32
+    reference (docs/design.md §4), and PyTorch's error shows that TF32 was really on."""
+    torch.set_float32_matmul_precision("high")  # conftest's fixture restores "highest"
+    x, w, b, idx, g = _gpu_case(384, torch.float32)
+    go = [torch.randn(x.shape, device=DEV) for _ in range(2)]
+    outs, grads = run_triton(expert_mask_and_apply, x, w, b, idx, g, go)
+    routs, rgrads = ref64(expert_mask_and_apply, x, w, b, idx, g, go)
+    houts, hgrads = _ref_same_dtype(x, w, b, idx, g, go)
+    assert rel(houts[0].cpu(), routs[0]) > 1e-5, "PyTorch's reference did not use TF32"
+    for got, ref, same in zip([*outs, *grads], [*routs, *rgrads], [*houts, *hgrads]):
+        err_torch = rel(same.cpu(), ref)
+        # the bias gradient has no product in it: plain fp32 on both sides
+        assert rel(got.cpu(), ref) <= (2 * err_torch if err_torch > TOL32 else TOL32)
 
 
 @gpu
@@ -617,7 +660,8 @@ def test_gpu_cuda_graph_and_no_sync():
 
 
 @gpu
-def test_gpu_torch_compile_inductor():
+def test_gpu_compile_plumbing_inductor_matches_eager():
+    """Compile plumbing only (the kernels compared with themselves), under inductor on the GPU."""
     x, w, b, idx, g = _gpu_case(384, torch.bfloat16, B=4)
     f = torch.compile(lambda x, w, b, g: expert_mask_and_apply(x, w, b, idx, g)[1], fullgraph=True)
     assert rel(f(x, w, b, g).float(), expert_mask_and_apply(x, w, b, idx, g)[1].float()) < 1e-2
