@@ -278,7 +278,7 @@ def test_selectable_by_name_through_the_public_ops():
 
 # --------------------------------------------------------------------------------- GPU only
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu
 
 
 def _cuda_case(dtype, B=8, L=256, D=384, M=3, k=2, seed=47):

@@ -213,7 +213,7 @@ def test_sampling_shared_equals_per_sample(method, cfg, monkeypatch):
 
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_model_shared_timestep_no_sync_and_graph():
     model = create("Switch-DiT-S/4", **TINY, backend="auto").cuda().eval()
     gen = torch.Generator().manual_seed(8)
