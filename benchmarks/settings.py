@@ -80,8 +80,9 @@ def settings_for(mode: str) -> Settings:
             op_shapes=[{"B": 32, "L": 256, "D": D} for D in (384, 768, 1152)],  # S, B, XL widths
             op_quick_D=(384, 768, 1152),
             plan_shapes=[{"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256}],
-            block_sizes=("B/2", "XL/2"),
-            step_sizes=("S/2", "XL/2"),
+            # XL first: its rows decide the MFU and the XL targets, and a budget cuts the tail
+            block_sizes=("XL/2", "B/2"),
+            step_sizes=("XL/2", "S/2"),
             repeats=2,
             warmup_ms=10,
             rep_ms=40,

@@ -76,6 +76,10 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
             out.append(Case("ops", "routed_linear", variant, full_shape, dtype, MODES, build, routed_work,
                             quick=quick, compiled="+" in variant, role=role))
 
+    # the norm ops after every routed-linear row: a budget that cuts the sweep cuts these first
+    for shape in s.op_shapes:
+        B, L, D = shape["B"], shape["L"], shape["D"]
+        quick = D in s.op_quick_D
         for bench, make_inputs, work in (
             ("mask_ln_modulate", _mask_ln_inputs, flops.mask_ln_modulate_work),
             ("gated_residual_ln_modulate", _gated_inputs, flops.gated_residual_work),
