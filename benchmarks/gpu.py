@@ -74,9 +74,9 @@ def phases() -> list[Phase]:
     return [
         Phase("build", "the extension for this device's arch, every core", 70, 150),
         Phase("tests", "pytest -m gpu (CUDA-only tests)", 70, 60),
-        Phase("ops", "every op strategy at the S, B, XL widths, dense floor, baselines", 140, 70),
-        Phase("block", "1-block models, fast vs reference, dense DiT", 65, 50),
-        Phase("step", "S/2 and XL/2 training steps, patched reference-code rows", 110, 60),
+        Phase("ops", "every op strategy at the S, B, XL widths, dense floor, baselines", 140, 80),
+        Phase("block", "1-block models, fast vs reference, dense DiT", 65, 60),
+        Phase("step", "S/2 and XL/2 training steps, patched reference-code rows", 110, 70),
     ]
 
 
