@@ -296,7 +296,7 @@ def test_interop_errors():
         interop.load_official(_tiny(), sd)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.gpu
 
 
 def _cuda_layer(strategy):

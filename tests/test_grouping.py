@@ -5,7 +5,7 @@ import torch
 
 from switch_dit import _extension, grouping
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.gpu
 requires_ext = pytest.mark.skipif(not grouping._HAS_OP, reason="switch_dit._C without group_tokens")
 
 
