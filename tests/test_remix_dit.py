@@ -337,6 +337,20 @@ def test_fast_path_matches_reference_forward_and_every_gradient(mixing, scalar_t
     assert (fast.coefficients.weight.grad[used].abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("mixing", remix_dit.MIXING)
+def test_fast_path_traces_as_one_graph(mixing):
+    """What `switch-dit train --compile` needs: after one eager call (kernel imports, as
+    train.warm_up does) the forward is one graph, per-sample custom op and shared mix included."""
+    import torch._dynamo as dynamo
+
+    model = tiny(mixing, backend="triton").eval()
+    x, t, y = batch(model, B=3, seed=1)
+    model(x, t, y)
+    for tt in (t, torch.tensor(7)):
+        explained = dynamo.explain(model)(x, tt, y)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_gradcheck_shared_mixing(fast):
     g = torch.Generator().manual_seed(11)
