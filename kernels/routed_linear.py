@@ -401,18 +401,17 @@ def _fwd_default(prec: str):
 #
 # The tile (BLOCK_I, BLOCK_O) fixes the chunk count and the shapes of the partial buffers,
 # so the launcher chooses it; autotuning only picks the L depth and the stages. Register
-# budget, measured with ptxas for sm_90 and sm_80 with triton 3.8 and 3.6
-# (tests/test_routed_linear.py::test_wgrad_kernel_registers_no_spills): besides the
-# accumulators the kernel holds ~110-150 registers per thread (the P tile, the colsum, the
-# <P, W_e> product, load addresses and masks), and each expert's 64x64 fp32 tile adds 16 at
-# 8 warps. Default configs (8 warps, 3 stages), none of which spills:
-#   'lp' / 'tf32' (MMA): M <= 4: 64x64 (bf16, M = 3: 181 registers on sm_90, 212-238 on
-#                        sm_80; M = 4 on sm_80 with triton 3.6: 253);
+# budget, read by switch_dit.kernels.static_check (ptxas for sm_90 and sm_80, triton 3.8 and
+# 3.6): besides the accumulators the kernel holds ~80-120 registers per thread (the P tile,
+# load addresses and masks), each expert's 64x64 fp32 accumulator adds 16 at 8 warps and its
+# weight tile (held for dg) 8 in bf16. Default configs (8 warps, 3 stages), none of which spills:
+#   'lp' / 'tf32' (MMA): M <= 4: 64x64 (bf16, M = 3: 156-160 registers on sm_90, 165-213 on
+#                        sm_80; fp32 M = 4: 211-233);
 #                        M 5..8: 64x32 (M = 8 at 64x64 reaches 240-255, fp32 spills);
-#                        M > 8, fallback: 64x64 (128x128 spills, as it did in the RMW-only kernel).
+#                        M > 8, fallback: 64x64 (128x128 spills).
 #   'ieee' (fp32 with TF32 off, FMA dot: each thread holds its rows of x^T and columns of dA
 #   over the whole BLOCK_L in registers, and BLOCK_L >= 16 is required by triton 3.6's
-#   tl.dot): 64x32 for M <= 4 and for the fallback, 32x32 for M 5..8.
+#   tl.dot): 64x32 for M <= 4 and for the fallback (M = 4: 221-240), 32x32 for M 5..8.
 # Always 8 warps: 4 warps halve the register file per thread, and even 64x64 with one expert
 # spills with them (bf16 on triton 3.6: 32-52 bytes; tf32 on 3.8: 20-36). 128-wide tiles with
 # M >= 3 leave no margin either (248-255 registers).

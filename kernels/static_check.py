@@ -113,8 +113,9 @@ for dtype in (torch.bfloat16, torch.float32):
     ops.expert_mask(x, weight, bias, idx, w, backend="triton").float().sum().backward()
     w_out = rnd(M, D, 2 * D)  # D_in != D_out (Remix-DiT's fc1)
     ops.mixed_linear(x, w_out, None, idx, w, backend="triton").float().sum().backward()
-    # M = 8 fills the register accumulators; M = 9 takes the read-modify-write fallback.
-    for experts in (8, 9):
+    # M = 4: the most registers of the 64x64 plan; M = 8 fills the register accumulators;
+    # M = 9 takes the read-modify-write fallback.
+    for experts in (4, 8, 9):
         ops.expert_mask(x, rnd(experts, D, D), rnd(experts, D), torch.tensor([[0, experts - 1], [3, 3]]), w,
                         backend="triton").float().sum().backward()
 
