@@ -134,6 +134,18 @@ def test_strategies_match_reference_backward(strategy, training):
     assert len(grads["reference"]) == len(grads[strategy])
 
 
+def test_eval_forward_fused_kernels():
+    """Evaluation through the Triton kernels (the interpreter on CPU, float32) = the public loop."""
+    layer = _layer(D=16, E=5, strategy="fused").float().eval()
+    ref = _layer(D=16, E=5, strategy="reference").float().eval()
+    thr = torch.tensor([2.0, -1.0, 0.45, 0.5, 0.55])
+    layer.expert_threshold.copy_(thr)
+    ref.expert_threshold.copy_(thr)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_gradcheck_bmm_layer():
     layer = _layer(D=4, E=2, strategy="bmm").train()
     g = torch.Generator().manual_seed(6)

@@ -22,6 +22,10 @@ Strategies (all compute the same function; autograd flows to x, gating and the w
                capturable. Where ``torch._grouped_mm`` cannot run (float64, misaligned
                strides) "bmm" stands in on CUDA, and on the CPU a per-expert loop over the
                same packed rows (host reads).
+  "fused"      forward only (evaluation, sampling): the Triton kernels of
+               ``switch_dit.kernels.expert_mlp`` over the same packing, gather fused into the
+               fc1 loads, bias + GELU and bias + score scaling in the GEMM epilogues, launched
+               over the static tile schedule of ``group_tokens`` (CUDA-graph capturable).
 The combine is deterministic in every strategy (no float atomics): each token gathers its E
 candidate rows, zero where an expert did not choose it, and sums them over the experts in
 expert order, as the public code's (E*S, D) scatter-and-sum does.
@@ -41,7 +45,7 @@ from switch_dit.ops.expert_grouped import native_grouped_mm
 __all__ = ["STRATEGIES", "expert_mlp", "expert_mlp_reference", "check_expert_mlp_args"]
 
 Tensor = torch.Tensor
-STRATEGIES = ("reference", "bmm", "grouped")
+STRATEGIES = ("reference", "bmm", "grouped", "fused")
 
 
 def check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2) -> None:
@@ -153,9 +157,28 @@ def _grouped(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     return _combine(o, slot)
 
 
+def _fused(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
+    kern = dispatch.kernels("expert_mlp")
+    plan = grouping.group_tokens(index, valid, block_m=kern.BLOCK_M)
+    used = plan.tokens >= 0
+    scale = torch.where(used, gating.reshape(-1)[plan.pair.clamp(min=0)], 0).to(x.dtype)
+    with dispatch.on_device(x):
+        h = kern.fc1_gelu(x.contiguous(), plan.tokens, w1.contiguous(), b1.contiguous(), plan.tiles, plan.offsets)
+        o = kern.fc2_scale(h, w2.contiguous(), b2.contiguous(), scale, plan.tiles, plan.offsets)
+    slot = torch.full((index.shape[0], x.shape[0]), -1, dtype=torch.int64, device=x.device)
+    return _combine(o, slot.scatter_(1, index, plan.position))
+
+
+def _fused_unsupported(x, index, gating, w1, b1, w2, b2, valid=None):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gating, w1, b1, w2, b2)):
+        return "is forward only (evaluation and sampling); training runs 'bmm' or 'grouped'"
+    return dispatch.kernels_unavailable("expert_mlp", (torch.float16, torch.bfloat16, torch.float32), x)
+
+
 dispatch.register("expert_mlp", "reference", expert_mlp_reference)
 dispatch.register("expert_mlp", "bmm", _bmm)
 dispatch.register("expert_mlp", "grouped", _grouped)
+dispatch.register("expert_mlp", "fused", _fused, supports=_fused_unsupported)
 
 
 def expert_mlp(
