@@ -202,6 +202,13 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
             out.append(_gemm("linear", T, Do, Di, e))
         if bwd:
             out += [_gemm("dx", T, Di, Do, e), _gemm("dW", Di, Do, T, e)]
+    elif strategy == "shared":  # one timestep for the batch: mix the k experts once, one dense GEMM
+        mix = _ew("mix W once", 2.0 * k * Di * Do, (k + 1) * Di * Do * e)
+        if fwd:
+            out += [mix, _gemm("linear", T, Do, Di, e)]
+        if bwd:
+            out += [mix, _gemm("dx", T, Di, Do, e), _gemm("P = X^T dA", Di, Do, T, e),
+                    _ew("dW_j = c_j P, dc_j = <P, W_j>", 4.0 * k * Di * Do, (2 * k + 1) * Di * Do * e)]
     elif strategy == "fused":
         cfg, wg, K = _fused_tiles(dtype, tf32, M)
         bl, bn, bk, stages = cfg["BLOCK_L"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
@@ -369,7 +376,7 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
 
 
 STRATEGIES = {
-    "mixed_linear": ("fused", "bmm", "grouped", "reference", "dense"),
+    "mixed_linear": ("fused", "bmm", "grouped", "reference", "shared", "dense"),
     "expert_mlp": ("bmm", "grouped", "reference", "dense"),
     "mask_ln_modulate": ("fused", "compiled", "reference"),
     "residual_ln_modulate": ("fused", "compiled", "reference"),
@@ -385,7 +392,8 @@ def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="
     """Expected work and time of one op's strategy.
 
     op: one of ``STRATEGIES`` ("expert_mask" is an alias of "mixed_linear"); strategy: one of
-    ``STRATEGIES[op]`` ("dense" is the floor: one plain D_in x D_out linear on the same tokens).
+    ``STRATEGIES[op]`` ("dense" is the floor: one plain D_in x D_out linear on the same tokens;
+    "shared": one timestep for the whole batch, the k experts mixed once, then one dense GEMM).
     shape: B, L, D (or D_in and D_out), and M, k for the routed linear; S (pool tokens), D, H,
     E, C (slots per expert) and optionally rows (valid pairs, default E * C) for the expert
     MLPs ("dense": the valid rows through their experts, nothing gathered). dtype: the
