@@ -369,7 +369,8 @@ def create(
 def count_params(model: DiT) -> dict[str, int]:
     """Trainable parameters: ``total`` and ``activated`` (what one sample uses: k of the M
     experts of every block), the paper's Table 2 counts the activated ones. For DiffMoE,
-    activated counts ``capacity`` experts per MoE layer (one at the published capacity 1)."""
+    activated counts ``capacity`` experts per MoE layer (one at the published capacity 1); for
+    Remix-DiT one mixed model (a DiT's parameters and one coefficient row)."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     idle = 0
     if model.routing == "diffmoe":  # capacity c: a token passes c of the E experts on average
@@ -380,4 +381,10 @@ def count_params(model: DiT) -> dict[str, int]:
         for router in model.routers:
             per_expert = router.experts.w[0].numel() + router.experts.b[0].numel()
             idle += (router.num_experts - router.top_k) * per_expert
+    if model.routing == "remix":  # a sample runs one mixed model: one basis' worth, one coefficient row
+        K = model.num_basis
+        for block in model.blocks:
+            for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                idle += (K - 1) * (layer.weight[0].numel() + layer.bias[0].numel())
+        idle += (model.num_experts - 1) * K
     return {"total": total, "activated": total - idle}

@@ -109,6 +109,18 @@ def test_names_and_sizes():
     assert isinstance(m.final_layer.linear, torch.nn.Linear)  # the plain final layer, as published
 
 
+def test_parameter_counts():
+    from switch_dit.models import count_params
+
+    with torch.device("meta"):
+        remix, dit = create("Remix-DiT-XL/2"), create("DiT-XL/2")
+    counts, dense = count_params(remix), count_params(dit)["total"]
+    assert counts["activated"] == dense + 4  # one mixed model: a DiT and one coefficient row
+    mixed = sum(p.numel() for n, p in remix.named_parameters()
+                if n.startswith("blocks.") and (".attn." in n or ".mlp." in n))
+    assert counts["total"] == dense + 3 * mixed // 4 + 20 * 4
+
+
 def test_reference_batch_mixing_matches_published_forward():
     model = tiny("batch").double().eval()
     x, t, y = batch(model, B=4, seed=3, dtype=torch.float64)
