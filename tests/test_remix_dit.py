@@ -641,6 +641,14 @@ def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_p
     qkv = ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]["blocks.0.attn.qkv.weight"]
     assert not torch.equal(qkv[0], qkv[1])
 
+    # the run's checkpoint samples (what `switch-dit sample --ckpt` does): one 0-d t per step
+    from switch_dit.sampling import generate
+
+    trained, info = ck.load_model(tmp_path / "a")
+    assert isinstance(trained, remix_dit.RemixDiT) and info["layout"] == "switch-dit" and not trained.training
+    images = generate(trained, torch.tensor([1, 7]), method="ddim", steps=3, cfg_scale=2.0, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
     # resume from step 2: steps 3-4 repeat exactly (interval draws, prior weight schedule, both lr groups)
     train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=lambda *a, **k: None, resume=str(step2))
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
