@@ -109,11 +109,11 @@ def generate(
     was_training = model.training
     model.eval()  # in training mode DiT drops labels at random
     try:
+        net = CapturedStep(model) if capture else model
         if flow:  # switch_dit.flow: Euler or Heun from t = 0 to 1; clipping applies to the result
-            x = flow_lib.sample(model, labels, steps=steps, method=method, cfg_scale=float(cfg_scale),
+            x = flow_lib.sample(net, labels, steps=steps, method=method, cfg_scale=float(cfg_scale),
                                 generator=generator)
             return x.clamp(-1, 1) if clip_denoised else x
-        net = CapturedStep(model) if capture else model
         return diffusion_sample(net, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
                                 generator=generator, progress=progress, clip_denoised=clip_denoised)
     finally:

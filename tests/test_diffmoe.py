@@ -364,3 +364,18 @@ def test_cuda_eval_step_replays_from_a_cuda_graph():
             graph.replay()
             want = layer(static)
             torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_flow_sampling_from_a_cuda_graph_equals_eager():
+    from switch_dit import sampling
+
+    torch.manual_seed(0)
+    model = models.create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=2,
+                          num_heads=4, num_experts=4).cuda().eval()
+    for layer in model.moe_layers():
+        layer.expert_threshold.fill_(0.5)
+    labels = torch.arange(4, device="cuda")
+    eager = sampling.generate(model, labels, method="heun", steps=3, cfg_scale=2.0, capture=False, seed=1)
+    graph = sampling.generate(model, labels, method="heun", steps=3, cfg_scale=2.0, capture=True, seed=1)
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
