@@ -246,7 +246,7 @@ class DiffMoE(nn.Module):
         self.num_experts, self.capacity, self.interleave = num_experts, float(capacity), interleave
         self.capacity_loss_weight = capacity_loss_weight
         self.capacity_schedule = tuple(capacity_schedule) if capacity_schedule is not None else None
-        self.training_iters = -1  # the trainer advances it before each step, as the public code
+        self.training_iters = -1  # the step of the capacity schedule: the trainer sets it before each step
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)

@@ -439,6 +439,8 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.diffusion.lambda_dp = prior_weight_at(self.step, cfg)
+        if hasattr(self.model, "training_iters"):  # DiffMoE's capacity schedule follows the step (resumes too)
+            self.model.training_iters = self.step
         t = None  # uniform, drawn in forward_backward
         if cfg.timestep_sampling == "interval":  # Remix-DiT: the batch from one expert's interval
             t = remix_dit.sample_interval_timesteps(x.shape[0], self.diffusion.num_timesteps, cfg.num_experts,
