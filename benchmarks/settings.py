@@ -64,7 +64,7 @@ def settings_for(mode: str) -> Settings:
             step_quick_sizes=("S/2",),
             step_batch=2,
             step_warmup=1,
-            step_iters=2,
+            step_iters=1,  # an interpreted fast step takes seconds
             overrides={"hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10, "depth": 1},
             cpu_warmup=0,  # the runner's first call already warmed up
             cpu_iters=1,  # one timed call: the interpreter takes seconds per fused call
