@@ -143,9 +143,14 @@ def _stream(proc, sinks) -> None:
             sink.flush()
 
 
+GRACE_S = 8.0  # between the interrupt at the budget and the kill
+
+
 def run_command(cmd: list[str], budget_s: float, log, extra_log=None, env=None) -> tuple[int | None, float]:
-    """Run ``cmd`` from the repository root, its output to ``log`` (and stdout); killed (its whole
-    process group) at ``budget_s``. Returns (exit status or None when killed, seconds)."""
+    """Run ``cmd`` from the repository root, its output to ``log`` (and stdout). At ``budget_s`` its
+    whole process group gets SIGINT, so that pytest still writes its summary and junit XML and the
+    benchmarks their results; ``GRACE_S`` later, SIGTERM and SIGKILL. Returns (exit status, or None
+    when it was stopped at the budget, and seconds)."""
     t0 = time.monotonic()
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
@@ -155,7 +160,7 @@ def run_command(cmd: list[str], budget_s: float, log, extra_log=None, env=None) 
     reader = threading.Thread(target=_stream, args=(proc, sinks), daemon=True)
     reader.start()
     try:
-        rc = proc.wait(timeout=budget_s)
+        rc = proc.wait(timeout=max(1.0, budget_s - GRACE_S))
     except subprocess.TimeoutExpired:
         _kill(proc)
         rc = None
@@ -164,7 +169,7 @@ def run_command(cmd: list[str], budget_s: float, log, extra_log=None, env=None) 
 
 
 def _kill(proc) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -225,7 +230,7 @@ def tests_phase(phase: Phase, dry: bool, out: Path, log) -> None:
 def bench_phase(phase: Phase, dry: bool, out: Path, log) -> None:
     budget = phase_budget(phase, dry)
     cmd = [sys.executable, "-m", "benchmarks", "--smoke" if dry else "--gpu", "--only", phase.name,
-           "--out", str(out), "--no-report", "--time-limit", str(max(5.0, budget - 8.0))]
+           "--out", str(out), "--no-report", "--time-limit", str(max(5.0, budget - GRACE_S - 4.0))]
     rc, took = run_command(cmd, budget, log)
     phase.took_s, phase.rc = took, rc
     phase.status = "passed" if rc == 0 else ("stopped at budget" if rc is None else "failed")
