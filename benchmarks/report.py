@@ -381,8 +381,12 @@ def targets(rows) -> list[dict]:
             pairs.append((f"D={D}", _ratio(_ms(a), _ms(b))))
         return pairs
 
-    fast_rl = lambda D: _best_fast(rows, bench="routed_linear", mode="fwd+bwd", shape={"D": D})  # noqa: E731
-    best_rl = lambda vs: lambda D: _best(rows, vs, bench="routed_linear", mode="fwd+bwd", shape={"D": D})  # noqa: E731
+    def fast_rl(D):
+        return _best_fast(rows, bench="routed_linear", mode="fwd+bwd", shape={"D": D})
+
+    def best_rl(variants):
+        return lambda D: _best(rows, variants, bench="routed_linear", mode="fwd+bwd", shape={"D": D})
+
     add("routed linear fwd+bwd: fast time / one dense D×D linear", per_D(fast_rl, best_rl(("dense_linear",))),
         "<=", TARGETS["routed_vs_dense"])
     add("routed linear fwd+bwd: speed-up over the best reference variant",
@@ -393,8 +397,10 @@ def targets(rows) -> list[dict]:
                 "measured": ", ".join(f"{label}: {_fmt(x, '.2f')}x" for label, x in official) or "not measured"})
 
     sizes = sorted({r["shape"]["model"].rsplit("-", 1)[1] for r in _ok(rows) if r["suite"] == "block"})
-    blk = lambda fam, size: dict(suite="block", bench=f"{fam} block", mode="fwd+bwd",  # noqa: E731
-                                 shape={"model": f"{fam}-{size}"})
+
+    def blk(fam, size):
+        return dict(suite="block", bench=f"{fam} block", mode="fwd+bwd", shape={"model": f"{fam}-{size}"})
+
     add("fast Switch-DiT block fwd+bwd time / best reference dense DiT block",
         [(size, _ratio(_ms(_best_fast(rows, **blk("Switch-DiT", size))),
                        _ms(_best(rows, REFERENCE_VARIANTS, **blk("DiT", size))))) for size in sizes],
