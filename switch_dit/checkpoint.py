@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .diffmoe import SIZES as DIFFMOE_SIZES
 from .models import SIZES, DiT, create
 
 __all__ = [
@@ -362,7 +363,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
     """Arguments of ``models.create`` read off the tensor shapes of a reference-layout state dict.
 
     Returns {"name", "input_size", "in_channels", "num_classes", "learn_sigma", "num_timesteps",
-    and for Switch-DiT "num_experts", "top_k", for Remix-DiT "num_experts", "num_basis"; plus
+    and for Switch-DiT "num_experts", "top_k", for Remix-DiT "num_experts", "num_basis", for DiffMoE
+    "num_experts", "interleave", "shared_expert"; plus
     hidden_size/depth/num_heads when they are not a named size}. The head count is not visible in the weights: it comes from the named size whose
     width matches, or from ``num_heads``.
     """
@@ -385,6 +387,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         family = "DTR"
     elif "coefficients.weight" in sd:  # the published Remix-DiT (switch_dit.remix_dit)
         family = "Remix-DiT"
+    elif any(k.endswith(".mlp.gate_weight") for k in sd):  # the published DiffMoE (switch_dit.diffmoe)
+        family = "DiffMoE"
     else:
         family = "DiT"
     if patch not in (2, 4, 8):
@@ -398,7 +402,8 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         num_timesteps=int(sd["full_time"].shape[0]) if "full_time" in sd else 1000,
     )
     if size is None:
-        heads = num_heads or next((h for d, _, h in SIZES.values() if d == hidden), None)
+        sizes = DIFFMOE_SIZES if family == "DiffMoE" else SIZES  # DiffMoE-S has the published 16 heads
+        heads = num_heads or next((h for d, _, h in sizes.values() if d == hidden), None)
         if heads is None:
             raise ValueError(f"checkpoint has width {hidden}, not a named size: pass num_heads (--num-heads)")
         size = "S"
@@ -412,6 +417,11 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         kw["top_k"] = int(round(float(prior[0].sum()) / depth)) if prior is not None else min(2, kw["num_experts"])
     if family == "Remix-DiT":
         kw["num_experts"], kw["num_basis"] = sd["coefficients.weight"].shape
+    if family == "DiffMoE":
+        moe = sorted(int(k.split(".")[1]) for k in sd if k.endswith(".mlp.gate_weight"))
+        kw["num_experts"] = sd[f"blocks.{moe[0]}.mlp.gate_weight"].shape[0]
+        kw["interleave"] = moe != list(range(depth))
+        kw["shared_expert"] = f"blocks.{moe[0]}.mlp.shared_experts.fc1.weight" in sd
     kw["name"] = f"{family}-{size}/{patch}"
     return kw
 

@@ -379,3 +379,23 @@ def test_cuda_flow_sampling_from_a_cuda_graph_equals_eager():
     eager = sampling.generate(model, labels, method="heun", steps=3, cfg_scale=2.0, capture=False, seed=1)
     graph = sampling.generate(model, labels, method="heun", steps=3, cfg_scale=2.0, capture=True, seed=1)
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_published_checkpoint_loads_and_samples(tmp_path):
+    """A state dict in the public layout (saved as the public train.py does): the architecture
+    is read off the shapes, the weights and thresholds load, and the model samples."""
+    from switch_dit import checkpoint, interop
+
+    src = models.create("DiffMoE-S/2", input_size=8, num_classes=5, hidden_size=32, depth=4, num_heads=4,
+                        num_experts=3).eval()
+    with torch.no_grad():
+        for layer in src.moe_layers():
+            layer.expert_threshold.uniform_(0.3, 0.7)
+    torch.save({"model": interop.official_state_dict(src), "ema": interop.official_state_dict(src)},
+               tmp_path / "0050000.pt")
+    model, info = checkpoint.load_model(tmp_path / "0050000.pt", num_heads=4)
+    assert info["layout"] == "reference" and model.num_experts == 3 and model.moe_blocks == [1, 3]
+    assert model.objective == "flow"
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), src(x, t, y), rtol=0, atol=0)
