@@ -71,7 +71,7 @@ from ._checks import check_timesteps
 from .layers import adaln_zero_block, gate_probs_of_blocks, is_silu_linear, route_top_k
 from .models import PRIOR_MODES
 from .ops import expert_mask, mask_ln_modulate
-from .ops.dispatch import check_backend, runs_reference
+from .ops.dispatch import backend_for, check_backend, runs_reference
 
 __all__ = ["accelerate", "PRIOR_MODES"]
 
@@ -292,6 +292,7 @@ class _AcceleratedFinalLayer(_Patched):
         if runs_reference(backend, x):
             return super().forward(x, c)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        backend = backend_for("mask_ln_modulate", backend)
         return self.linear(mask_ln_modulate(x, None, shift, scale, eps=self.norm_final.eps, backend=backend))
 
 
@@ -322,7 +323,8 @@ class _AcceleratedDiT(_Patched):
                 probs = self._switch_dit_gate_probs(t_emb)  # (B, N, M)
             idx, w = route_top_k(probs, self.routers[0].k)  # (B, N, k) each; w not renormalised
             for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
-                m = expert_mask(h, router.experts.w, router.experts.b, idx[:, i], w[:, i], backend=self._switch_dit_backend)
+                backend = backend_for("expert_mask", self._switch_dit_backend)
+                m = expert_mask(h, router.experts.w, router.experts.b, idx[:, i], w[:, i], backend=backend)
                 h = block(h, c, m)
         elif routing == "DTR":
             for router, block in zip(self.routers, self.blocks):

@@ -16,7 +16,9 @@ Modules hold parameters and call ``switch_dit.ops``; no computation is written t
 adaln_zero_block): "reference" runs the model as written, in plain PyTorch (the ops'
 reference twins, ``ops.reference_block``); "auto" (or None) does so on CPU tensors and
 otherwise lets each op choose its strategy; any other name (``switch_dit.ops.strategies``)
-is passed to every op ("fused", alias "triton": the Triton kernels).
+goes to every op that has that strategy ("fused", alias "triton": the Triton kernels, all
+ops), and the others choose their own ("bmm" runs the routed ops as "bmm", the norm ops by
+"auto"; ``ops.dispatch.backend_for``).
 The embedders have no fused variant (a conv, two small linears, a table lookup) and take
 no backend.
 
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from . import prior as prior_lib
 from .ops import expert_mask, expert_mask_and_apply, fused_block, mask_ln_modulate, reference_block
-from .ops.dispatch import check_backend, runs_reference
+from .ops.dispatch import backend_for, check_backend, runs_reference
 
 __all__ = [
     "PatchEmbed",
@@ -94,7 +96,7 @@ def adaln_zero_block(
     ada = adaLN_modulation(c).chunk(6, dim=1)
     if runs_reference(backend, x):
         return reference_block(x, mask, ada, attn, mlp, eps)
-    return fused_block(x, mask, ada, attn, mlp, eps=eps, backend=backend)
+    return fused_block(x, mask, ada, attn, mlp, eps=eps, backend=backend_for("mask_ln_modulate", backend))
 
 
 #################################################################################
@@ -269,11 +271,13 @@ class TimestepRouter(nn.Module):
 
     def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """m(z): z (B, L, D), topk_idx (B, k) int, topk_w (B, k) float -> m (B, L, D) in z's dtype."""
-        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=self.backend)
+        backend = backend_for("expert_mask", self.backend)
+        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
 
     def mask_and_apply(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, z * m), both (B, L, D), in one pass on the fused path; arguments as forward."""
-        return expert_mask_and_apply(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=self.backend)
+        backend = backend_for("expert_mask_and_apply", self.backend)
+        return expert_mask_and_apply(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
 
 
 def dtr_mask_table(num_timesteps: int, hidden_size: int, alpha: float = 4.0, beta: float = 0.8) -> torch.Tensor:
@@ -356,4 +360,5 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(mask_ln_modulate(x, None, shift, scale, eps=self.norm_final.eps, backend=self.backend))
+        backend = backend_for("mask_ln_modulate", self.backend)
+        return self.linear(mask_ln_modulate(x, None, shift, scale, eps=self.norm_final.eps, backend=backend))

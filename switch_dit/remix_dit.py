@@ -57,7 +57,7 @@ from .layers import (
 )
 from .models import SIZES, DiT
 from .ops import mixed_linear
-from .ops.dispatch import check_backend, no_autocast, runs_reference
+from .ops.dispatch import backend_for, check_backend, no_autocast, runs_reference
 
 __all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMESTEP_SAMPLING", "expert_prior",
            "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
@@ -108,7 +108,7 @@ def mixed_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if not runs_reference(backend, x):
         K = weight.shape[0]
         idx = torch.arange(K, device=x.device).expand(x.shape[0], K)
-        return mixed_linear(x, weight.transpose(1, 2), bias, idx, coef, backend=backend)
+        return mixed_linear(x, weight.transpose(1, 2), bias, idx, coef, backend=backend_for("mixed_linear", backend))
     w = torch.einsum("bk,koi->boi", coef.to(weight.dtype), weight)
     y = torch.einsum("bli,boi->blo", x, w.to(x.dtype))
     if bias is not None:

@@ -225,3 +225,22 @@ def test_bad_input_raises_clear_errors():
         m(x, t, torch.tensor([0, 1, 6]))  # 5 classes + the null row
     with pytest.raises(ValueError, match="timesteps"):
         m.prior_loss(torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("backend", ["bmm", "grouped", "emulated"])
+def test_a_strategy_one_op_family_lacks_applies_to_the_ops_that_have_it(backend):
+    """A model-wide strategy name goes to the ops that have it ("bmm": the routed linear; "emulated":
+    the norm ops); the others choose by "auto" (here, on the CPU, their reference). float64,
+    forward and backward, against the model as written, by the relative error of docs/design.md §4:
+    float64's unit roundoff is 1.1e-16, so sqrt(D)-sized dot products compounded over two blocks stay
+    orders of magnitude under 1e-12 (single elements may cancel, so not elementwise)."""
+    ref = randomize(tiny("Switch-DiT-S/2", backend="reference").double()).eval()  # eval: no label dropout
+    other = randomize(tiny("Switch-DiT-S/2", backend=backend).double()).eval()
+    x, t, y = batch(ref, dtype=torch.float64)
+    outs = []
+    for model in (ref, other):
+        out = model(x, t, y)
+        out.square().sum().backward()
+        outs.append([out] + [p.grad for p in model.parameters()])
+    for got, want in zip(outs[1], outs[0]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-12

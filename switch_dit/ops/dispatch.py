@@ -64,7 +64,10 @@ __all__ = [
     "resolve",
     "explain",
     "check_backend",
+    "backend_for",
     "runs_reference",
+    "kernels_unavailable",
+    "Strategy",
     "on_gpu",
     "kernels",
     "on_device",
@@ -126,6 +129,15 @@ def check_backend(backend: Optional[str]) -> str:
     if not isinstance(backend, str) or backend not in _all_names():
         raise ValueError(f"backend must be None or one of {sorted(_all_names())}, got {backend!r}")
     return backend
+
+
+def backend_for(op: str, backend: Optional[str]) -> Optional[str]:
+    """The backend a module's setting gives ``op``: the setting itself where ``op`` has that
+    strategy (or it is "auto"/None/an alias), else "auto". So a model-wide "bmm" runs the routed
+    ops as "bmm", and the norm ops, which have no "bmm", choose their own strategy."""
+    if backend is None or backend == AUTO or backend in ALIASES or backend in _strategies_of(op):
+        return backend
+    return AUTO
 
 
 def on_gpu(device: torch.device) -> bool:
