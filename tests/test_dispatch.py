@@ -399,3 +399,15 @@ def test_auto_times_every_real_strategy_forward_and_backward(monkeypatch, tmp_pa
         for got, ref in zip(grads, timed["reference"]):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
     autotune.clear_memory_cache()
+
+
+def test_backend_for_maps_a_name_the_op_lacks_to_auto():
+    assert dispatch.backend_for("mask_ln_modulate", "bmm") == "auto"  # a routed-linear strategy
+    assert dispatch.backend_for("expert_mask", "bmm") == "bmm"
+    assert dispatch.backend_for("expert_mask", "emulated") == "auto"  # a norm-op strategy
+    for name in (None, "auto", "reference", "fused", "triton"):
+        assert dispatch.backend_for("gated_residual", name) == name
+    assert dispatch.backend_for("gated_residual", "gpu") == "gpu"  # unknown everywhere: the op will say so
+    with pytest.raises(ValueError, match="'gpu' is not a strategy of gated_residual"):
+        ops.gated_residual(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), torch.zeros(1, 4),
+                           backend=dispatch.backend_for("gated_residual", "gpu"))

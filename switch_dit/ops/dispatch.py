@@ -96,6 +96,7 @@ class Strategy:
 
 
 _REGISTRY: dict[str, dict[str, Strategy]] = {}
+_KNOWN_NAMES: set[str] = set()  # every registered strategy name, of any op
 
 
 def register(op: str, name: str, impl: Callable, *, supports: Optional[Callable] = None,
@@ -104,6 +105,7 @@ def register(op: str, name: str, impl: Callable, *, supports: Optional[Callable]
     if name in (AUTO, *ALIASES) or not name or not isinstance(name, str):
         raise ValueError(f"strategy name {name!r} is reserved or empty (reserved: {AUTO!r}, {sorted(ALIASES)})")
     _REGISTRY.setdefault(op, {})[name] = Strategy(name, impl, supports, tunable)
+    _KNOWN_NAMES.add(name)
 
 
 def strategies(op: str) -> tuple[str, ...]:
@@ -135,9 +137,9 @@ def backend_for(op: str, backend: Optional[str]) -> Optional[str]:
     """The backend a module's setting gives ``op``: the setting itself where ``op`` has that
     strategy (or it is "auto"/None/an alias), else "auto". So a model-wide "bmm" runs the routed
     ops as "bmm", and the norm ops, which have no "bmm", choose their own strategy."""
-    if backend is None or backend == AUTO or backend in ALIASES or backend in _strategies_of(op):
-        return backend
-    return AUTO
+    if backend in _KNOWN_NAMES and backend not in _strategies_of(op) and backend not in ALIASES:
+        return AUTO
+    return backend  # (a name no op has goes on, and the op says which names it takes)
 
 
 def on_gpu(device: torch.device) -> bool:
