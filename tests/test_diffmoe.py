@@ -61,7 +61,8 @@ def _public_eval(layer, x):
         gating, index = torch.topk(scores[i], k=k_fixed, sorted=False)
         y[index, :] += gating.unsqueeze(-1) * _expert(layer, i, x[index])
         ks.append(k_fixed)
-        sets.append((set(index.tolist()), set(torch.nonzero(pred[:, i] > layer.expert_threshold[i]).flatten().tolist())))
+        above = torch.nonzero(pred[:, i] > layer.expert_threshold[i]).flatten()
+        sets.append((set(index.tolist()), set(above.tolist())))
     return y.view(B, s, D), ks, sets
 
 
@@ -264,7 +265,8 @@ def _public_keys(depth, E, moe_blocks):
         if b in moe_blocks:
             keys |= {p + "mlp.gate_weight", p + "mlp.expert_threshold", p + "mlp.ema_decay"}
             keys |= {p + f"mlp.capacity_predictor.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
-            keys |= {p + f"mlp.experts.{j}.{f}.{w}" for j in range(E) for f in ("fc1", "fc2") for w in ("weight", "bias")}
+            keys |= {p + f"mlp.experts.{j}.{f}.{w}"
+                     for j in range(E) for f in ("fc1", "fc2") for w in ("weight", "bias")}
         else:
             keys |= {p + f"mlp.{f}.{w}" for f in ("fc1", "fc2") for w in ("weight", "bias")}
     return keys
