@@ -33,10 +33,11 @@ but took ten minutes for two families. The numbers measured with these defaults 
 README.md ("A miniature Table 2").
 
 Equal wall time. A family whose step costs more (Switch-DiT's experts, on a CPU) gets the same
-steps, hence more time. The second table scores every family at the wall time of the fastest
-family's run: its newest checkpoint written before that time (checkpoints every
-``eval_every`` steps). Times are this machine's, under whatever else it runs; the table says
-which device they are from.
+steps, hence more time. The second table scores every family at the training time of the
+fastest family: its newest checkpoint (every ``eval_every`` steps) within the steps that time
+buys it. Step costs come from the quickest quarter of each run's log windows, so that other
+jobs on a shared machine distort them less than they distort total times; they are this
+device's, and the table says which.
 
 Noise. With n seeds per family, a difference of means is called beyond the seed spread when it
 exceeds ``NOISE_SE`` standard errors (sqrt(s1^2/n1 + s2^2/n2), s the std over seeds). With
@@ -228,7 +229,8 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
             row = {
                 "model": name, "seed": seed, "params": params["total"], "activated_params": params["activated"],
                 "gflops": forward_gflops(model), "train_seconds": summary["train_seconds"], "device": device,
-                "steps": summary["steps"], "final_mse": history["mse"][-1], "final_loss": history["loss"][-1],
+                "steps": summary["steps"], "step_seconds": _step_seconds(history["steps_per_sec"]),
+                "final_mse": history["mse"][-1], "final_loss": history["loss"][-1],
                 **_score(model, cfg, family, seed, device), "run_dir": str(run_dir),
             }
             if family.init_from:
@@ -243,44 +245,49 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
     return rows
 
 
-def _checkpoint_times(run_dir: Path) -> list[tuple[float, int, Path]]:
-    """(elapsed seconds, step, path) of the intermediate checkpoints of a run, oldest first."""
-    from . import checkpoint as ckpt_lib
-
-    found = []
-    for step, path in ckpt_lib.list_checkpoints(run_dir / "checkpoints"):
-        state = ckpt_lib.load_checkpoint(path, mmap=True)
-        found.append((float(state["train_state"]["elapsed_s"]), step, path))
-    return sorted(found)
+def _step_seconds(steps_per_sec: list[float]) -> float:
+    """Seconds per step of a run, from its log windows: the lower quartile, i.e. the run's pace
+    when the machine was least busy. On a machine shared with other jobs the total time of a
+    run says more about the load than about the model (measured: the same DiT run took 254 s
+    and 516 s); the quickest windows of each run are comparable."""
+    times = sorted(1.0 / v for v in steps_per_sec if v and math.isfinite(v) and v > 0)
+    if not times:
+        return math.nan
+    return times[(len(times) - 1) // 4]
 
 
 def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> None:
     """Add row["equal_time"] = {"seconds", "step", "sample_accuracy", "frechet_distance"} to
-    every row: the family's newest checkpoint written within the mean training time of the
-    fastest family (its own final row for that family). Then keep only the final checkpoints."""
+    every row. The budget is the training time of the fastest family (its steps times its
+    seconds per step, ``_step_seconds`` averaged over its seeds); every other family is scored
+    at its newest checkpoint within the steps that budget buys it. Then only the final
+    checkpoints are kept."""
     from . import checkpoint as ckpt_lib
 
-    means = {name: statistics.fmean(r["train_seconds"] for r in rows if r["model"] == name)
-             for name in dict.fromkeys(r["model"] for r in rows)}
-    fastest = min(means, key=means.get)
-    budget = means[fastest]
+    cost = {name: statistics.fmean(r["step_seconds"] for r in rows if r["model"] == name)
+            for name in dict.fromkeys(r["model"] for r in rows)}
+    fastest = min(cost, key=lambda name: cost[name] * cfg.steps)
+    budget = cost[fastest] * cfg.steps
     for row in rows:
         run_dir = Path(row["run_dir"])
-        times = _checkpoint_times(run_dir)
-        if row["model"] == fastest or row["train_seconds"] <= budget:
-            row["equal_time"] = {"seconds": row["train_seconds"], "step": row["steps"],
+        name = row["model"]
+        affordable = int(budget / cost[name] + 1e-9) if cost[name] > 0 else row["steps"]
+        if name == fastest or affordable >= row["steps"]:
+            row["equal_time"] = {"seconds": row["steps"] * cost[name], "step": row["steps"],
                                  **{k: row[k] for k, _, _ in METRICS}}
         else:
-            within = [(s, step, p) for s, step, p in times if s <= budget]
+            within = [(step, path) for step, path in ckpt_lib.list_checkpoints(run_dir / "checkpoints")
+                      if step <= affordable]
             if not within:
                 row["equal_time"] = {"seconds": budget, "step": 0, "sample_accuracy": math.nan,
                                      "frechet_distance": math.nan}
             else:
-                seconds, step, path = within[-1]
+                step, path = within[0]  # newest first
                 model = ckpt_lib.model_from_checkpoint(ckpt_lib.load_checkpoint(path), device=row["device"])
-                scores = _score(model, cfg, FAMILIES[row["model"]], row["seed"], row["device"])
-                row["equal_time"] = {"seconds": seconds, "step": step, **{k: scores[k] for k, _, _ in METRICS}}
-                log(f"[{row['model']} seed {row['seed']}] at {seconds:.0f} s (step {step}, the wall time of "
+                scores = _score(model, cfg, FAMILIES[name], row["seed"], row["device"])
+                row["equal_time"] = {"seconds": step * cost[name], "step": step,
+                                     **{k: scores[k] for k, _, _ in METRICS}}
+                log(f"[{name} seed {row['seed']}] at step {step} (~{step * cost[name]:.0f} s, the training time of "
                     f"{fastest}): accuracy {scores['sample_accuracy']:.1%}, FD {scores['frechet_distance']:.3f}")
         ckpt_lib.prune_checkpoints(run_dir / "checkpoints", 1)  # the final one stays (checkpoint.pt links it)
 
@@ -377,8 +384,8 @@ def format_table(rows: list[dict], cfg: CompareConfig) -> str:
     if all("equal_time" in r for r in rows):
         same = summarize(rows, equal_time=True)
         device = rows[0].get("device", "?")
-        lines += ["", f"At equal wall time (the fastest family's training time, on {device}; the newest checkpoint "
-                      f"within it, every {cfg.eval_every} steps):"]
+        lines += ["", f"At equal wall time (the fastest family's training time from each family's step time on "
+                      f"{device}; the newest checkpoint within it, every {cfg.eval_every} steps):"]
         table = [["Model", "Train s", "Step", "Accuracy ↑", "FD ↓"]]
         for r in same:
             table.append([r["model"], _cell(r, "train_seconds", ".1f"), _cell(r, "step", ".0f"),
