@@ -8,7 +8,7 @@ expert indices idx (B, k) and coefficients c (B, k):
 
     y_b = x_b @ (sum_j c_bj W_idx[b,j]) + sum_j c_bj b_idx[b,j]          (+ 1, optionally)
 
-Identity (a) of DESIGN.md: the k weight tiles of a sample are mixed in fp32 registers
+Identity 2.1 of docs/design.md: the k weight tiles of a sample are mixed in fp32 registers
 and fed to ONE tl.dot, so the tensor-core work is that of one dense linear whatever k is.
 
 Backward, with dA = dL/dy (any strides, stride 0 included):
@@ -210,7 +210,7 @@ def _mixed_wgrad_kernel(
 
     Grid (cdiv(DI, BLOCK_I) * cdiv(DO, BLOCK_O), n_chunks); program (t, s) walks the rows of
     the samples [s*CHUNK, (s+1)*CHUNK) in ONE loop of (sample, L tile) steps, so the software
-    pipeline keeps loading across sample boundaries (docs/design.md §5: a per-sample loop of
+    pipeline keeps loading across sample boundaries (docs/design.md §5; a per-sample loop of
     L = 256 rows drained the pipeline every 4 steps). At the last L tile of each sample the
     finished P_b tile is flushed, then restarted from zero:
       dw[s, e] = sum over the chunk's (b, j) with idx[b, j] = e of c_bj * P_b tile
@@ -460,7 +460,7 @@ def _wgrad_default(prec: str):
 
 
 # Chunk-count model (see _wgrad_chunks): achieved MMA rate per SM of this kernel and the
-# device memory bandwidth. Rough H100 figures (DESIGN.md §4: 790 TFLOP/s bf16 dense over
+# device memory bandwidth. Rough H100 figures (docs/design.md §5: 790 TFLOP/s bf16 dense over
 # 132 SMs = 6 TFLOP/s per SM, of which a 64x64 tile with one program per SM gets maybe 40%);
 # only their ratio matters, and only where two chunk counts come out close.
 _SM_RATE = dict(lp=2.5e12, tf32=1.2e12, ieee=0.25e12)  # FLOP/s per SM
@@ -526,7 +526,7 @@ def tf32_matmul_allowed() -> bool:
 
 
 def _ieee(dtype: torch.dtype, device: torch.device) -> int:
-    """fp32 products in true fp32 unless PyTorch itself allows TF32 (DESIGN.md §3)."""
+    """fp32 products in true fp32 unless PyTorch itself allows TF32 (docs/design.md §4)."""
     if dtype != torch.float32:
         return 0
     if device.type == "cuda":

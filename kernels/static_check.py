@@ -1,6 +1,6 @@
 """Static performance check: every kernel launch the ops make, compiled for sm_90 and sm_80, read.
 
-Without a GPU (docs/design.md §2c) the compiler's output still tells whether a kernel can be
+Without a GPU (docs/design.md §5, §6) the compiler's output still tells whether a kernel can be
 fast. The ops are run once under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) and
 every launch of a ``switch_dit.kernels`` kernel is recorded; each distinct launch is then
 compiled by ``triton.compile`` for ``GPUTarget("cuda", 90)`` and ``("cuda", 80)`` down to the

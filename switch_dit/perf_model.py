@@ -1,6 +1,6 @@
 """Analytic performance model: FLOPs, bytes, waves and expected time of each op's strategies.
 
-GPU time is rare (docs/design.md §2c), so every strategy of every fused op gets a
+GPU time is rare (docs/design.md §6), so every strategy of every fused op gets a
 prediction from first principles that the benchmarks print beside each measured row, and
 that chooses the shipped defaults until a GPU has measured them (docs/design.md §3, §5).
 

@@ -1,6 +1,6 @@
 """Static performance check (switch_dit.kernels.static_check): every Triton kernel launch the
 ops make compiles for A100 (sm_80) and H100 (sm_90) without a GPU, without register spills,
-with its main loop software-pipelined and on the tensor cores (docs/design.md §2c).
+with its main loop software-pipelined and on the tensor cores (docs/design.md §5).
 
 The interpreter runs the kernels' Python, not Triton's compiler: a kernel can pass every
 interpreter test and still fail to compile, spill, or run unpipelined. The launches are

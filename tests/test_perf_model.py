@@ -66,7 +66,7 @@ def test_pipeline_fill():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_reference_does_k_times_the_gemm_flops_of_the_mixed_ones(dtype):
-    """docs/design.md §2 (a): the reference runs k GEMMs; the fused kernel and the bmm
+    """docs/design.md §2.1: the reference runs k GEMMs; the fused kernel and the bmm
     composition one (plus O(D^2) mixing per sample)."""
     for k in (1, 2, 3):
         shape = dict(XL, k=k)
