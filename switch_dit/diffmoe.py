@@ -62,7 +62,8 @@ class ExpertChoiceMoE(nn.Module):
     fc2_bias (E, D) (``switch_dit.interop`` maps them to the public per-expert keys).
     ``strategy`` picks the expert computation (``switch_dit.ops.expert_mlp``): "reference" runs
     the public code's loops (host syncs at evaluation); "auto" is "bmm" in training and
-    "grouped" at evaluation, both free of host syncs.
+    "grouped" at evaluation, both free of host syncs, or "reference" in a model whose backend
+    is "reference"; "fused" (evaluation only) runs the Triton kernels.
     """
 
     def __init__(self, hidden_size: int, num_experts: int = 16, capacity: float = 1.0, mlp_ratio: float = 4.0,
@@ -74,6 +75,7 @@ class ExpertChoiceMoE(nn.Module):
             raise ValueError(f"capacity must be > 0, got {capacity!r}")
         self.num_experts, self.capacity = num_experts, float(capacity)
         self.strategy = _check_strategy(strategy)
+        self.backend = "auto"  # the model's backend (DiffMoE.set_backend): "reference" runs the public loops
         D, H, E = hidden_size, int(hidden_size * mlp_ratio), num_experts
         self.gate_weight = nn.Parameter(torch.empty(E, D))
         self.fc1_weight = nn.Parameter(torch.empty(E, H, D))
@@ -129,6 +131,8 @@ class ExpertChoiceMoE(nn.Module):
     def _strategy(self, training: bool) -> str:
         if self.strategy != "auto":
             return self.strategy
+        if self.backend == "reference":  # the model's reference path is the public loop throughout
+            return "reference"
         return "bmm" if training else "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +262,7 @@ class DiffMoE(nn.Module):
         for i in self.moe_blocks:
             self.blocks[i].mlp = ExpertChoiceMoE(hidden_size, num_experts, capacity, mlp_ratio, shared_expert, strategy)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
+        self.set_backend(backend)
         self.initialize_weights()
 
     routing = "diffmoe"  # the family tag other modules read (Switch-DiT's is "switch")
@@ -280,7 +285,7 @@ class DiffMoE(nn.Module):
     def set_backend(self, backend: str) -> "DiffMoE":
         self.backend = check_backend(backend)
         for module in self.modules():
-            if isinstance(module, (DiTBlock, FinalLayer)):
+            if isinstance(module, (DiTBlock, FinalLayer, ExpertChoiceMoE)):
                 module.backend = self.backend
         return self
 

@@ -213,6 +213,16 @@ def test_model_train_and_eval_forward(strategy):
             torch.testing.assert_close(aux, sum(l.aux_loss() for l in m.moe_layers()) * m.capacity_loss_weight)
 
 
+def test_reference_backend_runs_the_public_loops():
+    m = _tiny(backend="reference")
+    assert all(layer._strategy(False) == "reference" and layer._strategy(True) == "reference"
+               for layer in m.moe_layers())
+    m.set_backend("auto")
+    assert [m.moe_layers()[0]._strategy(t) for t in (True, False)] == ["bmm", "grouped"]
+    m.set_strategy("fused")
+    assert m.moe_layers()[0]._strategy(False) == "fused"
+
+
 def test_capacity_schedule():
     assert capacity_at(0, 1.0, 16, 10, 20) == 16
     assert capacity_at(15, 1.0, 16, 10, 20) == pytest.approx(1 + 15 * 5 / 10)
