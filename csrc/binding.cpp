@@ -139,16 +139,16 @@ GroupTensors group_tokens_impl(const at::Tensor& index, const std::optional<at::
               std::get<2>(out).data_ptr<int64_t>(), std::get<3>(out).data_ptr<int64_t>(),
               std::get<4>(out).data_ptr<int64_t>(), std::get<5>(out).data_ptr<int64_t>(),
               std::get<6>(out).data_ptr<int32_t>()};
+  if (E == 0) {  // no expert: offsets = [0], every other output is empty
+    std::get<1>(out).zero_();
+    return out;
+  }
 #if defined(SWITCH_DIT_WITH_CUDA)
   if (index.is_cuda()) {
     group_tokens_cuda_fill(a, index);
     return out;
   }
 #endif
-  if (E == 0) {
-    std::get<1>(out).zero_();
-    return out;
-  }
   group_tokens_cpu_fill(a);
   return out;
 }

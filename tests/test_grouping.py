@@ -86,6 +86,17 @@ def test_compile_fullgraph():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("impl", ["extension", "torch"])
+def test_no_expert_and_no_slot(impl):
+    if impl == "extension" and not grouping._HAS_OP:
+        pytest.skip("switch_dit._C without group_tokens")
+    fn = torch.ops.switch_dit.group_tokens if impl == "extension" else torch.ops.switch_dit.group_tokens_torch
+    out = fn(torch.zeros(0, 5, dtype=torch.int64), None, 4)
+    assert out[1].tolist() == [0] and out[2].numel() == 0 and out[6].numel() == 0
+    out = fn(torch.zeros(3, 0, dtype=torch.int64), None, 4)
+    assert out[0].tolist() == [0, 0, 0] and out[1].tolist() == [0, 0, 0, 0] and (out[6] == -1).all()
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="index must be an int64 tensor"):
         grouping.group_tokens(torch.zeros(3, 4, dtype=torch.int32))
