@@ -26,7 +26,9 @@ shared budget with the published recipe (20 experts, interval timesteps, the coe
 prior). Its columns count its own steps and seconds only; the table says so.
 
 Defaults. The demo's sampler (DDIM 50 steps, guidance 4: ``config.DIGITS_PRESET``), 1000
-steps of batch 64 and two seeds: on two CPU cores the three families take about ten minutes.
+steps of batch 64 and two seeds: on an idle two-core CPU the three families take about ten
+minutes (estimated from step times measured there; the one measured run of these defaults
+ran on a loaded machine).
 Measured with 500 steps, one seed and guidance 1.5 every family sat at 21-22 % accuracy
 (chance 10 %), a table without signal; 1500 steps and two seeds separated DiT from Switch-DiT
 but took ten minutes for two families. The numbers measured with these defaults are in
