@@ -133,7 +133,8 @@ class Results:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: a run killed mid-write never leaves a truncated file.
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into the repository        with os.fdopen(fd, "w") as f:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into the repository
+        with os.fdopen(fd, "w") as f:
             json.dump(self.data, f, indent=1, sort_keys=False)
             f.write("\n")
         os.replace(tmp, self.path)
