@@ -424,3 +424,33 @@ def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="
     rate = dev.rate(dtype, tf32)
     note = f"{dev.name} {dev.source}: {rate / 1e12:.0f} TFLOP/s, {dev.bandwidth / 1e12:.2f} TB/s; {len(steps)} kernels"
     return _run(steps, dev, rate, note)
+
+
+# --------------------------------------------------------------------------- predictions table
+
+XL_SHAPES = {
+    "mixed_linear": dict(B=32, L=256, D=1152, M=3, k=2),
+    "mask_ln_modulate": dict(B=32, L=256, D=1152),
+    "residual_ln_modulate": dict(B=32, L=256, D=1152),
+    "gated_residual": dict(B=32, L=256, D=1152),
+    "expert_mlp": dict(S=32 * 256, D=1152, H=4608, E=16, C=32 * 256 // 16),
+}
+
+
+def predictions(devices=("a100", "h100", "h200"), dtype=torch.bfloat16, mode: str = "fwd+bwd") -> str:
+    """A text table of every op's strategies at XL (bf16 fwd+bwd by default), in microseconds,
+    with each strategy's time over the op's best: the model's predictions, not measurements."""
+    lines = [f"analytic model, {mode}, {str(dtype).replace('torch.', '')}, XL shapes; us (x best of the op)",
+             "op                    strategy   " + "".join(f"{DEVICES[d].name:>22}" for d in devices)]
+    for op, shape in XL_SHAPES.items():
+        times = {s: [estimate(op, s, shape, dtype, d, mode=mode).time_s * 1e6 for d in devices]
+                 for s in STRATEGIES[op]}
+        best = [min(t[i] for t in times.values()) for i in range(len(devices))]
+        for s, ts in times.items():
+            cells = "".join(f"{t:>14.1f} ({t / b:4.2f}x)" for t, b in zip(ts, best))
+            lines.append(f"{op:<22}{s:<11}{cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(predictions())

@@ -175,3 +175,11 @@ def test_expert_mlp_strategies():
     assert t["dense"] == min(t.values()) and t["reference"] == max(t.values())
     with pytest.raises(ValueError, match="shape: expert_mlp needs"):
         P.estimate("expert_mlp", "bmm", dict(S=1, D=2))
+
+
+def test_predictions_table():
+    text = P.predictions(devices=("h100",))
+    for op, strategies in P.STRATEGIES.items():
+        for s in strategies:
+            assert any(line.split()[:2] == [op, s] for line in text.splitlines()), (op, s)
+    assert "(1.00x)" in text
