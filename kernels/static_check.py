@@ -24,10 +24,14 @@ cubin with the configs a GPU would use (the routed linear's default configs; wit
   On sm_90 the report also says whether the wgmma itself stays in flight across iterations
   (the ``ttng.warp_group_dot_wait`` at the loop body's own level has ``pendings > 0``; a
   wait inside an ``scf.if`` only runs on that branch): with ``pendings = 0`` the warps wait
-  for each MMA before the next tile's register work (the mix of expert tiles). Criterion: required for kernels not listed in ``SERIAL_WGMMA`` (each
+  for each MMA before the next tile's register work (the mix of expert tiles). Criterion:
+  required for kernels not listed in ``SERIAL_WGMMA`` (each
   entry says why it cannot keep its MMA in flight).
 
-Limits. The check reads what the compiler produced, not what the GPU does: it cannot see
+Limits. A 2-stage pipeline waits with its only copy in flight (``num = 0``) and counts as
+not pipelined: by this criterion a main loop needs 3 stages or more. The TMA / mbarrier form
+is accepted but none of our kernels uses it yet (untested against real TTGIR).
+The check reads what the compiler produced, not what the GPU does: it cannot see
 bank conflicts, uncoalesced global accesses, occupancy beyond registers and shared memory,
 or a pipeline that is present but too shallow for the latency. The loop criterion is read
 from textual TTGIR (one loop level deep, by indentation); Triton's dialect names have been

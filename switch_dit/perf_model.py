@@ -282,7 +282,8 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
                         _gemm(f"bmm dW slot {j}", Di, Do, L, e, batch=B, c_bytes=gathered),
                         _ew(f"index_add dW slot {j}", float(B * Di * Do), gathered + 2 * w_b)]
     else:
-        raise ValueError(f"strategy: unknown for mixed_linear: {strategy!r} (valid: {', '.join(STRATEGIES['mixed_linear'])})")
+        valid = ", ".join(STRATEGIES["mixed_linear"])
+        raise ValueError(f"strategy: unknown for mixed_linear: {strategy!r} (valid: {valid})")
     return out
 
 
@@ -361,7 +362,8 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
 
     out: list[Step] = []
     if strategy not in ("dense", "bmm", "grouped", "reference"):
-        raise ValueError(f"strategy: unknown for expert_mlp: {strategy!r} (valid: {', '.join(STRATEGIES['expert_mlp'])})")
+        valid = ", ".join(STRATEGIES["expert_mlp"])
+        raise ValueError(f"strategy: unknown for expert_mlp: {strategy!r} (valid: {valid})")
     gather = [] if strategy == "dense" else [_ew("gather rows", 0, 2 * rows * D * e)]
     # combine: each token sums its E candidate rows (zero where not chosen), in expert order
     combine = [] if strategy == "dense" else [_ew("scale + combine", 2.0 * E * S * D, (E * S + S) * D * e)]
@@ -413,7 +415,8 @@ def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="
     if missing:
         raise ValueError(f"shape: {op} needs {', '.join(missing)}; got {sorted(shape)}")
     if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype) or getattr(torch, dtype)
+        names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        dtype = names.get(dtype) or getattr(torch, dtype)
     dev = device_peaks(device)
     if op == "mixed_linear":
         steps = _routed_linear_steps(strategy, mode, shape, dtype, tf32, dev)

@@ -44,7 +44,8 @@ def test_every_kernel_passes_the_static_check(records):
 
 def test_a_bad_config_fails_the_check(records):
     """One stage (no software pipeline) and a 128x256 tile with 4 warps (spills) on sm_90."""
-    rec = next(r for r in records if r["kernel"] == "_mixed_matmul_kernel" and r["args"]["a_ptr"]["tensor"] == "bfloat16")
+    rec = next(r for r in records
+               if r["kernel"] == "_mixed_matmul_kernel" and r["args"]["a_ptr"]["tensor"] == "bfloat16")
     bad = dict(BLOCK_L=128, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=1, IEEE=0)
     (res,) = S.run_jobs([(rec, bad, 90)])
     problems = S.failures_of(res)
