@@ -364,9 +364,9 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
 
     Returns {"name", "input_size", "in_channels", "num_classes", "learn_sigma", "num_timesteps",
     and for Switch-DiT "num_experts", "top_k", for Remix-DiT "num_experts", "num_basis", for DiffMoE
-    "num_experts", "interleave", "shared_expert"; plus
-    hidden_size/depth/num_heads when they are not a named size}. The head count is not visible in the weights: it comes from the named size whose
-    width matches, or from ``num_heads``.
+    "num_experts", "interleave", "shared_expert"; plus hidden_size/depth/num_heads when they are
+    not a named size}. The head count is not visible in the weights: it comes from the named size
+    whose width matches, or from ``num_heads``.
     """
     sd = state_dict
     try:
@@ -439,7 +439,8 @@ def load_model(
     with its EMA weights by default.
 
     Reads our training checkpoints (the model is rebuilt from the stored arguments) and the
-    reference implementation's layout ({"model", "ema", "opt", "args"} or a bare state dict, loaded through ``interop.load_official``; the architecture is read off the shapes,
+    reference implementation's layout ({"model", "ema", "opt", "args"} or a bare state dict,
+    loaded through ``interop.load_official``; the architecture is read off the shapes,
     ``model_name`` / ``num_heads`` settle what shapes cannot tell). A bare state dict is taken as
     is (released checkpoints hold the EMA weights alone).
 

@@ -32,7 +32,7 @@ from . import distributed
 from . import flow as flow_lib
 from . import vae as vae_lib
 from .data import NUM_CLASSES
-from .diffusion import create_diffusion, sample as diffusion_sample
+from .diffusion import accepts_shared_timestep, create_diffusion, sample as diffusion_sample
 from .models import DiT
 
 __all__ = [
@@ -81,12 +81,14 @@ def generate(
     """Class-conditional samples (B, C, H, W) float32 for labels int64 (B,), on the labels' device.
 
     A rectified-flow model (``model.objective == "flow"``, DiffMoE) samples with ``method``
-    "euler" or "heun" (``switch_dit.flow.sample``). ``cfg_scale`` 1 runs the conditional model alone; above 1, DiT's guidance on the epsilon
-    channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
+    "euler" or "heun" (``switch_dit.flow.sample``). ``cfg_scale`` 1 runs the conditional model
+    alone; above 1, DiT's guidance on the epsilon channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
     pass False for VAE latents, which are not bounded). Randomness comes from ``generator``, or a
     fresh one seeded with ``seed`` (0 if neither is given).
 
-    ``capture``: replay the model's step from a CUDA graph (``CapturedStep``); None = on CUDA.
+    ``capture``: replay the model's step from a CUDA graph (``CapturedStep``); None = on CUDA for
+    models with ``accepts_shared_timestep`` (DiT, DTR, Switch-DiT, Remix-DiT), whose step has fixed
+    shapes and no host sync; others (DiffMoE's expert choice) run eagerly unless asked.
     """
     if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not 1.0 <= cfg_scale < math.inf:
         raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
@@ -103,7 +105,7 @@ def generate(
     if generator is None:
         generator = torch.Generator(device=labels.device).manual_seed(0 if seed is None else seed)
     if capture is None:
-        capture = labels.device.type == "cuda"
+        capture = capture_by_default(model, labels.device)
     if capture and labels.device.type != "cuda":
         raise ValueError(f"capture needs CUDA (a CUDA graph of the sampling step); the labels are on {labels.device}")
     was_training = model.training
@@ -118,6 +120,12 @@ def generate(
                                 generator=generator, progress=progress, clip_denoised=clip_denoised)
     finally:
         model.train(was_training)
+
+
+def capture_by_default(model, device: torch.device) -> bool:
+    """Whether ``generate`` captures the step when not told: on CUDA, for models built for it
+    (``accepts_shared_timestep``: fixed shapes and no host sync in the step)."""
+    return torch.device(device).type == "cuda" and accepts_shared_timestep(model)
 
 
 class CapturedStep:

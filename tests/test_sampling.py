@@ -491,3 +491,15 @@ def test_sample_command_sets_tf32_as_asked(tiny_checkpoint, tmp_path, monkeypatc
     assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "h.png", "--sample-steps", "2",
                "--samples-per-class", "1", "--no-eval") == 0
     assert seen == [("cpu", False), ("cpu", True)]
+
+
+def test_capture_by_default_only_for_models_built_for_it(model):
+    """On CUDA, None captures models with accepts_shared_timestep (fixed shapes, sync-free step);
+    a model without it (DiffMoE's data-dependent expert choice) runs eagerly unless asked."""
+
+    class Plain(torch.nn.Module):
+        pass
+
+    assert sampling.capture_by_default(model, torch.device("cuda", 0))
+    assert not sampling.capture_by_default(Plain(), torch.device("cuda", 0))
+    assert not sampling.capture_by_default(model, torch.device("cpu"))
