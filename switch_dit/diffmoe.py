@@ -158,6 +158,9 @@ class ExpertChoiceMoE(nn.Module):
         self._update_threshold(pred.detach(), C)
         return expert_mlp(flat, index, gating, *self._weights(), backend=self._strategy(True))
 
+    # Outside torch.compile's graph (one break per MoE layer): an in-place buffer update followed
+    # by a collective is traced differently across torch releases; eagerly it is always right.
+    @torch.compiler.disable
     @torch.no_grad()
     def _update_threshold(self, pred: torch.Tensor, C: int) -> None:
         quantile = torch.topk(torch.sigmoid(pred).t(), k=C, dim=-1).values[:, -1]  # (E,) C-th largest

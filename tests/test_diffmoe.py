@@ -411,3 +411,17 @@ def test_published_checkpoint_loads_and_samples(tmp_path):
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), src(x, t, y), rtol=0, atol=0)
+
+
+def test_training_forward_compiles():
+    """torch.compile of a training step (the threshold update runs outside the graph)."""
+    m = _tiny().train()
+    ref = _tiny().train()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    m.y_embedder.dropout_prob = ref.y_embedder.dropout_prob = 0.0
+    compiled = torch.compile(m, backend="aot_eager")
+    out = compiled(x, t, y)
+    (out.square().mean() + m.aux_loss()).backward()
+    torch.testing.assert_close(out, ref(x, t, y), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.blocks[1].mlp.expert_threshold, ref.blocks[1].mlp.expert_threshold)
+    assert m.blocks[1].mlp.fc1_weight.grad is not None
