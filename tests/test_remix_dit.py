@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from switch_dit import interop, remix_dit
 from switch_dit.models import MODEL_NAMES, create
 from tests.test_models import batch, randomize
+from tests.tolerances import fp32_gradient_ok
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -340,7 +341,7 @@ def test_fast_path_matches_reference_forward_and_every_gradient(mixing, scalar_t
             assert pf.grad.abs().sum() == 0, name
             continue
         err, base = rel(pf.grad.cpu(), p64.grad), rel(p32.grad, p64.grad)
-        assert err <= 2 * base + 1e-6 and err < 1e-4, (name, err, base)
+        assert fp32_gradient_ok(err, base), (name, err, base)
     # gradients reach all K bases of every mixed layer and the coefficient rows in use
     for name, p in fast.named_parameters():
         if name.endswith(("qkv.weight", "fc2.weight")):
