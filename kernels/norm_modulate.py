@@ -7,7 +7,7 @@ contiguous tensor. LayerNorm has no affine; mean / rstd are kept per row in the
 compute dtype (float32, or float64 for float64 inputs).
 
 Layout of every launch: grid (B, C) with C = cdiv(L, ROWS); program (b, c) walks
-rows l = c*ROWS .. c*ROWS + ROWS - 1 of sample b, one whole row of D (padded to
+rows pos = c*ROWS .. c*ROWS + ROWS - 1 of sample b, one whole row of D (padded to
 BLOCK_D, masked) at a time. Per-sample gradients (dshift, dscale, dgate and dm of
 a (B, 1, D) mask) are summed over the program's rows in registers and written to a
 (B, C, D) partial buffer in the compute dtype; the launcher sums it over C with
@@ -19,8 +19,6 @@ Launchers are pure functions of tensors; autograd and torch.library wiring live 
 
 from __future__ import annotations
 
-import functools
-import os
 
 import torch
 import triton
@@ -65,17 +63,17 @@ def _mask_ln_mod_fwd_kernel(
     shift = tl.load(SHIFT + b * sshb + cols64 * sshd, mask=cmask, other=0.0).to(CDT)
     scale1 = tl.load(SCALE + b * sscb + cols64 * sscd, mask=cmask, other=0.0).to(CDT) + 1.0
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        live = l < L
+        pos = (c * ROWS + i).to(tl.int64)
+        live = pos < L
         rmask = cmask & live
-        r = tl.load(X + b * sxb + l * sxl + cols64 * sxd, mask=rmask, other=0.0).to(CDT)
+        r = tl.load(X + b * sxb + pos * sxl + cols64 * sxd, mask=rmask, other=0.0).to(CDT)
         if HAS_M:
-            r = r * tl.load(M + b * smb + l * sml + cols64 * smd, mask=rmask, other=0.0).to(CDT)
+            r = r * tl.load(M + b * smb + pos * sml + cols64 * smd, mask=rmask, other=0.0).to(CDT)
         mean = tl.sum(r, axis=0) / D
         diff = tl.where(cmask, r - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
         h = diff * rstd * scale1 + shift
-        row = b * L + l
+        row = b * L + pos
         tl.store(H + row * D + cols64, h.to(H.dtype.element_ty), mask=rmask)
         if WRITE_R0:
             tl.store(R0 + row * D + cols64, r.to(R0.dtype.element_ty), mask=rmask)
@@ -104,20 +102,20 @@ def _mask_ln_mod_bwd_kernel(
     acc_scale = tl.zeros([BLOCK_D], dtype=CDT)
     acc_m = tl.zeros([BLOCK_D], dtype=CDT)
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        live = l < L
+        pos = (c * ROWS + i).to(tl.int64)
+        live = pos < L
         rmask = cmask & live
-        row = b * L + l
-        x = tl.load(X + b * sxb + l * sxl + cols64 * sxd, mask=rmask, other=0.0).to(CDT)
+        row = b * L + pos
+        x = tl.load(X + b * sxb + pos * sxl + cols64 * sxd, mask=rmask, other=0.0).to(CDT)
         if HAS_M:
-            m = tl.load(M + b * smb + l * sml + cols64 * smd, mask=rmask, other=0.0).to(CDT)
+            m = tl.load(M + b * smb + pos * sml + cols64 * smd, mask=rmask, other=0.0).to(CDT)
             r = x * m
         else:
             r = x
         mean = tl.load(MEAN + row, mask=live, other=0.0).to(CDT)
         rstd = tl.load(RSTD + row, mask=live, other=0.0).to(CDT)
         n = tl.where(rmask, (r - mean) * rstd, 0.0)
-        dh = tl.load(DH + b * sdhb + l * sdhl + cols64 * sdhd, mask=rmask, other=0.0).to(CDT)
+        dh = tl.load(DH + b * sdhb + pos * sdhl + cols64 * sdhd, mask=rmask, other=0.0).to(CDT)
         acc_shift += dh
         acc_scale += dh * n
         dn = dh * scale1
@@ -126,7 +124,7 @@ def _mask_ln_mod_bwd_kernel(
         c2 = tl.sum(dn, axis=0) / D
         dr = tl.where(rmask, (dn - c2 - n * c1) * rstd, 0.0)
         if HAS_DR0:
-            dr += tl.load(DR0 + b * sdrb + l * sdrl + cols64 * sdrd, mask=rmask, other=0.0).to(CDT)
+            dr += tl.load(DR0 + b * sdrb + pos * sdrl + cols64 * sdrd, mask=rmask, other=0.0).to(CDT)
         if HAS_M:
             tl.store(DX + row * D + cols64, (dr * m).to(DX.dtype.element_ty), mask=rmask)
             if DM_MODE == 1:
@@ -160,13 +158,13 @@ def _res_ln_mod_fwd_kernel(
     shift = tl.load(SHIFT + b * sshb + cols64 * sshd, mask=cmask, other=0.0).to(CDT)
     scale1 = tl.load(SCALE + b * sscb + cols64 * sscd, mask=cmask, other=0.0).to(CDT) + 1.0
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        live = l < L
+        pos = (c * ROWS + i).to(tl.int64)
+        live = pos < L
         rmask = cmask & live
-        row = b * L + l
-        a = gate * tl.load(A + b * sab + l * sal + cols64 * sad, mask=rmask, other=0.0).to(CDT)
-        z = tl.load(Z + b * szb + l * szl + cols64 * szd, mask=rmask, other=0.0).to(CDT)
-        u = tl.load(R0 + b * srb + l * srl + cols64 * srd, mask=rmask, other=0.0).to(CDT) + a
+        row = b * L + pos
+        a = gate * tl.load(A + b * sab + pos * sal + cols64 * sad, mask=rmask, other=0.0).to(CDT)
+        z = tl.load(Z + b * szb + pos * szl + cols64 * szd, mask=rmask, other=0.0).to(CDT)
+        u = tl.load(R0 + b * srb + pos * srl + cols64 * srd, mask=rmask, other=0.0).to(CDT) + a
         tl.store(ZR + row * D + cols64, (z + a).to(ZR.dtype.element_ty), mask=rmask)
         mean = tl.sum(u, axis=0) / D
         diff = tl.where(cmask, u - mean, 0.0)
@@ -198,16 +196,16 @@ def _res_ln_mod_bwd_kernel(
     acc_shift = tl.zeros([BLOCK_D], dtype=CDT)
     acc_scale = tl.zeros([BLOCK_D], dtype=CDT)
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        live = l < L
+        pos = (c * ROWS + i).to(tl.int64)
+        live = pos < L
         rmask = cmask & live
-        row = b * L + l
-        attn = tl.load(A + b * sab + l * sal + cols64 * sad, mask=rmask, other=0.0).to(CDT)
-        u = tl.load(R0 + b * srb + l * srl + cols64 * srd, mask=rmask, other=0.0).to(CDT) + gate * attn
+        row = b * L + pos
+        attn = tl.load(A + b * sab + pos * sal + cols64 * sad, mask=rmask, other=0.0).to(CDT)
+        u = tl.load(R0 + b * srb + pos * srl + cols64 * srd, mask=rmask, other=0.0).to(CDT) + gate * attn
         mean = tl.load(MEAN + row, mask=live, other=0.0).to(CDT)
         rstd = tl.load(RSTD + row, mask=live, other=0.0).to(CDT)
         n = tl.where(rmask, (u - mean) * rstd, 0.0)
-        dh = tl.load(DH + b * sdhb + l * sdhl + cols64 * sdhd, mask=rmask, other=0.0).to(CDT)
+        dh = tl.load(DH + b * sdhb + pos * sdhl + cols64 * sdhd, mask=rmask, other=0.0).to(CDT)
         acc_shift += dh
         acc_scale += dh * n
         dn = dh * scale1
@@ -218,7 +216,7 @@ def _res_ln_mod_bwd_kernel(
         # a = gate * attn feeds both zr = z + a and u = r0 + a
         da = du
         if HAS_DZR:
-            da += tl.load(DZR + b * sdzb + l * sdzl + cols64 * sdzd, mask=rmask, other=0.0).to(CDT)
+            da += tl.load(DZR + b * sdzb + pos * sdzl + cols64 * sdzd, mask=rmask, other=0.0).to(CDT)
         tl.store(DA + row * D + cols64, (gate * da).to(DA.dtype.element_ty), mask=rmask)
         acc_gate += da * attn
     part = (b * C + c) * D + cols64
@@ -241,11 +239,11 @@ def _gated_res_fwd_kernel(
     cols64 = cols.to(tl.int64)
     gate = tl.load(GATE + b * sgb + cols64 * sgd, mask=cmask, other=0.0).to(CDT)
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        rmask = cmask & (l < L)
-        z = tl.load(Z + b * szb + l * szl + cols64 * szd, mask=rmask, other=0.0).to(CDT)
-        y = tl.load(Y + b * syb + l * syl + cols64 * syd, mask=rmask, other=0.0).to(CDT)
-        tl.store(OUT + (b * L + l) * D + cols64, (z + gate * y).to(OUT.dtype.element_ty), mask=rmask)
+        pos = (c * ROWS + i).to(tl.int64)
+        rmask = cmask & (pos < L)
+        z = tl.load(Z + b * szb + pos * szl + cols64 * szd, mask=rmask, other=0.0).to(CDT)
+        y = tl.load(Y + b * syb + pos * syl + cols64 * syd, mask=rmask, other=0.0).to(CDT)
+        tl.store(OUT + (b * L + pos) * D + cols64, (z + gate * y).to(OUT.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -263,11 +261,11 @@ def _gated_res_bwd_kernel(
     gate = tl.load(GATE + b * sgb + cols64 * sgd, mask=cmask, other=0.0).to(CDT)
     acc_gate = tl.zeros([BLOCK_D], dtype=CDT)
     for i in range(ROWS):
-        l = (c * ROWS + i).to(tl.int64)
-        rmask = cmask & (l < L)
-        do = tl.load(DOUT + b * sob + l * sol + cols64 * sod, mask=rmask, other=0.0).to(CDT)
-        y = tl.load(Y + b * syb + l * syl + cols64 * syd, mask=rmask, other=0.0).to(CDT)
-        tl.store(DY + (b * L + l) * D + cols64, (gate * do).to(DY.dtype.element_ty), mask=rmask)
+        pos = (c * ROWS + i).to(tl.int64)
+        rmask = cmask & (pos < L)
+        do = tl.load(DOUT + b * sob + pos * sol + cols64 * sod, mask=rmask, other=0.0).to(CDT)
+        y = tl.load(Y + b * syb + pos * syl + cols64 * syd, mask=rmask, other=0.0).to(CDT)
+        tl.store(DY + (b * L + pos) * D + cols64, (gate * do).to(DY.dtype.element_ty), mask=rmask)
         acc_gate += do * y
     tl.store(PGATE + (b * C + c) * D + cols64, acc_gate, mask=cmask)
 

@@ -293,7 +293,7 @@ def extract_latents(
         return None
 
     records = []
-    for i, a, b in spans:
+    for i, _start, _stop in spans:
         if not _shard_done(out, i, keys[i]):
             raise RuntimeError(f"shard {_shard_name(i)} is missing after extraction (did a process fail?)")
         rec = json.loads((out / _shard_name(i)).with_suffix(".json").read_text())

@@ -210,7 +210,7 @@ def test_model_train_and_eval_forward(strategy):
             aux = m.aux_loss()
             assert aux.shape == () and aux > 0
             torch.testing.assert_close(aux, ref.aux_loss(), rtol=1e-12, atol=0)
-            torch.testing.assert_close(aux, sum(l.aux_loss() for l in m.moe_layers()) * m.capacity_loss_weight)
+            torch.testing.assert_close(aux, sum(layer.aux_loss() for layer in m.moe_layers()) * m.capacity_loss_weight)
 
 
 def test_reference_backend_runs_the_public_loops():

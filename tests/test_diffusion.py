@@ -111,7 +111,9 @@ def test_linear_schedule_endpoints_and_scaling():
 def test_cosine_schedule_matches_alpha_bar():
     T = 1000
     b = get_beta_schedule("cosine", T)
-    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    def f(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
     for i in torch.randint(0, T - 1, (6,)).tolist() + [0]:
         assert abs(b[i].item() - (1 - f((i + 1) / T) / f(i / T))) < 1e-14
     assert b[-1].item() == 0.999 and (b <= 0.999).all()
@@ -176,7 +178,9 @@ def test_discretized_log_likelihood_direct():
     _close(got, torch.tensor(want, dtype=F64))
     # Close to the exact-erf likelihood too (the tanh CDF is an approximation, off by < 2e-4
     # in probability; compared as probabilities, since in the tails a log magnifies it).
-    exact = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    def exact(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
     want_exact = [_decoder_logp(*v, cdf=exact) for v in zip(x.tolist(), means.tolist(), log_scales.tolist())]
     _close(got.exp(), torch.tensor(want_exact, dtype=F64).exp(), rtol=0, atol=1e-3)
     # The 256 bins of one Gaussian are a distribution.
@@ -350,7 +354,9 @@ def test_sampling_is_deterministic_per_generator():
     d = create_diffusion(timestep_respacing="6")
     m = StandIn()
     kw = {"y": torch.tensor([0, 3])}
-    run = lambda seed, fn, **k: fn(m, (2, 3, 4, 4), kw, generator=torch.Generator().manual_seed(seed), **k)
+    def run(seed, fn, **k):
+        return fn(m, (2, 3, 4, 4), kw, generator=torch.Generator().manual_seed(seed), **k)
+
     a, b, c = run(1, d.p_sample_loop), run(1, d.p_sample_loop), run(2, d.p_sample_loop)
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.isfinite(a).all()
     e1, e2 = run(5, d.ddim_sample_loop, eta=1.0), run(5, d.ddim_sample_loop, eta=1.0, progress=True)
