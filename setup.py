@@ -40,8 +40,7 @@ def _cuda_home_with_headers(guess):
     makes it guess /usr/local. Take the first candidate that has both nvcc and the runtime headers."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), guess, "/usr/local/cuda"]
     for home in candidates:
-        if home and all(os.path.exists(os.path.join(home, f))
-                        for f in ("bin/nvcc", "include/cuda_runtime_api.h")):
+        if home and all(os.path.exists(os.path.join(home, f)) for f in ("bin/nvcc", "include/cuda_runtime_api.h")):
             return home
     return None
 
@@ -72,8 +71,10 @@ def _extension_build():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # e.g. pip build isolation hides torch
-        _note(f"torch is not importable at build time ({exc}); not building the C++ extension "
-              "(install with --no-build-isolation to build it)")
+        _note(
+            f"torch is not importable at build time ({exc}); not building the C++ extension "
+            "(install with --no-build-isolation to build it)"
+        )
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", "2")
@@ -85,8 +86,10 @@ def _extension_build():
             _note("no CUDA toolkit with nvcc and headers found: building the CPU kernels only")
             use_cuda = False
         elif nvcc_major != int(torch.version.cuda.split(".")[0]):
-            _note(f"nvcc is CUDA {nvcc_major} but torch is built with CUDA {torch.version.cuda}: "
-                  "building the CPU kernels only")
+            _note(
+                f"nvcc is CUDA {nvcc_major} but torch is built with CUDA {torch.version.cuda}: "
+                "building the CPU kernels only"
+            )
             use_cuda = False
 
     cxx = ["-O2", "-DSWITCH_DIT_PYTHON_MODULE"]
@@ -95,8 +98,8 @@ def _extension_build():
     # when an editable install copies it into the source tree.
     def cpu_extension():
         return cpp_extension.CppExtension(
-            "switch_dit._C", list(_CPU_SOURCES), extra_compile_args={"cxx": list(cxx)},
-            optional=True)
+            "switch_dit._C", list(_CPU_SOURCES), extra_compile_args={"cxx": list(cxx)}, optional=True
+        )
 
     if use_cuda:
         cpp_extension.CUDA_HOME = cuda_home  # read by torch's include/library path helpers
@@ -125,8 +128,15 @@ def _extension_build():
                 # on the object it finalised.
                 cpu = cpu_extension()
                 for e in self.extensions:
-                    for attr in ("sources", "include_dirs", "library_dirs", "libraries",
-                                 "extra_compile_args", "extra_link_args", "define_macros"):
+                    for attr in (
+                        "sources",
+                        "include_dirs",
+                        "library_dirs",
+                        "libraries",
+                        "extra_compile_args",
+                        "extra_link_args",
+                        "define_macros",
+                    ):
                         setattr(e, attr, getattr(cpu, attr))
                 _note("retrying with the CPU kernels only")
                 try:

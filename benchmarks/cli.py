@@ -19,29 +19,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="only the cases behind the issue targets (GPU)")
-    mode.add_argument("--gpu", action="store_true",
-                      help="the plan of make gpu: every op strategy at the S, B, XL widths, blocks, S/2 and XL/2 "
-                           "steps (benchmarks/gpu.py runs it phase by phase)")
-    mode.add_argument("--smoke", action="store_true",
-                      help="CPU smoke run: tiny shapes, fp32, Triton interpreter; results go to a temp dir")
-    p.add_argument("--only", default=",".join(SUITES),
-                   help="comma-separated suites to run, of: ops, block, step (default: all)")
-    p.add_argument("--models", default=None,
-                   help="comma-separated model sizes for block/step, e.g. S/2,XL/2 (default: the mode's)")
-    p.add_argument("--out", default=None,
-                   help=f"results folder (default: {_shown(RESULTS_DIR)}; a new temp dir with --smoke)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the rows already 'ok' in today's results file for this device (in --out, else "
-                        "in benchmarks/results) and run the rest")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds after which no new case starts (default 540 on a GPU, none with --smoke)")
+    mode.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the plan of make gpu: every op strategy at the S, B, XL widths, blocks, S/2 and XL/2 "
+        "steps (benchmarks/gpu.py runs it phase by phase)",
+    )
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU smoke run: tiny shapes, fp32, Triton interpreter; results go to a temp dir",
+    )
+    p.add_argument(
+        "--only", default=",".join(SUITES), help="comma-separated suites to run, of: ops, block, step (default: all)"
+    )
+    p.add_argument(
+        "--models", default=None, help="comma-separated model sizes for block/step, e.g. S/2,XL/2 (default: the mode's)"
+    )
+    p.add_argument(
+        "--out", default=None, help=f"results folder (default: {_shown(RESULTS_DIR)}; a new temp dir with --smoke)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already 'ok' in today's results file for this device (in --out, else "
+        "in benchmarks/results) and run the rest",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which no new case starts (default 540 on a GPU, none with --smoke)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timings per case (default 2 on a GPU, 1 in smoke mode)")
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend (default inductor; aot_eager with --smoke, where inductor's "
-                        "C++ compilation would take minutes: aot_eager still traces with dynamo and AOTAutograd)")
-    p.add_argument("--compile-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode (CUDA-graph modes would overwrite the retained outputs that "
-                        "the bwd timings replay)")
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default inductor; aot_eager with --smoke, where inductor's "
+        "C++ compilation would take minutes: aot_eager still traces with dynamo and AOTAutograd)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (CUDA-graph modes would overwrite the retained outputs that the bwd timings replay)",
+    )
     p.add_argument("--no-report", action="store_true", help="do not regenerate README.md and the chart")
     p.add_argument("--list", action="store_true", help="print the cases that would run, and exit")
     args = p.parse_args(argv)
@@ -73,8 +95,11 @@ def main(argv=None) -> int:
     try:
         from switch_dit.kernels.routed_linear import tf32_matmul_allowed
     except ImportError as e:
-        print(f"python -m benchmarks: switch_dit is not installed ({e}); run `pip install -e . "
-              "--no-build-isolation` (or `make install`) first", file=sys.stderr)
+        print(
+            f"python -m benchmarks: switch_dit is not installed ({e}); run `pip install -e . "
+            "--no-build-isolation` (or `make install`) first",
+            file=sys.stderr,
+        )
         return 2
 
     from . import env
@@ -138,12 +163,25 @@ def main(argv=None) -> int:
         # continues them.
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kept[-1], path)
-        print(f"--resume: continuing {kept[-1].name} "
-              f"({sum(r['status'] == 'ok' for r in load_results(path)['rows'])} rows ok)")
+        print(
+            f"--resume: continuing {kept[-1].name} "
+            f"({sum(r['status'] == 'ok' for r in load_results(path)['rows'])} rows ok)"
+        )
     timer = Timer(device, warmup_ms=s.warmup_ms, rep_ms=s.rep_ms, cpu_warmup=s.cpu_warmup, cpu_iters=s.cpu_iters)
-    ctx = Context(device=device, timer=timer, results=None, run_id=0, peaks={}, smoke=mode == "smoke",
-                  repeats=s.repeats, resume=args.resume, compile_backend=args.compile_backend,
-                  compile_mode=args.compile_mode, heavy_margin_s=s.heavy_margin_s, light_margin_s=s.light_margin_s)
+    ctx = Context(
+        device=device,
+        timer=timer,
+        results=None,
+        run_id=0,
+        peaks={},
+        smoke=mode == "smoke",
+        repeats=s.repeats,
+        resume=args.resume,
+        compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
+        heavy_margin_s=s.heavy_margin_s,
+        light_margin_s=s.light_margin_s,
+    )
     cases = _collect(s, ctx, args.only)
 
     limit = args.time_limit if args.time_limit is not None else (None if mode == "smoke" else 540.0)
@@ -157,24 +195,32 @@ def main(argv=None) -> int:
     _warn_mixed_commits(results, git)
     ctx.results, ctx.peaks, ctx.datasheet = results, peaks, datasheet
     ctx.provenance = {**git, "device": info["name"], "torch": versions["torch"], "triton": versions["triton"]}
-    ctx.run_id = results.start_run({
-        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "mode": mode,
-        "suites": args.only,
-        "started": env.now(),
-        "git": git,
-        "versions": versions,
-        "timer": timer.method,
-        "measured_peaks": peaks,
-        "datasheet_peaks": datasheet,
-        "settings": {
-            "op_dtype": str(s.op_dtype).replace("torch.", ""), "M": s.M, "k": s.k, "input_sets": s.input_sets,
-            "repeats": s.repeats, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
-            "compiled_strategy_backend": _compiled_strategy_backend(),
-            "tf32_matmul": tf32_matmul_allowed(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-        },
-    })
+    ctx.run_id = results.start_run(
+        {
+            "command": "python -m benchmarks "
+            + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+            "mode": mode,
+            "suites": args.only,
+            "started": env.now(),
+            "git": git,
+            "versions": versions,
+            "timer": timer.method,
+            "measured_peaks": peaks,
+            "datasheet_peaks": datasheet,
+            "settings": {
+                "op_dtype": str(s.op_dtype).replace("torch.", ""),
+                "M": s.M,
+                "k": s.k,
+                "input_sets": s.input_sets,
+                "repeats": s.repeats,
+                "compile_backend": args.compile_backend,
+                "compile_mode": args.compile_mode,
+                "compiled_strategy_backend": _compiled_strategy_backend(),
+                "tf32_matmul": tf32_matmul_allowed(),
+                "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+            },
+        }
+    )
     print(f"switch-dit benchmarks ({mode}) on {info['name']}: {len(cases)} cases -> {path}")
     threads = torch.get_num_threads()
     if mode == "smoke":
@@ -216,9 +262,12 @@ def _warn_mixed_commits(results, git: dict) -> None:
     other.discard(here)
     if other:
         names = ", ".join(f"{(c or '?')[:10]} (source {d})" for c, d in sorted(other, key=str))
-        print(f"WARNING: {results.path.name} already holds rows of other sources: {names}; this run is "
-              f"{(here[0] or '?')[:10]} (source {here[1]}). The report marks every table that mixes them; "
-              "use a fresh --out to keep them apart.", file=sys.stderr)
+        print(
+            f"WARNING: {results.path.name} already holds rows of other sources: {names}; this run is "
+            f"{(here[0] or '?')[:10]} (source {here[1]}). The report marks every table that mixes them; "
+            "use a fresh --out to keep them apart.",
+            file=sys.stderr,
+        )
 
 
 def _collect(s, ctx, suites) -> list:

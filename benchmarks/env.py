@@ -46,10 +46,14 @@ DATASHEET: list[tuple[str, Peaks]] = [
     ("h100 nvl", Peaks({"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}, 3.9e12, "NVIDIA H100 NVL datasheet")),
     ("h100 pcie", Peaks({"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}, 2.0e12, "NVIDIA H100 PCIe datasheet")),
     ("h100", Peaks({"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 3.35e12, "NVIDIA H100 SXM datasheet")),
-    ("a100 80gb pcie", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1.935e12,
-                             "NVIDIA A100 80GB PCIe datasheet")),
-    ("a100-sxm4-80gb", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 2.039e12,
-                             "NVIDIA A100 80GB SXM datasheet")),
+    (
+        "a100 80gb pcie",
+        Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1.935e12, "NVIDIA A100 80GB PCIe datasheet"),
+    ),
+    (
+        "a100-sxm4-80gb",
+        Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 2.039e12, "NVIDIA A100 80GB SXM datasheet"),
+    ),
     ("a100", Peaks({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1.555e12, "NVIDIA A100 40GB datasheet")),
 ]
 

@@ -62,10 +62,18 @@ class ModelConfig:
     @classmethod
     def from_model(cls, model) -> "ModelConfig":
         return cls(
-            hidden=model.hidden_size, depth=model.depth, heads=model.num_heads, patch=model.patch_size,
-            input_size=model.input_size, in_channels=model.in_channels, learn_sigma=model.learn_sigma,
-            mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.hidden_size, routing=model.routing,
-            num_experts=max(model.num_experts, 1), top_k=max(model.top_k, 1), num_timesteps=model.num_timesteps,
+            hidden=model.hidden_size,
+            depth=model.depth,
+            heads=model.num_heads,
+            patch=model.patch_size,
+            input_size=model.input_size,
+            in_channels=model.in_channels,
+            learn_sigma=model.learn_sigma,
+            mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.hidden_size,
+            routing=model.routing,
+            num_experts=max(model.num_experts, 1),
+            top_k=max(model.top_k, 1),
+            num_timesteps=model.num_timesteps,
         )
 
 
@@ -118,11 +126,18 @@ def param_count(cfg: ModelConfig) -> int:
     if cfg.routing == "switch":
         block += (D * cfg.num_experts + cfg.num_experts) + cfg.num_experts * (D * D + D)
     return (
-        cfg.patch**2 * cfg.in_channels * D + D
-        + FREQ_DIM * D + D + D * D + D
+        cfg.patch**2 * cfg.in_channels * D
+        + D
+        + FREQ_DIM * D
+        + D
+        + D * D
+        + D
         + 1001 * D
         + N * block
-        + D * 2 * D + 2 * D + D * cfg.patch**2 * cfg.out_channels + cfg.patch**2 * cfg.out_channels
+        + D * 2 * D
+        + 2 * D
+        + D * cfg.patch**2 * cfg.out_channels
+        + cfg.patch**2 * cfg.out_channels
     )
 
 

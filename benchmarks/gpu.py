@@ -88,12 +88,36 @@ def phases() -> list[Phase]:
 # ~10 s, of a whole model ~30 s (S/2) to ~60 s (XL/2); max-autotune benchmarks every GEMM's
 # candidates (~4x default). Timed work is small beside these: do_bench runs 50 ms per timing.
 COSTS = {
-    "gpu": {"eager": 1.0, "fused": 6.0, "auto": 4.0, "compile": 12.0, "max-autotune": 45.0,
-            "model_eager": 4.0, "model_fused": 10.0, "model_compile_small": 30.0, "model_compile_large": 60.0,
-            "model_max-autotune": 150.0, "build": 60.0, "tests": 60.0, "startup": 8.0},
-    "dry": {"eager": 0.3, "fused": 8.0, "auto": 1.0, "compile": 4.0, "max-autotune": 4.0,
-            "model_eager": 1.5, "model_fused": 15.0, "model_compile_small": 10.0, "model_compile_large": 10.0,
-            "model_max-autotune": 8.0, "build": 5.0, "tests": 40.0, "startup": 6.0},
+    "gpu": {
+        "eager": 1.0,
+        "fused": 6.0,
+        "auto": 4.0,
+        "compile": 12.0,
+        "max-autotune": 45.0,
+        "model_eager": 4.0,
+        "model_fused": 10.0,
+        "model_compile_small": 30.0,
+        "model_compile_large": 60.0,
+        "model_max-autotune": 150.0,
+        "build": 60.0,
+        "tests": 60.0,
+        "startup": 8.0,
+    },
+    "dry": {
+        "eager": 0.3,
+        "fused": 8.0,
+        "auto": 1.0,
+        "compile": 4.0,
+        "max-autotune": 4.0,
+        "model_eager": 1.5,
+        "model_fused": 15.0,
+        "model_compile_small": 10.0,
+        "model_compile_large": 10.0,
+        "model_max-autotune": 8.0,
+        "build": 5.0,
+        "tests": 40.0,
+        "startup": 6.0,
+    },
 }
 
 
@@ -154,8 +178,15 @@ def run_command(cmd: list[str], budget_s: float, log, extra_log=None, env=None) 
     t0 = time.monotonic()
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
     sinks = [log, sys.stdout] + ([extra_log] if extra_log else [])
     reader = threading.Thread(target=_stream, args=(proc, sinks), daemon=True)
     reader.start()
@@ -192,10 +223,14 @@ def _extension_is_current() -> bool:
 
 def build_phase(phase: Phase, dry: bool, out: Path, log) -> None:
     py = sys.executable
-    check = [py, "-c", "from switch_dit import _extension as e; import sys, torch; "
-             "ok = e.available() and (not torch.cuda.is_available() "
-             "or e.has_kernel('switch_dit::routing_plan', 'cuda')); "
-             "print('extension:', 'loaded' if ok else (e.load_error or 'no CUDA kernel')); sys.exit(0 if ok else 1)"]
+    check = [
+        py,
+        "-c",
+        "from switch_dit import _extension as e; import sys, torch; "
+        "ok = e.available() and (not torch.cuda.is_available() "
+        "or e.has_kernel('switch_dit::routing_plan', 'cuda')); "
+        "print('extension:', 'loaded' if ok else (e.load_error or 'no CUDA kernel')); sys.exit(0 if ok else 1)",
+    ]
     if _extension_is_current():
         rc, took = run_command(check, phase_budget(phase, dry), log)
         if rc == 0:
@@ -217,8 +252,19 @@ def build_phase(phase: Phase, dry: bool, out: Path, log) -> None:
 
 
 def tests_phase(phase: Phase, dry: bool, out: Path, log) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={out / 'junit.xml'}", "tests"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={out / 'junit.xml'}",
+        "tests",
+    ]
     with open(out / "pytest.log", "w") as plog:
         rc, took = run_command(cmd, phase_budget(phase, dry), plog, extra_log=log)
     phase.took_s, phase.rc = took, rc
@@ -229,8 +275,19 @@ def tests_phase(phase: Phase, dry: bool, out: Path, log) -> None:
 
 def bench_phase(phase: Phase, dry: bool, out: Path, log) -> None:
     budget = phase_budget(phase, dry)
-    cmd = [sys.executable, "-m", "benchmarks", "--smoke" if dry else "--gpu", "--only", phase.name,
-           "--out", str(out), "--no-report", "--time-limit", str(max(5.0, budget - GRACE_S - 4.0))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--smoke" if dry else "--gpu",
+        "--only",
+        phase.name,
+        "--out",
+        str(out),
+        "--no-report",
+        "--time-limit",
+        str(max(5.0, budget - GRACE_S - 4.0)),
+    ]
     rc, took = run_command(cmd, budget, log)
     phase.took_s, phase.rc = took, rc
     phase.status = "passed" if rc == 0 else ("stopped at budget" if rc is None else "failed")
@@ -279,8 +336,11 @@ def missing_fields(data: dict) -> list[str]:
         if r.get("status") != "ok":
             continue
         shape = r.get("shape", {})
-        need = {"ops": ("B", "L", "D") if r["bench"] != "routing_plan" else ("N", "T", "B"),
-                "block": ("model", "B"), "step": ("model", "B", "depth")}.get(r["suite"], ())
+        need = {
+            "ops": ("B", "L", "D") if r["bench"] != "routing_plan" else ("N", "T", "B"),
+            "block": ("model", "B"),
+            "step": ("model", "B", "depth"),
+        }.get(r["suite"], ())
         miss += [f"{where}.shape.{k}" for k in need if k not in shape]
         if r["suite"] == "step":
             for k in ("images_per_s", "mfu_measured_peak", "mfu_datasheet", "first_step_s"):
@@ -289,15 +349,26 @@ def missing_fields(data: dict) -> list[str]:
     # The rows every target reads (any status: a skipped row still says why it is missing).
     present = {(r["suite"], r["bench"], r["variant"]) for r in rows}
     roles = {(r["suite"], r["bench"], r["extra"].get("role")) for r in rows}
-    for suite, bench, variant in (("ops", "routed_linear", "dense_linear"), ("ops", "routed_linear", "reference"),
-                                  ("ops", "routed_linear", "reference+compile"), ("ops", "routed_linear", "official"),
-                                  ("block", "Switch-DiT block", "reference"), ("block", "DiT block", "reference"),
-                                  ("step", "train_step", "reference"), ("step", "train_step", "reference+compile"),
-                                  ("step", "train_step", "patched")):
+    for suite, bench, variant in (
+        ("ops", "routed_linear", "dense_linear"),
+        ("ops", "routed_linear", "reference"),
+        ("ops", "routed_linear", "reference+compile"),
+        ("ops", "routed_linear", "official"),
+        ("block", "Switch-DiT block", "reference"),
+        ("block", "DiT block", "reference"),
+        ("step", "train_step", "reference"),
+        ("step", "train_step", "reference+compile"),
+        ("step", "train_step", "patched"),
+    ):
         if (suite, bench, variant) not in present:
             miss.append(f"a {suite}/{bench}/{variant} row")
-    for suite, bench in (("ops", "routed_linear"), ("ops", "mask_ln_modulate"), ("ops", "gated_residual_ln_modulate"),
-                         ("block", "Switch-DiT block"), ("step", "train_step")):
+    for suite, bench in (
+        ("ops", "routed_linear"),
+        ("ops", "mask_ln_modulate"),
+        ("ops", "gated_residual_ln_modulate"),
+        ("block", "Switch-DiT block"),
+        ("step", "train_step"),
+    ):
         if (suite, bench, "strategy") not in roles:
             miss.append(f"a fast-path (role strategy) {suite}/{bench} row")
     return miss
@@ -311,21 +382,31 @@ def summary(data: dict | None, run_phases: list[Phase], dry: bool, wall_s: float
 
     lines = []
     dev = data["device"]["name"] if data else "?"
-    head = "make gpu DRY=1 (CPU dry run: checks the command and its files, says nothing about speed)" if dry \
+    head = (
+        "make gpu DRY=1 (CPU dry run: checks the command and its files, says nothing about speed)"
+        if dry
         else "make gpu"
+    )
     lines += [f"# {head} on {dev}", ""]
     if data and data["runs"]:
         run = data["runs"][-1]
         g, v = run["git"], run["versions"]
-        lines.append(f"Commit {g.get('commit') or '? (no .git: pass SWITCH_DIT_GIT_COMMIT)'}"
-                     f"{' (dirty)' if g.get('dirty') else ''}, source digest {g.get('source_digest')}; "
-                     f"torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, "
-                     f"python {v.get('python')}. Results: `{json_name}`.")
+        lines.append(
+            f"Commit {g.get('commit') or '? (no .git: pass SWITCH_DIT_GIT_COMMIT)'}"
+            f"{' (dirty)' if g.get('dirty') else ''}, source digest {g.get('source_digest')}; "
+            f"torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, "
+            f"python {v.get('python')}. Results: `{json_name}`."
+        )
         lines.append("")
     budget = DRY_WALL_BUDGET_S if dry else WALL_BUDGET_S
-    lines += [f"Wall time {wall_s:.0f} s of {budget} s.", "",
-              "## Phases", "", "| phase | what | estimate s | budget s | took s | status |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        f"Wall time {wall_s:.0f} s of {budget} s.",
+        "",
+        "## Phases",
+        "",
+        "| phase | what | estimate s | budget s | took s | status |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in run_phases:
         est = "–" if p.estimate_s is None else f"{p.estimate_s:.0f}"
         took = "–" if p.took_s is None else f"{p.took_s:.0f}"
@@ -335,16 +416,25 @@ def summary(data: dict | None, run_phases: list[Phase], dry: bool, wall_s: float
     if data is None:
         return "\n".join(lines + ["No results file was written."]) + "\n"
     rows = data["rows"]
-    lines += ["## Targets", "", "Definitions: benchmarks/README.md. *not measured*: a row it needs is missing "
-              "(see Not run).", "", report.targets_table(rows)]
+    lines += [
+        "## Targets",
+        "",
+        "Definitions: benchmarks/README.md. *not measured*: a row it needs is missing (see Not run).",
+        "",
+        report.targets_table(rows),
+    ]
     lines += predictions_table(data, dry)
     lines += steps_table(rows)
     lines += not_run_table(rows)
-    lines += ["## What to do with this output", "",
-              "Copy the results JSON into `benchmarks/results/` of the checkout, run "
-              "`python -m benchmarks.report --section` (rebuilds benchmarks/results/README.md and chart.png and "
-              "the README's performance section), and commit the JSON with them. Rows cut by a budget: "
-              "`python -m benchmarks --gpu --resume --only PHASE` on the next GPU call.", ""]
+    lines += [
+        "## What to do with this output",
+        "",
+        "Copy the results JSON into `benchmarks/results/` of the checkout, run "
+        "`python -m benchmarks.report --section` (rebuilds benchmarks/results/README.md and chart.png and "
+        "the README's performance section), and commit the JSON with them. Rows cut by a budget: "
+        "`python -m benchmarks --gpu --resume --only PHASE` on the next GPU call.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -354,21 +444,28 @@ def predictions_table(data: dict, dry: bool) -> list[str]:
     # The analytic model covers CUDA GPUs; the dry run shows its prediction for the H200 so that
     # the column is exercised (its ratio to CPU times means nothing).
     device = "NVIDIA H200" if dry or data["device"]["kind"] != "cuda" else data["device"]["name"]
-    out = ["## Measured against the analytic model", "",
-           f"*predicted*: `switch_dit.perf_model.estimate` for {device} (datasheet peaks), where it models the "
-           "strategy; *floor*: max(FLOPs, bytes) over the peaks measured in the run (docs/design.md §5).", "",
-           "| suite | bench | shape | dtype | mode | variant | measured ms | predicted ms | bound | floor ms | "
-           "measured / predicted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Measured against the analytic model",
+        "",
+        f"*predicted*: `switch_dit.perf_model.estimate` for {device} (datasheet peaks), where it models the "
+        "strategy; *floor*: max(FLOPs, bytes) over the peaks measured in the run (docs/design.md §5).",
+        "",
+        "| suite | bench | shape | dtype | mode | variant | measured ms | predicted ms | bound | floor ms | "
+        "measured / predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         if r["status"] != "ok":
             continue
         pred, note = report.prediction_ms(r, device)
         ms = r["ms"]["median"]
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k not in ("depth",))
-        out.append(f"| {r['suite']} | {r['bench']} | {shape} | {r['dtype']} | {r['mode']} | {r['variant']} | "
-                   f"{ms:.4g} | {'–' if pred is None else f'{pred:.4g}'} | {note if pred is not None else '–'} | "
-                   f"{'–' if r['floor_ms'] is None else format(r['floor_ms'], '.4g')} | "
-                   f"{'–' if pred is None else f'{ms / pred:.2f}'} |")
+        out.append(
+            f"| {r['suite']} | {r['bench']} | {shape} | {r['dtype']} | {r['mode']} | {r['variant']} | "
+            f"{ms:.4g} | {'–' if pred is None else f'{pred:.4g}'} | {note if pred is not None else '–'} | "
+            f"{'–' if r['floor_ms'] is None else format(r['floor_ms'], '.4g')} | "
+            f"{'–' if pred is None else f'{ms / pred:.2f}'} |"
+        )
     return out + [""]
 
 
@@ -376,14 +473,19 @@ def steps_table(rows) -> list[str]:
     steps = [r for r in rows if r["status"] == "ok" and r["suite"] == "step"]
     if not steps:
         return []
-    out = ["## Training steps: model FLOP utilisation", "",
-           "| model | precision | variant | step ms | img/s | MFU (datasheet) | MFU (measured peak) |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "## Training steps: model FLOP utilisation",
+        "",
+        "| model | precision | variant | step ms | img/s | MFU (datasheet) | MFU (measured peak) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in steps:
         ex = r["extra"]
-        out.append(f"| {r['shape']['model']} | {r['dtype']} | {r['variant']} | {r['ms']['median']:.4g} | "
-                   f"{ex['images_per_s']:.1f} | {_pct(ex.get('mfu_datasheet'))} | "
-                   f"{_pct(ex.get('mfu_measured_peak'))} |")
+        out.append(
+            f"| {r['shape']['model']} | {r['dtype']} | {r['variant']} | {r['ms']['median']:.4g} | "
+            f"{ex['images_per_s']:.1f} | {_pct(ex.get('mfu_datasheet'))} | "
+            f"{_pct(ex.get('mfu_measured_peak'))} |"
+        )
     return out + [""]
 
 
@@ -418,12 +520,14 @@ def out_dir(arg: str | None) -> Path:
 
 def main(argv=None) -> int:
     started = time.monotonic()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dry", action="store_true", help="CPU dry run: tiny shapes, the interpreter (CI)")
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
-    p.add_argument("--phases", default=",".join(ph.name for ph in phases()),
-                   help="comma-separated phases to run (default: all)")
+    p.add_argument(
+        "--phases", default=",".join(ph.name for ph in phases()), help="comma-separated phases to run (default: all)"
+    )
     args = p.parse_args(argv)
     dry = args.dry
     if dry:
@@ -442,8 +546,10 @@ def main(argv=None) -> int:
         p.error(f"--phases: unknown {sorted(unknown)}; choose from {[ph.name for ph in phases()]}")
 
     total_budget = sum(phase_budget(ph, dry) for ph in run_phases)
-    print(f"make gpu{' (dry run)' if dry else ''}: {len(run_phases)} phases, budgets {total_budget:.0f} s "
-          f"of {DRY_WALL_BUDGET_S if dry else WALL_BUDGET_S} s; output in {out}")
+    print(
+        f"make gpu{' (dry run)' if dry else ''}: {len(run_phases)} phases, budgets {total_budget:.0f} s "
+        f"of {DRY_WALL_BUDGET_S if dry else WALL_BUDGET_S} s; output in {out}"
+    )
     with open(out / "make-gpu.log", "a") as log:
         log.write(f"\n===== make gpu{' --dry' if dry else ''} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         for ph in run_phases:

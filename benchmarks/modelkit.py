@@ -21,8 +21,15 @@ from .flops import ModelConfig
 from .official import use_official_routers
 
 # create() keyword -> ModelConfig field, for configs of overridden (tiny) models
-_CFG_FIELDS = {"hidden_size": "hidden", "num_heads": "heads", "depth": "depth", "input_size": "input_size",
-               "in_channels": "in_channels", "num_experts": "num_experts", "top_k": "top_k"}
+_CFG_FIELDS = {
+    "hidden_size": "hidden",
+    "num_heads": "heads",
+    "depth": "depth",
+    "input_size": "input_size",
+    "in_channels": "in_channels",
+    "num_experts": "num_experts",
+    "top_k": "top_k",
+}
 
 
 def config_for(name: str, overrides: dict) -> ModelConfig:
@@ -75,7 +82,7 @@ class ReferenceAdapter(torch.nn.Module):
         super().__init__()
         self.model = model
         self.in_channels = model.in_channels
-        self.input_size = model.x_embedder.patch_size[0] * int(model.x_embedder.num_patches ** 0.5)
+        self.input_size = model.x_embedder.patch_size[0] * int(model.x_embedder.num_patches**0.5)
         self.num_classes, self.num_timesteps = num_classes, num_timesteps
         self._aux = None
 
@@ -100,9 +107,19 @@ def _patched_reference_model(name: str, overrides: dict, device: torch.device):
     cfg = config_for(name, overrides)
     num_classes = overrides.get("num_classes", 1000)
     with torch.device(device):
-        model = RefDiT("DMoE", input_size=cfg.input_size, patch_size=cfg.patch, in_channels=cfg.in_channels,
-                       hidden_size=cfg.hidden, depth=cfg.depth, num_heads=cfg.heads, num_classes=num_classes,
-                       taskcount=1000, num_experts=cfg.num_experts, k=cfg.top_k)
+        model = RefDiT(
+            "DMoE",
+            input_size=cfg.input_size,
+            patch_size=cfg.patch,
+            in_channels=cfg.in_channels,
+            hidden_size=cfg.hidden,
+            depth=cfg.depth,
+            num_heads=cfg.heads,
+            num_classes=num_classes,
+            taskcount=1000,
+            num_experts=cfg.num_experts,
+            k=cfg.top_k,
+        )
     model.to(device).train()
     randomize_zero_parameters(model)
     switch_dit.accelerate(model)  # backend "auto": the fused path on CUDA

@@ -68,8 +68,9 @@ def group_by_expert(topk_idx: torch.Tensor, topk_w: torch.Tensor, num_experts: i
     return flat_w[order], order.div(k, rounding_mode="trunc"), expert_size
 
 
-def official_expert_mask(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+def official_expert_mask(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor
+) -> torch.Tensor:
     """m = 1 + sum_j g_j (x W_j + b_j) the official way: x (B, L, D), weight (M, D, D) (in, out)."""
     B, L, D = x.shape
     batch_gates, batch_index, expert_size = group_by_expert(topk_idx, topk_w, weight.shape[0])

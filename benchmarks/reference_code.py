@@ -220,8 +220,23 @@ class FinalLayer(nn.Module):
 class RefDiT(nn.Module):
     """The reference DiT's forward; routing_method "DMoE" (Switch-DiT), "DTR" or another name (plain)."""
 
-    def __init__(self, routing_method, input_size=6, patch_size=2, in_channels=3, hidden_size=40, depth=2,
-                 num_heads=2, num_classes=5, taskcount=50, num_experts=3, k=2, w_JSD=1.0, alpha=4.0, beta=0.8):
+    def __init__(
+        self,
+        routing_method,
+        input_size=6,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=40,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        taskcount=50,
+        num_experts=3,
+        k=2,
+        w_JSD=1.0,
+        alpha=4.0,
+        beta=0.8,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, 2 * in_channels
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)

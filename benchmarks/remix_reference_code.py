@@ -83,8 +83,21 @@ class MixedDiTBlock(nn.Module):
 class PublishedRemixDiT(nn.Module):
     """forward(x, t (B,), y) with one mixed model per batch, as published."""
 
-    def __init__(self, input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True, n_basis=4, n_experts=8):
+    def __init__(
+        self,
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=64,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=10,
+        learn_sigma=True,
+        n_basis=4,
+        n_experts=8,
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -101,8 +114,9 @@ class PublishedRemixDiT(nn.Module):
         self.prior = torch.eye(n_basis).repeat_interleave(n_experts // n_basis, 0)
 
     def get_prior_loss(self):
-        return F.cross_entropy(self.coefficients.weight, self.prior.argmax(1).to(self.coefficients.weight.device),
-                               reduction="none")
+        return F.cross_entropy(
+            self.coefficients.weight, self.prior.argmax(1).to(self.coefficients.weight.device), reduction="none"
+        )
 
     def unpatchify(self, x):
         c, p = self.out_channels, self.x_embedder.patch_size[0]

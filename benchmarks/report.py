@@ -92,29 +92,49 @@ def file_section(path: Path, data: dict) -> str:
     dev, peaks, rows = data["device"], data["peaks"], data["rows"]
     out = [f"## {dev['name']} — `{path.name}`", ""]
     sheet = data.get("datasheet")
-    out.append(f"Peaks of the floors, measured in the newest run: {peaks['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, "
-               f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s ({peaks['source']}). Datasheet: "
-               + (f"{sheet['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, {sheet['bytes_per_s'] / 1e12:.2f} TB/s "
-                  f"({sheet['source']})." if sheet else "none for this device (MFU against the measured peak only)."))
+    out.append(
+        f"Peaks of the floors, measured in the newest run: {peaks['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{peaks['bytes_per_s'] / 1e12:.2f} TB/s ({peaks['source']}). Datasheet: "
+        + (
+            f"{sheet['flops']['bf16'] / 1e12:.0f} TFLOP/s bf16, {sheet['bytes_per_s'] / 1e12:.2f} TB/s "
+            f"({sheet['source']})."
+            if sheet
+            else "none for this device (MFU against the measured peak only)."
+        )
+    )
     commits = _commits(data)
     if len(commits) > 1:
-        out += ["", "**This file mixes rows of " + str(len(commits)) + " sources: "
-                + ", ".join(f"commit {(c or '?')[:10]} (source {d}): runs "
-                            + ", ".join(str(i) for i in sorted({r['run'] for r in _ok(rows)
-                                                                if r['provenance'].get('source_digest') == d}))
-                            for c, d in commits)
-                + ". Compare rows of one source only (the run column of each row says which).**"]
+        out += [
+            "",
+            "**This file mixes rows of "
+            + str(len(commits))
+            + " sources: "
+            + ", ".join(
+                f"commit {(c or '?')[:10]} (source {d}): runs "
+                + ", ".join(
+                    str(i) for i in sorted({r["run"] for r in _ok(rows) if r["provenance"].get("source_digest") == d})
+                )
+                for c, d in commits
+            )
+            + ". Compare rows of one source only (the run column of each row says which).**",
+        ]
     out.append("")
     out.append("| run | command | mode | commit | torch | triton | CUDA | timer | measured peaks |")
     out.append("|---|---|---|---|---|---|---|---|---|")
     for run in data["runs"]:
         v, g, mp = run["versions"], run["git"], run.get("measured_peaks") or {}
-        commit = (g.get("commit") or "?")[:10] + (" (dirty)" if g.get("dirty") else "") + \
-            (f" src {g['source_digest']}" if g.get("source_digest") else "")
-        meas = (f"{mp['flops']['bf16'] / 1e12:.3g} TFLOP/s, {mp['bytes_per_s'] / 1e12:.3g} TB/s"
-                if mp.get("flops") else "–")
-        out.append(f"| {run['id']} | `{run['command']}` | {run['mode']} | {commit} | {v.get('torch')} | "
-                   f"{v.get('triton')} | {v.get('cuda')} | {run['timer']} | {meas} |")
+        commit = (
+            (g.get("commit") or "?")[:10]
+            + (" (dirty)" if g.get("dirty") else "")
+            + (f" src {g['source_digest']}" if g.get("source_digest") else "")
+        )
+        meas = (
+            f"{mp['flops']['bf16'] / 1e12:.3g} TFLOP/s, {mp['bytes_per_s'] / 1e12:.3g} TB/s" if mp.get("flops") else "–"
+        )
+        out.append(
+            f"| {run['id']} | `{run['command']}` | {run['mode']} | {commit} | {v.get('torch')} | "
+            f"{v.get('triton')} | {v.get('cuda')} | {run['timer']} | {meas} |"
+        )
     out.append("")
     out += _ops_table(rows) + _block_table(rows) + _step_table(rows) + _problems_table(rows)
     return "\n".join(out)
@@ -124,21 +144,28 @@ def _ops_table(rows) -> list[str]:
     ops = [r for r in _ok(rows) if r["suite"] == "ops"]
     if not ops:
         return []
-    out = ["### Ops", "",
-           "Time in ms: median (p20–p80). *vs ref*: reference time / this time (higher is faster). "
-           "*× floor*: time over max(FLOPs, bytes) at the peak rates. TFLOP/s counts the op's least work "
-           "(one dense GEMM for the routed linear). *rerun*: the second timing's distance from the median "
-           "(differences below it are noise). *wall ms*: back-to-back calls, host overhead included.", "",
-           "| op | shape | dtype | mode | variant | ms | rerun | vs ref | × floor | TFLOP/s | GB/s | wall ms | syncs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### Ops",
+        "",
+        "Time in ms: median (p20–p80). *vs ref*: reference time / this time (higher is faster). "
+        "*× floor*: time over max(FLOPs, bytes) at the peak rates. TFLOP/s counts the op's least work "
+        "(one dense GEMM for the routed linear). *rerun*: the second timing's distance from the median "
+        "(differences below it are noise). *wall ms*: back-to-back calls, host overhead included.",
+        "",
+        "| op | shape | dtype | mode | variant | ms | rerun | vs ref | × floor | TFLOP/s | GB/s | wall ms | syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in ops:
-        ref = _find(rows, suite="ops", bench=r["bench"], variant="reference", mode=r["mode"],
-                    dtype=r["dtype"], shape=r["shape"])
-        out.append(f"| {r['bench']} | {_shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['variant']} | "
-                   f"{_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
-                   f"{_fmt(r['over_floor'], '.2f')} | "
-                   f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['wall_ms'], '.4g')} | "
-                   f"{_fmt(r['host_syncs'], '.0f')} |")
+        ref = _find(
+            rows, suite="ops", bench=r["bench"], variant="reference", mode=r["mode"], dtype=r["dtype"], shape=r["shape"]
+        )
+        out.append(
+            f"| {r['bench']} | {_shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['variant']} | "
+            f"{_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
+            f"{_fmt(r['over_floor'], '.2f')} | "
+            f"{_fmt(r['tflops'], '.1f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['wall_ms'], '.4g')} | "
+            f"{_fmt(r['host_syncs'], '.0f')} |"
+        )
     return out + [""]
 
 
@@ -146,20 +173,40 @@ def _block_table(rows) -> list[str]:
     blocks = [r for r in _ok(rows) if r["suite"] == "block"]
     if not blocks:
         return []
-    out = ["### Blocks", "",
-           "1-block models (embedders, one block, final layer). *vs ref*: the same family's reference "
-           "time / this time; *vs DiT ref*: the reference dense DiT block's time / this time.", "",
-           "| block | model | dtype | mode | variant | ms | rerun | vs ref | vs DiT ref | × floor | peak MiB | syncs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### Blocks",
+        "",
+        "1-block models (embedders, one block, final layer). *vs ref*: the same family's reference "
+        "time / this time; *vs DiT ref*: the reference dense DiT block's time / this time.",
+        "",
+        "| block | model | dtype | mode | variant | ms | rerun | vs ref | vs DiT ref | × floor | peak MiB | syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in blocks:
-        ref = _find(rows, suite="block", bench=r["bench"], variant="reference", mode=r["mode"], dtype=r["dtype"],
-                    shape={"model": r["shape"]["model"], "B": r["shape"]["B"]})
-        dense = _find(rows, suite="block", bench="DiT block", variant="reference", mode=r["mode"], dtype=r["dtype"],
-                      shape={"model": "DiT-" + r["shape"]["model"].rsplit("-", 1)[1], "B": r["shape"]["B"]})
-        out.append(f"| {r['bench']} | {r['shape']['model']} B={r['shape']['B']} | {r['dtype']} | {r['mode']} | "
-                   f"{r['variant']} | {_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
-                   f"{_fmt(_ratio(_ms(dense), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
-                   f"{_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(r['host_syncs'], '.0f')} |")
+        ref = _find(
+            rows,
+            suite="block",
+            bench=r["bench"],
+            variant="reference",
+            mode=r["mode"],
+            dtype=r["dtype"],
+            shape={"model": r["shape"]["model"], "B": r["shape"]["B"]},
+        )
+        dense = _find(
+            rows,
+            suite="block",
+            bench="DiT block",
+            variant="reference",
+            mode=r["mode"],
+            dtype=r["dtype"],
+            shape={"model": "DiT-" + r["shape"]["model"].rsplit("-", 1)[1], "B": r["shape"]["B"]},
+        )
+        out.append(
+            f"| {r['bench']} | {r['shape']['model']} B={r['shape']['B']} | {r['dtype']} | {r['mode']} | "
+            f"{r['variant']} | {_ms_cell(r)} | {_rerun(r)} | {_fmt(_ratio(_ms(ref), _ms(r)), '.2f')} | "
+            f"{_fmt(_ratio(_ms(dense), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
+            f"{_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(r['host_syncs'], '.0f')} |"
+        )
     return out + [""]
 
 
@@ -167,25 +214,36 @@ def _step_table(rows) -> list[str]:
     steps = [r for r in _ok(rows) if r["suite"] == "step"]
     if not steps:
         return []
-    out = ["### Training step", "",
-           "Forward, loss with the prior, backward, AdamW, EMA. *vs best ref*: the best reference Switch-DiT "
-           "variant (eager, compiled, max-autotune) in the same precision / this time. MFU: model FLOPs "
-           "(benchmarks/README.md) over the datasheet peak / over the peak measured in the run.", "",
-           "| model | precision | variant | step ms | img/s | MFU sheet | MFU meas. | vs best ref | × floor | peak GiB "
-           "| syncs/step | first step s | run |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### Training step",
+        "",
+        "Forward, loss with the prior, backward, AdamW, EMA. *vs best ref*: the best reference Switch-DiT "
+        "variant (eager, compiled, max-autotune) in the same precision / this time. MFU: model FLOPs "
+        "(benchmarks/README.md) over the datasheet peak / over the peak measured in the run.",
+        "",
+        "| model | precision | variant | step ms | img/s | MFU sheet | MFU meas. | vs best ref | × floor | peak GiB "
+        "| syncs/step | first step s | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in steps:
         model = r["shape"]["model"]
-        base = _best(rows, REFERENCE_VARIANTS, suite="step", dtype=r["dtype"],
-                     shape={"model": "Switch-DiT-" + model.rsplit("-", 1)[1], "B": r["shape"]["B"]})
+        base = _best(
+            rows,
+            REFERENCE_VARIANTS,
+            suite="step",
+            dtype=r["dtype"],
+            shape={"model": "Switch-DiT-" + model.rsplit("-", 1)[1], "B": r["shape"]["B"]},
+        )
         ex = r["extra"]
         peak = None if r["peak_mem_mib"] is None else r["peak_mem_mib"] / 1024
-        out.append(f"| {model} B={r['shape']['B']} | {r['dtype']} | {r['variant']} | {_ms_cell(r)} | "
-                   f"{_fmt(ex.get('images_per_s'), '.1f')} | {_pct(ex.get('mfu_datasheet')) or '–'} | "
-                   f"{_pct(ex.get('mfu_measured_peak')) or '–'} | "
-                   f"{_fmt(_ratio(_ms(base), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
-                   f"{_fmt(peak, '.1f')} | {_fmt(r['host_syncs'], '.1f')} | {_fmt(ex.get('first_step_s'), '.1f')} | "
-                   f"{r['run']} |")
+        out.append(
+            f"| {model} B={r['shape']['B']} | {r['dtype']} | {r['variant']} | {_ms_cell(r)} | "
+            f"{_fmt(ex.get('images_per_s'), '.1f')} | {_pct(ex.get('mfu_datasheet')) or '–'} | "
+            f"{_pct(ex.get('mfu_measured_peak')) or '–'} | "
+            f"{_fmt(_ratio(_ms(base), _ms(r)), '.2f')} | {_fmt(r['over_floor'], '.2f')} | "
+            f"{_fmt(peak, '.1f')} | {_fmt(r['host_syncs'], '.1f')} | {_fmt(ex.get('first_step_s'), '.1f')} | "
+            f"{r['run']} |"
+        )
     return out + [""]
 
 
@@ -202,8 +260,12 @@ def _problems_table(rows) -> list[str]:
     for r in bad:
         key = (r["status"], r["suite"], r["bench"], r["variant"], r["reason"])
         groups[key] = groups.get(key, 0) + 1
-    out = ["### Skipped and failed", "", "| status | suite | bench | variant | rows | reason |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "### Skipped and failed",
+        "",
+        "| status | suite | bench | variant | rows | reason |",
+        "|---|---|---|---|---|---|",
+    ]
     for (status, suite, bench, variant, reason), n in groups.items():
         out.append(f"| {status} | {suite} | {bench} | {variant} | {n} | {reason.replace('|', '/')} |")
     return out + [""]
@@ -211,9 +273,13 @@ def _problems_table(rows) -> list[str]:
 
 def markdown(folder: Path) -> str:
     files = [(p, load(p)) for p in result_files(folder)]
-    out = ["# Benchmark results", "",
-           "Generated by `python -m benchmarks.report` from every results file in this folder "
-           "(newest first); it is rebuilt from them, so do not edit it by hand. How to run: ../README.md.", ""]
+    out = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks.report` from every results file in this folder "
+        "(newest first); it is rebuilt from them, so do not edit it by hand. How to run: ../README.md.",
+        "",
+    ]
     if (Path(folder) / CHART).exists():
         out += [f"![benchmarks]({CHART})", ""]
     if not files:
@@ -247,14 +313,30 @@ def chart(folder: Path, path: Path) -> bool:
     fig, axes = plt.subplots(len(devices), 3, figsize=(16, 4.2 * len(devices)), squeeze=False)
     for row_axes, data in zip(axes, devices):
         rows, title = _ok(data["rows"]), data["device"]["name"]
-        _bars(row_axes[0], [r for r in rows if r["bench"] == "routed_linear" and r["mode"] == "fwd+bwd"],
-              lambda r: f"D={r['shape']['D']}", "ms", f"{title}\nrouted linear fwd+bwd (ms, log)", log=True)
-        _bars(row_axes[1], [r for r in rows if r["suite"] == "block" and r["mode"] == "fwd+bwd"],
-              lambda r: f"{r['bench'].split()[0]}\n{r['shape']['model'].rsplit('-', 1)[1]}", "ms",
-              "block fwd+bwd (ms, log)", log=True)
-        _bars(row_axes[2], [r for r in rows if r["suite"] == "step"],
-              lambda r: f"{r['shape']['model']}\n{r['dtype'].split('-')[0]}", "images_per_s",
-              "training step (images/s)", log=False)
+        _bars(
+            row_axes[0],
+            [r for r in rows if r["bench"] == "routed_linear" and r["mode"] == "fwd+bwd"],
+            lambda r: f"D={r['shape']['D']}",
+            "ms",
+            f"{title}\nrouted linear fwd+bwd (ms, log)",
+            log=True,
+        )
+        _bars(
+            row_axes[1],
+            [r for r in rows if r["suite"] == "block" and r["mode"] == "fwd+bwd"],
+            lambda r: f"{r['bench'].split()[0]}\n{r['shape']['model'].rsplit('-', 1)[1]}",
+            "ms",
+            "block fwd+bwd (ms, log)",
+            log=True,
+        )
+        _bars(
+            row_axes[2],
+            [r for r in rows if r["suite"] == "step"],
+            lambda r: f"{r['shape']['model']}\n{r['dtype'].split('-')[0]}",
+            "images_per_s",
+            "training step (images/s)",
+            log=False,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -297,15 +379,19 @@ def performance_section(folder: Path = RESULTS_DIR) -> str:
     pick = gpu[-1] if gpu else (files[-1] if files else None)
     lines = ["## Performance", ""]
     if pick is None:
-        return "\n".join(lines + ["No benchmark results yet: run `make gpu` on a GPU machine "
-                                  "(see benchmarks/README.md)."]) + "\n"
+        return (
+            "\n".join(lines + ["No benchmark results yet: run `make gpu` on a GPU machine (see benchmarks/README.md)."])
+            + "\n"
+        )
     path, data = pick
     run = data["runs"][-1]
     v = run["versions"]
     commands = ", ".join(dict.fromkeys(f"`{r['command']}`" for r in data["runs"]))
-    lines.append(f"Measured on {data['device']['name']} with {commands} (torch {v.get('torch')}, "
-                 f"triton {v.get('triton')}, CUDA {v.get('cuda')}, {_sources_text(data)}); every figure, with "
-                 f"its spread and baselines, is in benchmarks/results/ (`{path.name}`).")
+    lines.append(
+        f"Measured on {data['device']['name']} with {commands} (torch {v.get('torch')}, "
+        f"triton {v.get('triton')}, CUDA {v.get('cuda')}, {_sources_text(data)}); every figure, with "
+        f"its spread and baselines, is in benchmarks/results/ (`{path.name}`)."
+    )
     if data["device"]["kind"] != "cuda":
         lines.append("")
         lines.append("*These are CPU smoke-run numbers: they check the harness and say nothing about speed.*")
@@ -316,15 +402,16 @@ def performance_section(folder: Path = RESULTS_DIR) -> str:
 def _sources_text(data) -> str:
     commits = _commits(data)
     if len(commits) <= 1:
-        (commit, digest), = commits or [(None, None)]
+        ((commit, digest),) = commits or [(None, None)]
         return f"commit {(commit or '?')[:10]}"
     return "**rows of " + ", ".join(f"commit {(c or '?')[:10]} (source {d})" for c, d in commits) + "**"
 
 
 def _commits(data) -> list:
     """The (commit, source digest) pairs of a file's ok rows."""
-    return sorted({(r["provenance"].get("commit"), r["provenance"].get("source_digest")) for r in _ok(data["rows"])},
-                  key=str)
+    return sorted(
+        {(r["provenance"].get("commit"), r["provenance"].get("source_digest")) for r in _ok(data["rows"])}, key=str
+    )
 
 
 # ------------------------------------------------------------------ targets
@@ -346,8 +433,13 @@ def _is_fast(row) -> bool:
 
 def _best_fast(rows, **want):
     shape = want.pop("shape", {})
-    found = [r for r in _ok(rows) if _is_fast(r) and all(r.get(k) == v for k, v in want.items())
-             and all(r["shape"].get(k) == v for k, v in shape.items())]
+    found = [
+        r
+        for r in _ok(rows)
+        if _is_fast(r)
+        and all(r.get(k) == v for k, v in want.items())
+        and all(r["shape"].get(k) == v for k, v in shape.items())
+    ]
     return min(found, key=_ms) if found else None
 
 
@@ -367,9 +459,15 @@ def targets(rows) -> list[dict]:
             passed = False
         else:
             passed = True if measured and len(measured) == len(values) else None
-        out.append({"what": what, "values": values, "passed": passed,
-                    "measured": ", ".join(f"{label}: {show(x) or '–'}" for label, x in pairs) or "not measured",
-                    "target": f"{op} {threshold:.0%}" if percent else f"{op} {threshold}x"})
+        out.append(
+            {
+                "what": what,
+                "values": values,
+                "passed": passed,
+                "measured": ", ".join(f"{label}: {show(x) or '–'}" for label, x in pairs) or "not measured",
+                "target": f"{op} {threshold:.0%}" if percent else f"{op} {threshold}x",
+            }
+        )
 
     Ds = sorted({r["shape"]["D"] for r in _ok(rows) if r["bench"] == "routed_linear"})
 
@@ -387,28 +485,64 @@ def targets(rows) -> list[dict]:
     def best_rl(variants):
         return lambda D: _best(rows, variants, bench="routed_linear", mode="fwd+bwd", shape={"D": D})
 
-    add("routed linear fwd+bwd: fast time / one dense D×D linear", per_D(fast_rl, best_rl(("dense_linear",))),
-        "<=", TARGETS["routed_vs_dense"])
-    add("routed linear fwd+bwd: speed-up over the best reference variant",
-        per_D(best_rl(REFERENCE_VARIANTS), fast_rl), ">=", TARGETS["routed_vs_reference"])
+    add(
+        "routed linear fwd+bwd: fast time / one dense D×D linear",
+        per_D(fast_rl, best_rl(("dense_linear",))),
+        "<=",
+        TARGETS["routed_vs_dense"],
+    )
+    add(
+        "routed linear fwd+bwd: speed-up over the best reference variant",
+        per_D(best_rl(REFERENCE_VARIANTS), fast_rl),
+        ">=",
+        TARGETS["routed_vs_reference"],
+    )
     official = per_D(best_rl(OFFICIAL_VARIANTS), fast_rl)
-    out.append({"what": "routed linear fwd+bwd: speed-up over the best official variant (no target)",
-                "values": [x for _, x in official], "passed": None, "target": "–",
-                "measured": ", ".join(f"{label}: {_fmt(x, '.2f')}x" for label, x in official) or "not measured"})
+    out.append(
+        {
+            "what": "routed linear fwd+bwd: speed-up over the best official variant (no target)",
+            "values": [x for _, x in official],
+            "passed": None,
+            "target": "–",
+            "measured": ", ".join(f"{label}: {_fmt(x, '.2f')}x" for label, x in official) or "not measured",
+        }
+    )
 
     sizes = sorted({r["shape"]["model"].rsplit("-", 1)[1] for r in _ok(rows) if r["suite"] == "block"})
 
     def blk(fam, size):
         return dict(suite="block", bench=f"{fam} block", mode="fwd+bwd", shape={"model": f"{fam}-{size}"})
 
-    add("fast Switch-DiT block fwd+bwd time / best reference dense DiT block",
-        [(size, _ratio(_ms(_best_fast(rows, **blk("Switch-DiT", size))),
-                       _ms(_best(rows, REFERENCE_VARIANTS, **blk("DiT", size))))) for size in sizes],
-        "<", TARGETS["block_vs_dense_dit"])
-    add("Switch-DiT block fwd+bwd: speed-up over the best reference variant",
-        [(size, _ratio(_ms(_best(rows, REFERENCE_VARIANTS, **blk("Switch-DiT", size))),
-                       _ms(_best_fast(rows, **blk("Switch-DiT", size))))) for size in sizes],
-        ">=", TARGETS["block_vs_reference"])
+    add(
+        "fast Switch-DiT block fwd+bwd time / best reference dense DiT block",
+        [
+            (
+                size,
+                _ratio(
+                    _ms(_best_fast(rows, **blk("Switch-DiT", size))),
+                    _ms(_best(rows, REFERENCE_VARIANTS, **blk("DiT", size))),
+                ),
+            )
+            for size in sizes
+        ],
+        "<",
+        TARGETS["block_vs_dense_dit"],
+    )
+    add(
+        "Switch-DiT block fwd+bwd: speed-up over the best reference variant",
+        [
+            (
+                size,
+                _ratio(
+                    _ms(_best(rows, REFERENCE_VARIANTS, **blk("Switch-DiT", size))),
+                    _ms(_best_fast(rows, **blk("Switch-DiT", size))),
+                ),
+            )
+            for size in sizes
+        ],
+        ">=",
+        TARGETS["block_vs_reference"],
+    )
 
     for size, key in (("XL/2", "xl_vs_compile"), ("S/2", "s_vs_compile")):
         for precision in ("bf16-autocast", "fp16-autocast+scaler"):
@@ -417,16 +551,29 @@ def targets(rows) -> list[dict]:
             c = _best(rows, REFERENCE_VARIANTS, **want)
             if f is None and c is None and precision != "bf16-autocast":
                 continue  # fp16 rows are optional; a missing bf16 row shows as "not measured"
-            add(f"Switch-DiT-{size} training step ({precision}): speed-up over the best reference variant",
-                [(f"vs {c['variant'] if c else 'reference'}", _ratio(_ms(c), _ms(f)))], ">=", TARGETS[key])
+            add(
+                f"Switch-DiT-{size} training step ({precision}): speed-up over the best reference variant",
+                [(f"vs {c['variant'] if c else 'reference'}", _ratio(_ms(c), _ms(f)))],
+                ">=",
+                TARGETS[key],
+            )
     for precision in ("bf16-autocast",):
         f = _best_fast(rows, suite="step", dtype=precision, shape={"model": "Switch-DiT-XL/2"})
-        add(f"Switch-DiT-XL/2 training step ({precision}): model FLOP utilisation, datasheet peak",
-            [("fast", f["extra"].get("mfu_datasheet") if f else None)], ">=", TARGETS["xl_mfu"], percent=True)
+        add(
+            f"Switch-DiT-XL/2 training step ({precision}): model FLOP utilisation, datasheet peak",
+            [("fast", f["extra"].get("mfu_datasheet") if f else None)],
+            ">=",
+            TARGETS["xl_mfu"],
+            percent=True,
+        )
     syncs = [r for r in _ok(rows) if _is_fast(r) and r["suite"] == "step" and r["host_syncs"] is not None]
     if syncs:
-        add("host syncs per fast training step", [(f"{r['shape']['model']} {r['dtype'].split('-')[0]}",
-                                                    r["host_syncs"]) for r in syncs], "<=", 0)
+        add(
+            "host syncs per fast training step",
+            [(f"{r['shape']['model']} {r['dtype'].split('-')[0]}", r["host_syncs"]) for r in syncs],
+            "<=",
+            0,
+        )
     return out
 
 
@@ -441,8 +588,11 @@ def targets_table(rows) -> str:
 # ------------------------------------------------------------------ predictions
 
 # bench -> the op name of switch_dit.perf_model
-PREDICTED_OPS = {"routed_linear": "expert_mask", "mask_ln_modulate": "mask_ln_modulate",
-                 "gated_residual_ln_modulate": "residual_ln_modulate"}
+PREDICTED_OPS = {
+    "routed_linear": "expert_mask",
+    "mask_ln_modulate": "mask_ln_modulate",
+    "gated_residual_ln_modulate": "residual_ln_modulate",
+}
 
 
 def prediction_ms(row, device: str) -> tuple[float | None, str]:
@@ -503,14 +653,19 @@ def regenerate(folder: Path = RESULTS_DIR) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("folder", nargs="?", default=str(RESULTS_DIR))
-    p.add_argument("--section", action="store_true",
-                   help="print the performance section and write it into the README between the markers "
-                        f"{README_START} and {README_END}")
-    p.add_argument("--readme", default=str(REPO_README),
-                   help="the README that --section updates (default: %(default)s)")
+    p.add_argument(
+        "--section",
+        action="store_true",
+        help="print the performance section and write it into the README between the markers "
+        f"{README_START} and {README_END}",
+    )
+    p.add_argument(
+        "--readme", default=str(REPO_README), help="the README that --section updates (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print a one-line summary of the folder's files as JSON")
     args = p.parse_args(argv)
     written = regenerate(Path(args.folder))

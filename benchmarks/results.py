@@ -30,24 +30,63 @@ from . import SCHEMA_VERSION
 STATUSES = ("ok", "skipped", "error")
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
 ROW_FIELDS = {
-    "suite": str, "bench": str, "variant": str, "mode": str, "shape": dict, "dtype": str,
-    "status": str, "reason": (str, type(None)), "ms": (dict, type(None)), "reruns_ms": list,
-    "wall_ms": (float, type(None)), "work": dict, "floor_ms": (float, type(None)),
-    "over_floor": (float, type(None)), "tflops": (float, type(None)), "gbps": (float, type(None)),
-    "peak_mem_mib": (float, type(None)), "host_syncs": (float, type(None)), "extra": dict, "run": int,
+    "suite": str,
+    "bench": str,
+    "variant": str,
+    "mode": str,
+    "shape": dict,
+    "dtype": str,
+    "status": str,
+    "reason": (str, type(None)),
+    "ms": (dict, type(None)),
+    "reruns_ms": list,
+    "wall_ms": (float, type(None)),
+    "work": dict,
+    "floor_ms": (float, type(None)),
+    "over_floor": (float, type(None)),
+    "tflops": (float, type(None)),
+    "gbps": (float, type(None)),
+    "peak_mem_mib": (float, type(None)),
+    "host_syncs": (float, type(None)),
+    "extra": dict,
+    "run": int,
     "provenance": dict,
 }
 PROVENANCE_FIELDS = ("commit", "dirty", "source_digest", "device", "torch", "triton")
 
 
 def row_key(row: dict) -> tuple:
-    return (row["suite"], row["bench"], row["variant"], row["mode"],
-            json.dumps(row["shape"], sort_keys=True), row["dtype"])
+    return (
+        row["suite"],
+        row["bench"],
+        row["variant"],
+        row["mode"],
+        json.dumps(row["shape"], sort_keys=True),
+        row["dtype"],
+    )
 
 
-def make_row(*, suite, bench, variant, mode, shape, dtype, status="ok", reason=None, ms=None,
-             reruns_ms=(), wall_ms=None, work=None, peaks=None, peak_mem_mib=None, host_syncs=None,
-             extra=None, run=0, provenance=None) -> dict:
+def make_row(
+    *,
+    suite,
+    bench,
+    variant,
+    mode,
+    shape,
+    dtype,
+    status="ok",
+    reason=None,
+    ms=None,
+    reruns_ms=(),
+    wall_ms=None,
+    work=None,
+    peaks=None,
+    peak_mem_mib=None,
+    host_syncs=None,
+    extra=None,
+    run=0,
+    provenance=None,
+) -> dict:
     """A complete row; the floor and derived rates follow from ``ms``, ``work`` and ``peaks``.
 
     floor = max(FLOPs / peak FLOP/s of the dtype, bytes / peak bytes/s) (DESIGN.md §4).
@@ -64,11 +103,26 @@ def make_row(*, suite, bench, variant, mode, shape, dtype, status="ok", reason=N
         if floor_ms:
             over = ms["median"] / floor_ms
     return {
-        "suite": suite, "bench": bench, "variant": variant, "mode": mode, "shape": dict(shape),
-        "dtype": dtype, "status": status, "reason": reason, "ms": ms, "reruns_ms": list(reruns_ms),
-        "wall_ms": _f(wall_ms), "work": work, "floor_ms": _f(floor_ms), "over_floor": _f(over),
-        "tflops": _f(tflops), "gbps": _f(gbps), "peak_mem_mib": _f(peak_mem_mib),
-        "host_syncs": _f(host_syncs), "extra": dict(extra or {}), "run": run,
+        "suite": suite,
+        "bench": bench,
+        "variant": variant,
+        "mode": mode,
+        "shape": dict(shape),
+        "dtype": dtype,
+        "status": status,
+        "reason": reason,
+        "ms": ms,
+        "reruns_ms": list(reruns_ms),
+        "wall_ms": _f(wall_ms),
+        "work": work,
+        "floor_ms": _f(floor_ms),
+        "over_floor": _f(over),
+        "tflops": _f(tflops),
+        "gbps": _f(gbps),
+        "peak_mem_mib": _f(peak_mem_mib),
+        "host_syncs": _f(host_syncs),
+        "extra": dict(extra or {}),
+        "run": run,
         "provenance": {k: (provenance or {}).get(k) for k in PROVENANCE_FIELDS},
     }
 
@@ -87,8 +141,14 @@ class Results:
 
     def __init__(self, path: Path, device: dict, peaks: dict, datasheet: dict | None = None):
         self.path = Path(path)
-        self.data = {"schema_version": SCHEMA_VERSION, "device": device, "peaks": peaks, "datasheet": datasheet,
-                     "runs": [], "rows": []}
+        self.data = {
+            "schema_version": SCHEMA_VERSION,
+            "device": device,
+            "peaks": peaks,
+            "datasheet": datasheet,
+            "runs": [],
+            "rows": [],
+        }
         if self.path.exists():
             old = load(self.path)
             if old.get("device", {}).get("slug") == device.get("slug"):

@@ -41,8 +41,16 @@ class Case:
     role: str = "baseline"  # "strategy" (the fast path), "auto", "baseline" or "floor": recorded in extra.role
 
     def key(self, mode: str) -> tuple:
-        return row_key({"suite": self.suite, "bench": self.bench, "variant": self.variant, "mode": mode,
-                        "shape": self.shape, "dtype": self.dtype})
+        return row_key(
+            {
+                "suite": self.suite,
+                "bench": self.bench,
+                "variant": self.variant,
+                "mode": mode,
+                "shape": self.shape,
+                "dtype": self.dtype,
+            }
+        )
 
 
 @dataclass
@@ -80,15 +88,25 @@ def run_cases(ctx: Context, cases: list[Case]) -> None:
         if ctx.resume and any(ctx.results.reason(case.key(m)).startswith(UNFINISHED) for m in modes):
             # Killed once already: running it again would likely take the whole call again.
             for mode in modes:
-                _record(ctx, case, mode, status="skipped",
-                        reason=f"{UNFINISHED} in an earlier run; not retried by --resume "
-                               "(run it alone with --only / --models and a longer --time-limit)")
+                _record(
+                    ctx,
+                    case,
+                    mode,
+                    status="skipped",
+                    reason=f"{UNFINISHED} in an earlier run; not retried by --resume "
+                    "(run it alone with --only / --models and a longer --time-limit)",
+                )
             continue
         margin = ctx.heavy_margin_s if case.heavy else ctx.light_margin_s
         if time.monotonic() + margin > ctx.deadline:
             for mode in modes:
-                _record(ctx, case, mode, status="skipped",
-                        reason="time limit reached before this case (rerun with --resume to continue)")
+                _record(
+                    ctx,
+                    case,
+                    mode,
+                    status="skipped",
+                    reason="time limit reached before this case (rerun with --resume to continue)",
+                )
             continue
         for mode in modes:
             _record(ctx, case, mode, count=False, status="error", reason=UNFINISHED)
@@ -119,8 +137,10 @@ def _run_case(ctx: Context, case: Case, modes: list[str]) -> None:
                 fields = (case.measure or measure_op)(ctx, fn, case, mode)
                 fields.setdefault("extra", {})["setup_s"] = round(setup_s, 3)
                 row = _record(ctx, case, mode, **fields)
-                ctx.log(f"  ok    {label} {mode}: {row['ms']['median']:.4g} ms"
-                        + (f" ({row['over_floor']:.2f}x floor)" if row["over_floor"] else ""))
+                ctx.log(
+                    f"  ok    {label} {mode}: {row['ms']['median']:.4g} ms"
+                    + (f" ({row['over_floor']:.2f}x floor)" if row["over_floor"] else "")
+                )
             except Unavailable as exc:
                 _record(ctx, case, mode, status="skipped", reason=str(exc))
                 ctx.log(f"  skip  {label} {mode}: {exc}")
@@ -155,9 +175,19 @@ def measure_op(ctx: Context, fn: Callable[[], object], case: Case, mode: str) ->
 
 
 def _record(ctx: Context, case: Case, mode: str, count: bool = True, **fields) -> dict:
-    row = make_row(suite=case.suite, bench=case.bench, variant=case.variant, mode=mode, shape=case.shape,
-                   dtype=case.dtype, work=_safe_work(case, mode), peaks=ctx.peaks, run=ctx.run_id,
-                   provenance=ctx.provenance, **fields)
+    row = make_row(
+        suite=case.suite,
+        bench=case.bench,
+        variant=case.variant,
+        mode=mode,
+        shape=case.shape,
+        dtype=case.dtype,
+        work=_safe_work(case, mode),
+        peaks=ctx.peaks,
+        run=ctx.run_id,
+        provenance=ctx.provenance,
+        **fields,
+    )
     if case.note:
         row["extra"].setdefault("note", case.note)
     row["extra"].setdefault("role", case.role)

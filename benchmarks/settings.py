@@ -98,8 +98,10 @@ def settings_for(mode: str) -> Settings:
         op_dtype=torch.bfloat16,
         op_shapes=[{"B": 32, "L": 256, "D": D} for D in (384, 768, 1152)],
         op_quick_D=(384, 1152),
-        plan_shapes=[{"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256},
-                     {"N": 12, "T": 1000, "M": 3, "B": 32, "k": 2, "L": 256}],
+        plan_shapes=[
+            {"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256},
+            {"N": 12, "T": 1000, "M": 3, "B": 32, "k": 2, "L": 256},
+        ],
         repeats=2,  # DESIGN.md §4: time twice, the spread is the noise (quick rows are kept by --resume)
         step_iters=20 if mode == "full" else 10,
     )

@@ -37,15 +37,23 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
                     continue
                 if s.mode == "smoke" and variant == "fast+compile":
                     continue  # compiling around interpreted kernels costs a minute and checks nothing new
-                out.append(Case(
-                    "block", f"{family} block", variant, shape, s.block_precision,
-                    # the smoke run times the mode the targets read; the interpreter is slow
-                    ("fwd+bwd",) if s.mode == "smoke" else MODES,
-                    _build(ctx, s, name, overrides, variant),
-                    lambda mode, cfg=cfg: flops.model_work(cfg, s.block_batch, elem, mode),
-                    quick=size in s.block_quick_sizes and variant in QUICK[family],
-                    compiled="+" in variant, note=NOTE, role="strategy" if variant.startswith("fast") else "baseline",
-                ))
+                out.append(
+                    Case(
+                        "block",
+                        f"{family} block",
+                        variant,
+                        shape,
+                        s.block_precision,
+                        # the smoke run times the mode the targets read; the interpreter is slow
+                        ("fwd+bwd",) if s.mode == "smoke" else MODES,
+                        _build(ctx, s, name, overrides, variant),
+                        lambda mode, cfg=cfg: flops.model_work(cfg, s.block_batch, elem, mode),
+                        quick=size in s.block_quick_sizes and variant in QUICK[family],
+                        compiled="+" in variant,
+                        note=NOTE,
+                        role="strategy" if variant.startswith("fast") else "baseline",
+                    )
+                )
     return out
 
 

@@ -68,13 +68,28 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
         # make gpu's budget allows max-autotune at the XL width only (the target's shape)
         # (and not in the smoke run, where the compile backend, aot_eager, has no modes)
         autotune = s.mode in ("full", "quick") or (s.mode == "gpu" and D == max(sh["D"] for sh in s.op_shapes))
-        routed = [(v, role, _maker(ctx, "expert_mask", v, strategy))
-                  for v, role, strategy in variants("expert_mask", max_autotune=autotune)]
+        routed = [
+            (v, role, _maker(ctx, "expert_mask", v, strategy))
+            for v, role, strategy in variants("expert_mask", max_autotune=autotune)
+        ]
         routed += [("official", "baseline", lambda: official_expert_mask), ("dense_linear", "floor", None)]
         for variant, role, make in routed:
             build = _dense_linear_build(ctx, s, shape) if make is None else _routed_build(ctx, s, shape, make)
-            out.append(Case("ops", "routed_linear", variant, full_shape, dtype, MODES, build, routed_work,
-                            quick=quick, compiled="+" in variant, role=role))
+            out.append(
+                Case(
+                    "ops",
+                    "routed_linear",
+                    variant,
+                    full_shape,
+                    dtype,
+                    MODES,
+                    build,
+                    routed_work,
+                    quick=quick,
+                    compiled="+" in variant,
+                    role=role,
+                )
+            )
 
     # the norm ops after every routed-linear row: a budget that cuts the sweep cuts these first
     for shape in s.op_shapes:
@@ -86,10 +101,21 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
         ):
             op = NORM_OPS[bench]
             for variant, role, strategy in variants(op, max_autotune=s.mode not in ("gpu", "smoke")):
-                out.append(Case("ops", bench, variant, dict(shape), dtype, MODES,
-                                _simple_build(ctx, s, shape, _maker(ctx, op, variant, strategy), make_inputs),
-                                lambda mode, work=work, B=B, L=L, D=D: work(B, L, D, elem, mode),
-                                quick=quick, compiled="+" in variant, role=role))
+                out.append(
+                    Case(
+                        "ops",
+                        bench,
+                        variant,
+                        dict(shape),
+                        dtype,
+                        MODES,
+                        _simple_build(ctx, s, shape, _maker(ctx, op, variant, strategy), make_inputs),
+                        lambda mode, work=work, B=B, L=L, D=D: work(B, L, D, elem, mode),
+                        quick=quick,
+                        compiled="+" in variant,
+                        role=role,
+                    )
+                )
 
     for i, shape in enumerate(s.plan_shapes):
         for variant, role, make in (
@@ -97,10 +123,20 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
             ("reference", "baseline", lambda: adapters.ref_routing),
             ("official", "baseline", lambda: adapters.official_routing),
         ):
-            out.append(Case("ops", "routing_plan", variant, dict(shape), "fp32", ("fwd",),
-                            _plan_build(ctx, shape, make),
-                            lambda mode, sh=shape: flops.routing_plan_work(sh["N"], sh["T"], sh["M"], sh["B"], sh["k"]),
-                            quick=i == 0, role=role))
+            out.append(
+                Case(
+                    "ops",
+                    "routing_plan",
+                    variant,
+                    dict(shape),
+                    "fp32",
+                    ("fwd",),
+                    _plan_build(ctx, shape, make),
+                    lambda mode, sh=shape: flops.routing_plan_work(sh["N"], sh["T"], sh["M"], sh["B"], sh["k"]),
+                    quick=i == 0,
+                    role=role,
+                )
+            )
     return out
 
 
@@ -142,8 +178,15 @@ def _routed_build(ctx: Context, s: Settings, shape: dict, make):
         sets = []
         for _ in range(s.input_sets):
             idx, g = _routing_inputs(ctx, s, B, s.M, s.k, dt)
-            sets.append((_rand((B, L, D), ctx, dt), _rand((s.M, D, D), ctx, dt, scale=D**-0.5),
-                         _rand((s.M, D), ctx, dt, scale=0.1), idx, g))
+            sets.append(
+                (
+                    _rand((B, L, D), ctx, dt),
+                    _rand((s.M, D, D), ctx, dt, scale=D**-0.5),
+                    _rand((s.M, D), ctx, dt, scale=0.1),
+                    idx,
+                    g,
+                )
+            )
         return lambda mode: mode_runner(fn, sets, lambda inp: [inp[0], inp[1], inp[2], inp[4]], mode)
 
     return build
@@ -153,8 +196,10 @@ def _dense_linear_build(ctx: Context, s: Settings, shape: dict):
     def build():
         B, L, D = shape["B"], shape["L"], shape["D"]
         dt = s.op_dtype
-        sets = [(_rand((B, L, D), ctx, dt), _rand((D, D), ctx, dt, scale=D**-0.5), _rand((D,), ctx, dt, scale=0.1))
-                for _ in range(s.input_sets)]
+        sets = [
+            (_rand((B, L, D), ctx, dt), _rand((D, D), ctx, dt, scale=D**-0.5), _rand((D,), ctx, dt, scale=0.1))
+            for _ in range(s.input_sets)
+        ]
         return lambda mode: mode_runner(F.linear, sets, lambda inp: list(inp), mode)
 
     return build
@@ -162,14 +207,24 @@ def _dense_linear_build(ctx: Context, s: Settings, shape: dict):
 
 def _mask_ln_inputs(ctx, s, B, L, D):
     dt = s.op_dtype
-    return (_rand((B, L, D), ctx, dt), _rand((B, L, D), ctx, dt, scale=0.5),
-            _rand((B, D), ctx, dt, scale=0.1), _rand((B, D), ctx, dt, scale=0.1))
+    return (
+        _rand((B, L, D), ctx, dt),
+        _rand((B, L, D), ctx, dt, scale=0.5),
+        _rand((B, D), ctx, dt, scale=0.1),
+        _rand((B, D), ctx, dt, scale=0.1),
+    )
 
 
 def _gated_inputs(ctx, s, B, L, D):
     dt = s.op_dtype
-    return (_rand((B, L, D), ctx, dt), _rand((B, L, D), ctx, dt), _rand((B, L, D), ctx, dt),
-            _rand((B, D), ctx, dt, scale=0.5), _rand((B, D), ctx, dt, scale=0.1), _rand((B, D), ctx, dt, scale=0.1))
+    return (
+        _rand((B, L, D), ctx, dt),
+        _rand((B, L, D), ctx, dt),
+        _rand((B, L, D), ctx, dt),
+        _rand((B, D), ctx, dt, scale=0.5),
+        _rand((B, D), ctx, dt, scale=0.1),
+        _rand((B, D), ctx, dt, scale=0.1),
+    )
 
 
 def _simple_build(ctx: Context, s: Settings, shape: dict, make, make_inputs):
@@ -185,8 +240,15 @@ def _plan_build(ctx: Context, shape: dict, make):
     def build():
         fn = make()
         N, T, M, B, k = (shape[c] for c in ("N", "T", "M", "B", "k"))  # L: tokens for the tile schedule
-        sets = [(torch.softmax(torch.randn(N, T, M, device=ctx.device), dim=-1),
-                 torch.randint(0, T, (B,), device=ctx.device), k, shape["L"]) for _ in range(4)]
+        sets = [
+            (
+                torch.softmax(torch.randn(N, T, M, device=ctx.device), dim=-1),
+                torch.randint(0, T, (B,), device=ctx.device),
+                k,
+                shape["L"],
+            )
+            for _ in range(4)
+        ]
         nxt = rotate(sets)
 
         def run():

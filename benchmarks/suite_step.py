@@ -57,18 +57,25 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
                 if s.mode == "smoke" and (variant == "fast+compile" or variant.endswith("max-autotune")):
                     continue  # the block suite already compiles the fast path; the interpreter is slow
                 shape = {"model": name, "depth": cfg.depth, "B": s.step_batch, "L": cfg.tokens, "D": cfg.hidden}
-                out.append(Case(
-                    "step", "train_step", variant, shape, precision, ("step",),
-                    _build(ctx, s, name, variant, precision),
-                    lambda mode, cfg=cfg: flops.step_work(cfg, s.step_batch),
-                    # the smoke run also checks the fp16 + scaler path, with the reference model
-                    quick=size in s.step_quick_sizes and (precision in quick_precisions
-                                                          or (s.mode == "smoke" and variant == "reference")),
-                    heavy=cfg.depth * cfg.hidden >= 12 * 768 or "+" in variant,
-                    compiled="+" in variant,
-                    role="strategy" if variant.startswith("fast") else "baseline",
-                    measure=_measure(s, cfg),
-                ))
+                out.append(
+                    Case(
+                        "step",
+                        "train_step",
+                        variant,
+                        shape,
+                        precision,
+                        ("step",),
+                        _build(ctx, s, name, variant, precision),
+                        lambda mode, cfg=cfg: flops.step_work(cfg, s.step_batch),
+                        # the smoke run also checks the fp16 + scaler path, with the reference model
+                        quick=size in s.step_quick_sizes
+                        and (precision in quick_precisions or (s.mode == "smoke" and variant == "reference")),
+                        heavy=cfg.depth * cfg.hidden >= 12 * 768 or "+" in variant,
+                        compiled="+" in variant,
+                        role="strategy" if variant.startswith("fast") else "baseline",
+                        measure=_measure(s, cfg),
+                    )
+                )
     return out
 
 
@@ -138,7 +145,11 @@ def _measure(s: Settings, cfg):
         step_flops = flops.train_step_flops(cfg, s.step_batch)
         secs = ms["median"] / 1e3
         return {
-            "ms": ms, "reruns_ms": reruns, "wall_ms": wall, "peak_mem_mib": peak, "host_syncs": syncs,
+            "ms": ms,
+            "reruns_ms": reruns,
+            "wall_ms": wall,
+            "peak_mem_mib": peak,
+            "host_syncs": syncs,
             "extra": {
                 **extra,
                 "first_step_s": round(first_s, 3),

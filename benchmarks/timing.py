@@ -37,8 +37,15 @@ class Timer:
     wall_iters: back-to-back calls for ``wall_ms``.
     """
 
-    def __init__(self, device: torch.device, warmup_ms: int = 25, rep_ms: int = 100,
-                 cpu_warmup: int = 1, cpu_iters: int = 5, wall_iters: int = 20):
+    def __init__(
+        self,
+        device: torch.device,
+        warmup_ms: int = 25,
+        rep_ms: int = 100,
+        cpu_warmup: int = 1,
+        cpu_iters: int = 5,
+        wall_iters: int = 20,
+    ):
         self.device = device
         self.cuda = device.type == "cuda"
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
@@ -165,6 +172,7 @@ def count_event_waits(fn: Callable[[], object], calls: int = 1) -> float:
         def wrapper(*args, **kwargs):
             count[0] += 1
             return original(*args, **kwargs)
+
         return wrapper
 
     for (owner, name), original in zip(patched, saved):

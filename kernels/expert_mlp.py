@@ -39,10 +39,27 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _grouped_kernel(
-    a_ptr, rowmap_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, tiles_ptr, offsets_ptr,
-    N, K, stride_a, stride_we, stride_wn, stride_be, stride_out,
-    GATHER: tl.constexpr, GELU: tl.constexpr, SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    rowmap_ptr,
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    out_ptr,
+    tiles_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_a,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_out,
+    GATHER: tl.constexpr,
+    GELU: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -65,8 +82,11 @@ def _grouped_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_ptr + src[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(
+            w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc += tl.dot(a, w)
     bias = tl.load(b_ptr + e.to(tl.int64) * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += bias[None, :]
@@ -75,8 +95,11 @@ def _grouped_kernel(
     if SCALE:
         s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_out + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def _check(t: torch.Tensor) -> None:
@@ -89,10 +112,27 @@ def _launch(a, rowmap, w, b, scale, out, tiles, offsets, gather, gelu):
     n_out, k_in = w.shape[1], w.shape[2]
     grid = (tiles.shape[0], triton.cdiv(n_out, _BLOCK_N))
     _grouped_kernel[grid](
-        a, rowmap, w, b, scale if scale is not None else b, out, tiles, offsets,
-        n_out, k_in, a.stride(0), w.stride(0), w.stride(1), b.stride(0), out.stride(0),
-        GATHER=int(gather), GELU=int(gelu), SCALE=int(scale is not None),
-        BLOCK_M=BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        a,
+        rowmap,
+        w,
+        b,
+        scale if scale is not None else b,
+        out,
+        tiles,
+        offsets,
+        n_out,
+        k_in,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        b.stride(0),
+        out.stride(0),
+        GATHER=int(gather),
+        GELU=int(gelu),
+        SCALE=int(scale is not None),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
     )
     return out
 

@@ -19,7 +19,6 @@ Launchers are pure functions of tensors; autograd and torch.library wiring live 
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -48,12 +47,32 @@ MAX_D = 16384
 
 @triton.jit
 def _mask_ln_mod_fwd_kernel(
-    X, M, SHIFT, SCALE, R0, H, MEAN, RSTD,
-    L, D,
-    sxb, sxl, sxd, smb, sml, smd, sshb, sshd, sscb, sscd,
+    X,
+    M,
+    SHIFT,
+    SCALE,
+    R0,
+    H,
+    MEAN,
+    RSTD,
+    L,
+    D,
+    sxb,
+    sxl,
+    sxd,
+    smb,
+    sml,
+    smd,
+    sshb,
+    sshd,
+    sscb,
+    sscd,
     eps,
-    HAS_M: tl.constexpr, WRITE_R0: tl.constexpr,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_M: tl.constexpr,
+    WRITE_R0: tl.constexpr,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -83,13 +102,41 @@ def _mask_ln_mod_fwd_kernel(
 
 @triton.jit
 def _mask_ln_mod_bwd_kernel(
-    X, M, SCALE, MEAN, RSTD, DH, DR0,
-    DX, DM, PSHIFT, PSCALE, PM,
-    L, D, C,
-    sxb, sxl, sxd, smb, sml, smd, sscb, sscd,
-    sdhb, sdhl, sdhd, sdrb, sdrl, sdrd,
-    HAS_M: tl.constexpr, HAS_DR0: tl.constexpr, DM_MODE: tl.constexpr,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    M,
+    SCALE,
+    MEAN,
+    RSTD,
+    DH,
+    DR0,
+    DX,
+    DM,
+    PSHIFT,
+    PSCALE,
+    PM,
+    L,
+    D,
+    C,
+    sxb,
+    sxl,
+    sxd,
+    smb,
+    sml,
+    smd,
+    sscb,
+    sscd,
+    sdhb,
+    sdhl,
+    sdhd,
+    sdrb,
+    sdrl,
+    sdrd,
+    HAS_M: tl.constexpr,
+    HAS_DR0: tl.constexpr,
+    DM_MODE: tl.constexpr,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # DM_MODE: 0 no dm, 1 dm per element (m is (B, L, D)), 2 dm summed over L (m is (B, 1, D))
     b = tl.program_id(0).to(tl.int64)
@@ -142,12 +189,37 @@ def _mask_ln_mod_bwd_kernel(
 
 @triton.jit
 def _res_ln_mod_fwd_kernel(
-    Z, R0, A, GATE, SHIFT, SCALE, ZR, H, MEAN, RSTD,
-    L, D,
-    szb, szl, szd, srb, srl, srd, sab, sal, sad,
-    sgb, sgd, sshb, sshd, sscb, sscd,
+    Z,
+    R0,
+    A,
+    GATE,
+    SHIFT,
+    SCALE,
+    ZR,
+    H,
+    MEAN,
+    RSTD,
+    L,
+    D,
+    szb,
+    szl,
+    szd,
+    srb,
+    srl,
+    srd,
+    sab,
+    sal,
+    sad,
+    sgb,
+    sgd,
+    sshb,
+    sshd,
+    sscb,
+    sscd,
     eps,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -177,13 +249,42 @@ def _res_ln_mod_fwd_kernel(
 
 @triton.jit
 def _res_ln_mod_bwd_kernel(
-    R0, A, GATE, SCALE, MEAN, RSTD, DZR, DH,
-    DR0, DA, PGATE, PSHIFT, PSCALE,
-    L, D, C,
-    srb, srl, srd, sab, sal, sad, sgb, sgd, sscb, sscd,
-    sdzb, sdzl, sdzd, sdhb, sdhl, sdhd,
+    R0,
+    A,
+    GATE,
+    SCALE,
+    MEAN,
+    RSTD,
+    DZR,
+    DH,
+    DR0,
+    DA,
+    PGATE,
+    PSHIFT,
+    PSCALE,
+    L,
+    D,
+    C,
+    srb,
+    srl,
+    srd,
+    sab,
+    sal,
+    sad,
+    sgb,
+    sgd,
+    sscb,
+    sscd,
+    sdzb,
+    sdzl,
+    sdzd,
+    sdhb,
+    sdhl,
+    sdhd,
     HAS_DZR: tl.constexpr,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -227,10 +328,23 @@ def _res_ln_mod_bwd_kernel(
 
 @triton.jit
 def _gated_res_fwd_kernel(
-    Z, Y, GATE, OUT,
-    L, D,
-    szb, szl, szd, syb, syl, syd, sgb, sgd,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    Z,
+    Y,
+    GATE,
+    OUT,
+    L,
+    D,
+    szb,
+    szl,
+    szd,
+    syb,
+    syl,
+    syd,
+    sgb,
+    sgd,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -248,10 +362,25 @@ def _gated_res_fwd_kernel(
 
 @triton.jit
 def _gated_res_bwd_kernel(
-    Y, GATE, DOUT, DY, PGATE,
-    L, D, C,
-    syb, syl, syd, sgb, sgd, sob, sol, sod,
-    CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    Y,
+    GATE,
+    DOUT,
+    DY,
+    PGATE,
+    L,
+    D,
+    C,
+    syb,
+    syl,
+    syd,
+    sgb,
+    sgd,
+    sob,
+    sol,
+    sod,
+    CDT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -273,8 +402,6 @@ def _gated_res_bwd_kernel(
 # ----------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------
-
-
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -355,9 +482,26 @@ def mask_ln_modulate_fwd(x, m, shift, scale, eps: float, write_r0: bool):
     block_d, rows, C, nw = _config(x, B, L, D)
     me = m.expand(B, L, D) if m is not None else None
     _mask_ln_mod_fwd_kernel[(B, C)](
-        x, me if me is not None else x, shift, scale, r0 if write else h, h, mean, rstd,
-        L, D, *x.stride(), *_strides3(me), *shift.stride(), *scale.stride(), float(eps),
-        HAS_M=int(m is not None), WRITE_R0=int(write), CDT=_TL[cdt], ROWS=rows, BLOCK_D=block_d,
+        x,
+        me if me is not None else x,
+        shift,
+        scale,
+        r0 if write else h,
+        h,
+        mean,
+        rstd,
+        L,
+        D,
+        *x.stride(),
+        *_strides3(me),
+        *shift.stride(),
+        *scale.stride(),
+        float(eps),
+        HAS_M=int(m is not None),
+        WRITE_R0=int(write),
+        CDT=_TL[cdt],
+        ROWS=rows,
+        BLOCK_D=block_d,
         num_warps=nw,
     )
     return r0, h, mean, rstd
@@ -382,11 +526,33 @@ def mask_ln_modulate_bwd(x, m, scale, mean, rstd, dh, dr0, need_dm: bool, shift_
     pscale = _new((B, C, D), cdt, x.device)
     pm = _new((B, C, D), cdt, x.device) if dm_mode == 2 else pshift
     _mask_ln_mod_bwd_kernel[(B, C)](
-        x, me if has_m else x, scale, mean, rstd, dh, dr0 if dr0 is not None else dh,
-        dx, dm_full if dm_full is not None else dx, pshift, pscale, pm,
-        L, D, C, *x.stride(), *_strides3(me), *scale.stride(), *dh.stride(), *_strides3(dr0),
-        HAS_M=int(has_m), HAS_DR0=int(dr0 is not None), DM_MODE=dm_mode,
-        CDT=_TL[cdt], ROWS=rows, BLOCK_D=block_d, num_warps=nw,
+        x,
+        me if has_m else x,
+        scale,
+        mean,
+        rstd,
+        dh,
+        dr0 if dr0 is not None else dh,
+        dx,
+        dm_full if dm_full is not None else dx,
+        pshift,
+        pscale,
+        pm,
+        L,
+        D,
+        C,
+        *x.stride(),
+        *_strides3(me),
+        *scale.stride(),
+        *dh.stride(),
+        *_strides3(dr0),
+        HAS_M=int(has_m),
+        HAS_DR0=int(dr0 is not None),
+        DM_MODE=dm_mode,
+        CDT=_TL[cdt],
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=nw,
     )
     if dm_mode == 1:
         dm = dm_full.view(m.shape)  # (B, L, D), or (B, 1, D) when L == 1
@@ -412,10 +578,29 @@ def residual_ln_modulate_fwd(z, r0, attn_out, gate, shift, scale, eps: float):
         return zr, h, mean.zero_(), rstd.zero_()
     block_d, rows, C, nw = _config(z, B, L, D)
     _res_ln_mod_fwd_kernel[(B, C)](
-        z, r0, attn_out, gate, shift, scale, zr, h, mean, rstd,
-        L, D, *z.stride(), *r0.stride(), *attn_out.stride(),
-        *gate.stride(), *shift.stride(), *scale.stride(), float(eps),
-        CDT=_TL[cdt], ROWS=rows, BLOCK_D=block_d, num_warps=nw,
+        z,
+        r0,
+        attn_out,
+        gate,
+        shift,
+        scale,
+        zr,
+        h,
+        mean,
+        rstd,
+        L,
+        D,
+        *z.stride(),
+        *r0.stride(),
+        *attn_out.stride(),
+        *gate.stride(),
+        *shift.stride(),
+        *scale.stride(),
+        float(eps),
+        CDT=_TL[cdt],
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=nw,
     )
     return zr, h, mean, rstd
 
@@ -433,11 +618,33 @@ def residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shi
     block_d, rows, C, nw = _config(r0, B, L, D, backward=True)
     pg, ps, pc = (_new((B, C, D), cdt, r0.device) for _ in range(3))
     _res_ln_mod_bwd_kernel[(B, C)](
-        r0, attn_out, gate, scale, mean, rstd, dzr if dzr is not None else dh, dh,
-        dr0, da, pg, ps, pc,
-        L, D, C, *r0.stride(), *attn_out.stride(), *gate.stride(), *scale.stride(),
-        *_strides3(dzr), *dh.stride(),
-        HAS_DZR=int(dzr is not None), CDT=_TL[cdt], ROWS=rows, BLOCK_D=block_d, num_warps=nw,
+        r0,
+        attn_out,
+        gate,
+        scale,
+        mean,
+        rstd,
+        dzr if dzr is not None else dh,
+        dh,
+        dr0,
+        da,
+        pg,
+        ps,
+        pc,
+        L,
+        D,
+        C,
+        *r0.stride(),
+        *attn_out.stride(),
+        *gate.stride(),
+        *scale.stride(),
+        *_strides3(dzr),
+        *dh.stride(),
+        HAS_DZR=int(dzr is not None),
+        CDT=_TL[cdt],
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=nw,
     )
     return dr0, da, pg.sum(1).to(gate.dtype), ps.sum(1).to(shift_dtype), pc.sum(1).to(scale.dtype)
 
@@ -450,8 +657,19 @@ def gated_residual_fwd(z, y, gate):
         return out
     block_d, rows, C, nw = _config(z, B, L, D)
     _gated_res_fwd_kernel[(B, C)](
-        z, y, gate, out, L, D, *z.stride(), *y.stride(), *gate.stride(),
-        CDT=_TL[_compute_dtype(z, y, gate)], ROWS=rows, BLOCK_D=block_d, num_warps=nw,
+        z,
+        y,
+        gate,
+        out,
+        L,
+        D,
+        *z.stride(),
+        *y.stride(),
+        *gate.stride(),
+        CDT=_TL[_compute_dtype(z, y, gate)],
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=nw,
     )
     return out
 
@@ -466,7 +684,20 @@ def gated_residual_bwd(y, gate, dout):
     block_d, rows, C, nw = _config(y, B, L, D, backward=True)
     pg = _new((B, C, D), cdt, y.device)
     _gated_res_bwd_kernel[(B, C)](
-        y, gate, dout, dy, pg, L, D, C, *y.stride(), *gate.stride(), *dout.stride(),
-        CDT=_TL[cdt], ROWS=rows, BLOCK_D=block_d, num_warps=nw,
+        y,
+        gate,
+        dout,
+        dy,
+        pg,
+        L,
+        D,
+        C,
+        *y.stride(),
+        *gate.stride(),
+        *dout.stride(),
+        CDT=_TL[cdt],
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=nw,
     )
     return dy, pg.sum(1).to(gate.dtype)

@@ -74,8 +74,19 @@ def table(results: list[S.Result], device: str = "h100") -> str:
         pipe = "-" if r.pipelined is None else ("yes" if r.pipelined else "NO")
         if r.wgmma_in_flight is not None:
             pipe += ", mma in flight" if r.wgmma_in_flight else ", mma waited"
-        rows.append((r.kernel.strip("_").replace("_kernel", ""), str(r.arch), _config_text(r), str(r.registers),
-                     str(r.spill_bytes), f"{r.shared // 1024}K", pipe, r.mma, model_us(r, device)))
+        rows.append(
+            (
+                r.kernel.strip("_").replace("_kernel", ""),
+                str(r.arch),
+                _config_text(r),
+                str(r.registers),
+                str(r.spill_bytes),
+                f"{r.shared // 1024}K",
+                pipe,
+                r.mma,
+                model_us(r, device),
+            )
+        )
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in rows)])

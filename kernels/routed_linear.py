@@ -49,18 +49,46 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _mixed_matmul_kernel(
-    a_ptr, w_ptr, bias_ptr, idx_ptr, coef_ptr, y_ptr, z_ptr, u_ptr, v_ptr,
-    L, N, K_DIM,
-    s_ab, s_al, s_ak,
-    s_we, s_wk, s_wn,
-    s_be, s_bn,
-    s_ib, s_ij, s_cb, s_cj,
-    s_ub, s_ul, s_un,
-    s_vb, s_vl, s_vn,
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    idx_ptr,
+    coef_ptr,
+    y_ptr,
+    z_ptr,
+    u_ptr,
+    v_ptr,
+    L,
+    N,
+    K_DIM,
+    s_ab,
+    s_al,
+    s_ak,
+    s_we,
+    s_wk,
+    s_wn,
+    s_be,
+    s_bn,
+    s_ib,
+    s_ij,
+    s_cb,
+    s_cj,
+    s_ub,
+    s_ul,
+    s_un,
+    s_vb,
+    s_vl,
+    s_vn,
     TOPK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ADD_ONE: tl.constexpr, HAS_ADDEND: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_Z: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ADD_ONE: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y[b] = a[b] @ (sum_j c_bj W[idx_bj]) (+ sum_j c_bj bias[idx_bj]) (+ 1) (+ u*v); z = y * u.
 
@@ -160,15 +188,40 @@ def _expert_dot(p, w, E: tl.constexpr, N_W: tl.constexpr):
 
 
 @triton.jit
-def _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
-            s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE: tl.constexpr, BLOCK_L: tl.constexpr):
+def _p_step(
+    p,
+    x_ptr,
+    g_ptr,
+    b,
+    li,
+    offs_i,
+    offs_o,
+    offs_l,
+    mask_i,
+    mask_o,
+    L,
+    s_xb,
+    s_xl,
+    s_xi,
+    s_gb,
+    s_gl,
+    s_go,
+    IEEE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """p + x_b^T g_b over the rows of L tile li (x_b^T loaded transposed straight from x)."""
     ll = (li * BLOCK_L + offs_l).to(tl.int64)
     mask_l = ll < L
-    xt = tl.load(x_ptr + b * s_xb + offs_i[:, None] * s_xi + ll[None, :] * s_xl,
-                 mask=mask_i[:, None] & mask_l[None, :], other=0.0)
-    g = tl.load(g_ptr + b * s_gb + ll[:, None] * s_gl + offs_o[None, :] * s_go,
-                mask=mask_l[:, None] & mask_o[None, :], other=0.0)
+    xt = tl.load(
+        x_ptr + b * s_xb + offs_i[:, None] * s_xi + ll[None, :] * s_xl,
+        mask=mask_i[:, None] & mask_l[None, :],
+        other=0.0,
+    )
+    g = tl.load(
+        g_ptr + b * s_gb + ll[:, None] * s_gl + offs_o[None, :] * s_go,
+        mask=mask_l[:, None] & mask_o[None, :],
+        other=0.0,
+    )
     if IEEE:
         return tl.dot(xt, g, p, input_precision="ieee")
     else:
@@ -176,9 +229,29 @@ def _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
 
 
 @triton.jit
-def _flush_rmw(p, b, dw_chunk, expert_size, tile_offs, tile_mask, w_ptr, w_offs, dgp_ptr, n_tiles, pid_t,
-               idx_ptr, coef_ptr, s_ib, s_ij, s_cb, s_cj, s_we,
-               TOPK: tl.constexpr, NEED_DW: tl.constexpr, NEED_DG: tl.constexpr):
+def _flush_rmw(
+    p,
+    b,
+    dw_chunk,
+    expert_size,
+    tile_offs,
+    tile_mask,
+    w_ptr,
+    w_offs,
+    dgp_ptr,
+    n_tiles,
+    pid_t,
+    idx_ptr,
+    coef_ptr,
+    s_ib,
+    s_ij,
+    s_cb,
+    s_cj,
+    s_we,
+    TOPK: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DG: tl.constexpr,
+):
     """The fallback's flush of a finished P_b tile: fp32 read-modify-write of each slot's expert tile."""
     for j in tl.static_range(TOPK):
         e = tl.load(idx_ptr + b * s_ib + j * s_ij).to(tl.int64)
@@ -195,16 +268,41 @@ def _flush_rmw(p, b, dw_chunk, expert_size, tile_offs, tile_mask, w_ptr, w_offs,
 
 @triton.jit
 def _mixed_wgrad_kernel(
-    x_ptr, g_ptr, w_ptr, idx_ptr, coef_ptr, dw_ptr, dgp_ptr,
-    B, L, DI, DO, NUM_E, CHUNK,
-    s_xb, s_xl, s_xi,
-    s_gb, s_gl, s_go,
-    s_we, s_wi, s_wo,
-    s_ib, s_ij, s_cb, s_cj,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DG: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr,
+    g_ptr,
+    w_ptr,
+    idx_ptr,
+    coef_ptr,
+    dw_ptr,
+    dgp_ptr,
+    B,
+    L,
+    DI,
+    DO,
+    NUM_E,
+    CHUNK,
+    s_xb,
+    s_xl,
+    s_xi,
+    s_gb,
+    s_gl,
+    s_go,
+    s_we,
+    s_wi,
+    s_wo,
+    s_ib,
+    s_ij,
+    s_cb,
+    s_cj,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DG: tl.constexpr,
+    IEEE: tl.constexpr,
     N_ACC: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """Weight and gate-gradient partials from P_b = x_b^T g_b, one (DI, DO) tile per program.
 
@@ -296,18 +394,77 @@ def _mixed_wgrad_kernel(
             b = b0 + bi
             p = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
             for li in range(0, n_l):
-                p = _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
-                            s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE, BLOCK_L)
-            _flush_rmw(p, b, dw_chunk, expert_size, tile_offs, tile_mask, w_ptr, w_offs, dgp_ptr, n_tiles, pid_t,
-                       idx_ptr, coef_ptr, s_ib, s_ij, s_cb, s_cj, s_we, TOPK, NEED_DW, NEED_DG)
+                p = _p_step(
+                    p,
+                    x_ptr,
+                    g_ptr,
+                    b,
+                    li,
+                    offs_i,
+                    offs_o,
+                    offs_l,
+                    mask_i,
+                    mask_o,
+                    L,
+                    s_xb,
+                    s_xl,
+                    s_xi,
+                    s_gb,
+                    s_gl,
+                    s_go,
+                    IEEE,
+                    BLOCK_L,
+                )
+            _flush_rmw(
+                p,
+                b,
+                dw_chunk,
+                expert_size,
+                tile_offs,
+                tile_mask,
+                w_ptr,
+                w_offs,
+                dgp_ptr,
+                n_tiles,
+                pid_t,
+                idx_ptr,
+                coef_ptr,
+                s_ib,
+                s_ij,
+                s_cb,
+                s_cj,
+                s_we,
+                TOPK,
+                NEED_DW,
+                NEED_DG,
+            )
     else:
         p = tl.zeros((BLOCK_I, BLOCK_O), dtype=tl.float32)
         for step in range(0, n_b * n_l):
             bi = step // n_l
             li = step - bi * n_l
             b = b0 + bi
-            p = _p_step(p, x_ptr, g_ptr, b, li, offs_i, offs_o, offs_l, mask_i, mask_o, L,
-                        s_xb, s_xl, s_xi, s_gb, s_gl, s_go, IEEE, BLOCK_L)
+            p = _p_step(
+                p,
+                x_ptr,
+                g_ptr,
+                b,
+                li,
+                offs_i,
+                offs_o,
+                offs_l,
+                mask_i,
+                mask_o,
+                L,
+                s_xb,
+                s_xl,
+                s_xi,
+                s_gb,
+                s_gl,
+                s_go,
+                IEEE,
+                BLOCK_L,
+            )
             if li == n_l - 1:  # P_b is complete: flush it into the sample's experts, restart
                 ev = tl.load(idx_ptr + b * s_ib + offs_k * s_ij, mask=mask_k, other=-1)
                 if NEED_DW:
@@ -380,16 +537,24 @@ _INTERP_WGRAD = dict(BLOCK_I=128, BLOCK_O=128, BLOCK_L=32)
 # sample and N tile at L = 256 (256x128 spills). On sm_80, tf32 64x128x32 (4 warps) and
 # 128x128x32 with 4 stages spill 120 and 12 bytes, ieee 64x64x16 with 4 warps 120-144: gone.
 _FWD_SHAPES = dict(
-    lp=[(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-        (256, 64, 64, 8, 3)],
+    lp=[
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (256, 64, 64, 8, 3),
+    ],
     tf32=[(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)],
     ieee=[(64, 64, 16, 8, 2)],
 )
 
 
 def _fwd_configs(prec: str):
-    return [triton.Config(dict(BLOCK_L=bl, BLOCK_N=bn, BLOCK_K=k), num_warps=w, num_stages=s)
-            for bl, bn, k, w, s in _FWD_SHAPES[prec]]
+    return [
+        triton.Config(dict(BLOCK_L=bl, BLOCK_N=bn, BLOCK_K=k), num_warps=w, num_stages=s)
+        for bl, bn, k, w, s in _FWD_SHAPES[prec]
+    ]
 
 
 def _fwd_default(prec: str):
@@ -451,8 +616,7 @@ def _wgrad_extra(prec: str) -> dict:
 def _wgrad_configs(prec: str):
     # 3 stages: with 2, the single loop waits for every copy before its MMA (the static
     # check's "not pipelined"; switch_dit.kernels.static_check).
-    return [triton.Config(dict(BLOCK_L=bl), num_warps=8, num_stages=3, **_wgrad_extra(prec))
-            for bl in _WGRAD_L[prec]]
+    return [triton.Config(dict(BLOCK_L=bl), num_warps=8, num_stages=3, **_wgrad_extra(prec)) for bl in _WGRAD_L[prec]]
 
 
 def _wgrad_default(prec: str):
@@ -505,8 +669,7 @@ def _tuned(name: str, prec: str, n_acc: int = 0, bi: int = 0, bo: int = 0):
             key_args = ["L", "N", "K_DIM", "TOPK", "s_wk", "STORE_Z", "HAS_ADDEND"]
             _TUNED[key] = triton.autotune(_fwd_configs(prec), key=key_args)(_mixed_matmul_kernel)
         else:
-            _TUNED[key] = triton.autotune(_wgrad_configs(prec), key=["L", "DI", "DO", "TOPK"])(
-                _mixed_wgrad_kernel)
+            _TUNED[key] = triton.autotune(_wgrad_configs(prec), key=["L", "DI", "DO", "TOPK"])(_mixed_wgrad_kernel)
     return _TUNED[key]
 
 
@@ -534,19 +697,33 @@ def _ieee(dtype: torch.dtype, device: torch.device) -> int:
     return 1
 
 
-
-
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("routed_linear kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
-                           f"(got a tensor on {t.device})")
+        raise RuntimeError(
+            "routed_linear kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
+            f"(got a tensor on {t.device})"
+        )
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def mixed_matmul(a, weight, bias, idx, coef, *, transpose_weight=False, add_one=False,
-                 addend=None, mul=None, store_y=True, out=None, out_z=None, config=None):
+def mixed_matmul(
+    a,
+    weight,
+    bias,
+    idx,
+    coef,
+    *,
+    transpose_weight=False,
+    add_one=False,
+    addend=None,
+    mul=None,
+    store_y=True,
+    out=None,
+    out_z=None,
+    config=None,
+):
     """Launch the mixing GEMM; returns (y, z) (either None when not stored).
 
     a (B, L, K) fp16/bf16/fp32, any strides; weight (M, K, N), or (M, N, K) with
@@ -573,20 +750,48 @@ def mixed_matmul(a, weight, bias, idx, coef, *, transpose_weight=False, add_one=
     u_t = u if u is not None else dummy
     v_t = v if v is not None else dummy
     b_t = bias if bias is not None else dummy
-    args = (a, weight, b_t, idx, coef, y if y is not None else dummy, z if z is not None else dummy, u_t, v_t,
-            L, N, K, *a.stride(), s_we, s_wk, s_wn,
-            *(bias.stride() if bias is not None else (0, 0)),
-            *idx.stride(), *coef.stride(), *u_t.stride(), *v_t.stride())
-    flags = dict(TOPK=topk, HAS_BIAS=int(bias is not None), ADD_ONE=int(add_one), HAS_ADDEND=int(addend is not None),
-                 STORE_Y=int(store_y), STORE_Z=int(mul is not None), IEEE=_ieee(a.dtype, a.device))
+    args = (
+        a,
+        weight,
+        b_t,
+        idx,
+        coef,
+        y if y is not None else dummy,
+        z if z is not None else dummy,
+        u_t,
+        v_t,
+        L,
+        N,
+        K,
+        *a.stride(),
+        s_we,
+        s_wk,
+        s_wn,
+        *(bias.stride() if bias is not None else (0, 0)),
+        *idx.stride(),
+        *coef.stride(),
+        *u_t.stride(),
+        *v_t.stride(),
+    )
+    flags = dict(
+        TOPK=topk,
+        HAS_BIAS=int(bias is not None),
+        ADD_ONE=int(add_one),
+        HAS_ADDEND=int(addend is not None),
+        STORE_Y=int(store_y),
+        STORE_Z=int(mul is not None),
+        IEEE=_ieee(a.dtype, a.device),
+    )
     prec = _wgrad_prec(a.dtype, flags["IEEE"])
     if config is not None or INTERPRET or not AUTOTUNE:
         cfg = dict(config or (_INTERP_FWD if INTERPRET else _fwd_default(prec)))
         grid = (triton.cdiv(L, cfg["BLOCK_L"]), triton.cdiv(N, cfg["BLOCK_N"]), B)
         _mixed_matmul_kernel[grid](*args, **flags, **cfg)
     else:
+
         def grid(meta):
             return (triton.cdiv(L, meta["BLOCK_L"]), triton.cdiv(N, meta["BLOCK_N"]), B)
+
         _tuned("fwd", prec)[grid](*args, **flags)
     return y, z
 
@@ -643,11 +848,34 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     if not (need_dw or need_dg):
         return dw, dgp, cs
     scratch = next(t_ for t_ in (dw, dgp) if t_ is not None)
-    args = (x, grad, weight, idx, coef, dw if need_dw else scratch, dgp if need_dg else scratch,
-            B, L, DI, DO, M, per_chunk,
-            *x.stride(), *grad.stride(), *weight.stride(), *idx.stride(), *coef.stride())
-    flags = dict(TOPK=topk, K_PAD=triton.next_power_of_2(topk), NEED_DW=int(need_dw), NEED_DG=int(need_dg),
-                 IEEE=ieee, N_ACC=n_acc)
+    args = (
+        x,
+        grad,
+        weight,
+        idx,
+        coef,
+        dw if need_dw else scratch,
+        dgp if need_dg else scratch,
+        B,
+        L,
+        DI,
+        DO,
+        M,
+        per_chunk,
+        *x.stride(),
+        *grad.stride(),
+        *weight.stride(),
+        *idx.stride(),
+        *coef.stride(),
+    )
+    flags = dict(
+        TOPK=topk,
+        K_PAD=triton.next_power_of_2(topk),
+        NEED_DW=int(need_dw),
+        NEED_DG=int(need_dg),
+        IEEE=ieee,
+        N_ACC=n_acc,
+    )
     grid = (n_tiles, chunks)
     if config is not None or INTERPRET or not AUTOTUNE:
         if "BLOCK_L" not in cfg:
@@ -659,16 +887,32 @@ def mixed_wgrad(x, grad, weight, idx, coef, *, need_dw=True, need_dg=True, need_
     return dw, dgp, cs
 
 
-def mixed_linear_forward(x, weight, bias, idx, coef, *, add_one=False, apply=False, out=None, out_r=None,
-                         config=None):
+def mixed_linear_forward(x, weight, bias, idx, coef, *, add_one=False, apply=False, out=None, out_r=None, config=None):
     """y = x_b @ W_mix + b_mix (+ 1): (B, L, D_out) in x's dtype; with apply=True returns (y, x * y)."""
-    y, r = mixed_matmul(x, weight, bias, idx, coef, add_one=add_one, mul=x if apply else None,
-                        out=out, out_z=out_r, config=config)
+    y, r = mixed_matmul(
+        x, weight, bias, idx, coef, add_one=add_one, mul=x if apply else None, out=out, out_z=out_r, config=config
+    )
     return (y, r) if apply else y
 
 
-def mixed_linear_backward(grad_y, grad_r, x, m, weight, bias, idx, coef, *, need_dx=True, need_dw=True,
-                          need_db=True, need_dc=True, chunks=None, config_dx=None, config_wgrad=None):
+def mixed_linear_backward(
+    grad_y,
+    grad_r,
+    x,
+    m,
+    weight,
+    bias,
+    idx,
+    coef,
+    *,
+    need_dx=True,
+    need_dw=True,
+    need_db=True,
+    need_dc=True,
+    chunks=None,
+    config_dx=None,
+    config_wgrad=None,
+):
     """Gradients of y = mixed_linear(x) (+1), and of r = x * y when grad_r is given.
 
     grad_y (B, L, D_out) or None, grad_r (B, L, D) or None (then m = y is needed), any
@@ -691,14 +935,32 @@ def mixed_linear_backward(grad_y, grad_r, x, m, weight, bias, idx, coef, *, need
 
     dx = dw = db = dc = None
     if need_dx:
-        dx, _ = mixed_matmul(dA, weight, None, idx, coef, transpose_weight=True,
-                             addend=(grad_r, m) if grad_r is not None else None, config=config_dx)
+        dx, _ = mixed_matmul(
+            dA,
+            weight,
+            None,
+            idx,
+            coef,
+            transpose_weight=True,
+            addend=(grad_r, m) if grad_r is not None else None,
+            config=config_dx,
+        )
     need_db = need_db and bias is not None
     need_cs = need_db or (need_dc and bias is not None)
     cs = None
     if need_dw or need_dc:
-        dw_part, dgp, cs = mixed_wgrad(x, dA, weight, idx, coef, need_dw=need_dw, need_dg=need_dc,
-                                       need_cs=need_cs, chunks=chunks, config=config_wgrad)
+        dw_part, dgp, cs = mixed_wgrad(
+            x,
+            dA,
+            weight,
+            idx,
+            coef,
+            need_dw=need_dw,
+            need_dg=need_dc,
+            need_cs=need_cs,
+            chunks=chunks,
+            config=config_wgrad,
+        )
         if need_dw:
             dw = (dw_part[0] if dw_part.shape[0] == 1 else dw_part.sum(0)).to(weight.dtype)
         if need_dc:

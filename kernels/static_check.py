@@ -58,7 +58,8 @@ SERIAL_WGMMA: dict[str, str] = {
     "_mixed_matmul_kernel": (
         "the mixed weight tile is computed in registers every K step and stored to one shared buffer; "
         "Triton keeps a wgmma in flight only when each shared operand is a multi-buffered load, so "
-        "the next mix waits for the MMA (a separate mixing pass is the bmm strategy)"),
+        "the next mix waits for the MMA (a separate mixing pass is the bmm strategy)"
+    ),
 }
 
 # --------------------------------------------------------------------------- recording
@@ -171,7 +172,7 @@ def gpu_configs(rec: dict, full: bool) -> list[dict]:
     first = "a_ptr" if name == "_mixed_matmul_kernel" else "x_ptr"
     fp32 = a[first]["tensor"] == "float32"
     out = []
-    for ieee in ((0, 1) if fp32 else (0,)):
+    for ieee in (0, 1) if fp32 else (0,):
         prec = module._wgrad_prec(torch.float32 if fp32 else torch.bfloat16, ieee)
         if name == "_mixed_matmul_kernel":
             cfgs = module._fwd_configs(prec) if full else []
@@ -181,8 +182,15 @@ def gpu_configs(rec: dict, full: bool) -> list[dict]:
             bi, bo, n_acc = module._wgrad_plan(a["w_ptr"]["shape"][0], prec)
             tile = dict(BLOCK_I=bi, BLOCK_O=bo, N_ACC=n_acc if a["N_ACC"]["int"] else 0, IEEE=ieee)
             cfgs = module._wgrad_configs(prec) if full else []
-            cfgs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
-                         **({"maxnreg": c.maxnreg} if c.maxnreg else {})) for c in cfgs]
+            cfgs = [
+                dict(
+                    c.kwargs,
+                    num_warps=c.num_warps,
+                    num_stages=c.num_stages,
+                    **({"maxnreg": c.maxnreg} if c.maxnreg else {}),
+                )
+                for c in cfgs
+            ]
             out += [dict(tile, **c) for c in [module._wgrad_default(prec), *cfgs]]
     unique = []
     for c in out:
@@ -193,8 +201,16 @@ def gpu_configs(rec: dict, full: bool) -> list[dict]:
 
 # --------------------------------------------------------------------------- compiling and reading
 
-_TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int64": "i64",
-       "int32": "i32", "bool": "i1", "int8": "i8"}
+_TL = {
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float32": "fp32",
+    "float64": "fp64",
+    "int64": "i64",
+    "int32": "i32",
+    "bool": "i1",
+    "int8": "i8",
+}
 
 
 def _signature(fn, args: dict):
@@ -215,7 +231,7 @@ def _signature(fn, args: dict):
             if n == 1:  # as the launcher: an int argument equal to 1 becomes a constant
                 sig[name], consts[name] = "constexpr", 1
             else:
-                sig[name] = "i32" if -2**31 <= n < 2**31 else "i64"
+                sig[name] = "i32" if -(2**31) <= n < 2**31 else "i64"
                 if n % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif "float" in v:
@@ -255,7 +271,7 @@ def _loops(ttgir: str) -> list[str]:
         if "scf.for" in line and line.rstrip().endswith("{"):
             indent = len(line) - len(line.lstrip())
             body = [line]
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 body.append(nxt)
                 if nxt.strip().startswith("}") and len(nxt) - len(nxt.lstrip()) == indent:
                     break
@@ -285,8 +301,13 @@ def read_pipelining(ttgir: str) -> tuple[bool | None, bool | None]:
             # weight gradient's per-sample flush, runs only on that branch).
             lines = body.splitlines()
             level = len(lines[1]) - len(lines[1].lstrip())
-            pend = [int(m.group(1)) for line in lines if len(line) - len(line.lstrip()) == level
-                    for m in [re.search(r"warp_group_dot_wait[^\n]*pendings = (\d+)", line)] if m]
+            pend = [
+                int(m.group(1))
+                for line in lines
+                if len(line) - len(line.lstrip()) == level
+                for m in [re.search(r"warp_group_dot_wait[^\n]*pendings = (\d+)", line)]
+                if m
+            ]
             ok = bool(pend) and min(pend) > 0
             wgmma = ok if wgmma is None else wgmma and ok
     return loads, wgmma
@@ -302,8 +323,12 @@ def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", src + ".o"],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", src + ".o"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spill
@@ -320,9 +345,13 @@ def compile_one(job: tuple) -> Result:
     args = {**rec["args"], **{k: {"int": v} for k, v in cfg.items() if k in fn.arg_names}}
     options = {k: v for k, v in cfg.items() if k not in fn.arg_names}
     sig, consts, attrs = _signature(fn, args)
-    res = Result(rec["kernel"], arch, cfg, {k: str(v) if not isinstance(v, int) else v for k, v in consts.items()
-                                             if k.isupper()},
-                 dtype=next(v["tensor"] for v in rec["args"].values() if "tensor" in v))
+    res = Result(
+        rec["kernel"],
+        arch,
+        cfg,
+        {k: str(v) if not isinstance(v, int) else v for k, v in consts.items() if k.isupper()},
+        dtype=next(v["tensor"] for v in rec["args"].values() if "tensor" in v),
+    )
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -386,7 +415,7 @@ def jobs_for(records: list[dict], full: bool, archs=(90, 80)) -> list[tuple]:
                     spec[name] = v
                 else:
                     n = v["int"]
-                    spec[name] = (n == 1, n % 16 == 0, -2**31 <= n < 2**31)
+                    spec[name] = (n == 1, n % 16 == 0, -(2**31) <= n < 2**31)
             key = json.dumps([rec["kernel"], spec, cfg], sort_keys=True, default=str)
             if key not in chosen or weight > chosen[key][0]:
                 chosen[key] = (weight, rec, cfg)
@@ -401,8 +430,17 @@ def run_jobs(jobs: list[tuple], workers: int | None = None) -> list[Result]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "from switch_dit.kernels.static_check import _worker; _worker()"
     shards = [jobs[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in shards]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in shards
+    ]
     outs = [p.communicate(json.dumps(shard)) for p, shard in zip(procs, shards)]
     results: list[list[Result]] = []
     for p, (out, err) in zip(procs, outs):

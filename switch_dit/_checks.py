@@ -45,8 +45,9 @@ def check_expert_index_values(idx: torch.Tensor, num_experts: int, name: str = "
     if idx.numel() and _should_check_values(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= num_experts:
-            raise ValueError(f"{name} values must be in [0, {num_experts}) (M = weight.shape[0]), "
-                             f"got range [{lo}, {hi}]")
+            raise ValueError(
+                f"{name} values must be in [0, {num_experts}) (M = weight.shape[0]), got range [{lo}, {hi}]"
+            )
 
 
 def check_timesteps(t: torch.Tensor, num_timesteps: int, batch: int | None = None) -> None:

@@ -127,8 +127,10 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     if missing:
         raise ValueError(f"{str(path)!r} is not a switch-dit training checkpoint (missing {', '.join(missing)})")
     if ckpt["format"] not in READABLE_FORMATS:
-        raise ValueError(f"checkpoint {str(path)!r} has format {ckpt['format']}, this version reads "
-                         f"{', '.join(map(str, READABLE_FORMATS))}")
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format {ckpt['format']}, this version reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
     return ckpt
 
 
@@ -213,8 +215,9 @@ def find_checkpoint(path) -> Path:
             found = list_checkpoints(folder)
             if found:
                 return found[0][1]
-        raise FileNotFoundError(f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt "
-                                "(in it or in its checkpoints/)")
+        raise FileNotFoundError(
+            f"run folder {str(path)!r} holds no checkpoint.pt or ckpt-<step>.pt (in it or in its checkpoints/)"
+        )
     raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
@@ -254,8 +257,10 @@ def check_run_folder(out, resumed_from=None) -> None:
         theirs.append("checkpoint.pt")
     if theirs:
         what = "resume it with --resume" if resumed_from is None else "resume into its own folder"
-        raise ValueError(f"--out {str(out)!r} holds checkpoints of another run ({', '.join(theirs[:3])}); "
-                         f"choose an empty folder, or {what}")
+        raise ValueError(
+            f"--out {str(out)!r} holds checkpoints of another run ({', '.join(theirs[:3])}); "
+            f"choose an empty folder, or {what}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -375,8 +380,9 @@ def infer_model_kwargs(state_dict: dict, num_heads: int | None = None) -> dict:
         table = sd["y_embedder.embedding_table.weight"]  # (classes + 1, D)
         final = sd["final_layer.linear.weight"]  # (p*p*C_out, D)
     except KeyError as e:
-        raise ValueError(f"checkpoint is not a switch-dit training checkpoint nor a DiT-family state dict "
-                         f"(no {e.args[0]!r})") from None
+        raise ValueError(
+            f"checkpoint is not a switch-dit training checkpoint nor a DiT-family state dict (no {e.args[0]!r})"
+        ) from None
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     grid = math.isqrt(pos.shape[1])
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -466,8 +472,10 @@ def load_model(
 
     if "model" in obj or "ema" in obj:
         if which not in obj:
-            raise ValueError(f"checkpoint {str(path)!r} has no {which!r} weights (it has {sorted(obj)[:6]}); "
-                             + ("use the trained weights (--raw-weights)" if ema else "use the EMA weights"))
+            raise ValueError(
+                f"checkpoint {str(path)!r} has no {which!r} weights (it has {sorted(obj)[:6]}); "
+                + ("use the trained weights (--raw-weights)" if ema else "use the EMA weights")
+            )
         sd = unwrap_checkpoint(obj, ema=ema)
     else:
         sd = unwrap_checkpoint(obj)

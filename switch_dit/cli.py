@@ -63,76 +63,142 @@ def _families(text: str) -> list[str]:
 
 
 def _threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_non_negative_int, default=0,
-                   help="CPU threads for torch; 0 keeps torch's default (default %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=0,
+        help="CPU threads for torch; 0 keeps torch's default (default %(default)s)",
+    )
 
 
 def _tf32_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 for fp32 matmuls and convolutions on CUDA, as in training (default on; "
-                        "--no-tf32 for full fp32)")
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 for fp32 matmuls and convolutions on CUDA, as in training (default on; --no-tf32 for full fp32)",
+    )
 
 
 def _add_sample_parser(sub) -> None:
-    s = sub.add_parser("sample", help="sample a grid, or an .npz sample set, from a checkpoint",
-                       description="Sample from a checkpoint written by `switch-dit train` or in the reference "
-                                   "implementation's layout, with its EMA weights unless --raw-weights. Without "
-                                   "--npz: a PNG grid, one row per class. With --npz DIR: --num-samples images in "
-                                   "the ADM .npz layout (arr_0 uint8 NHWC, arr_1 labels), in shards that a rerun "
-                                   "keeps; under torchrun every rank samples its shards and rank 0 merges. "
-                                   "Sampler defaults: the run's own settings for our checkpoints, else DDPM with "
-                                   "250 steps and guidance 1.5 (the paper's).")
-    s.add_argument("--ckpt", required=True,
-                   help="checkpoint file (ours or the reference layout), or a run folder (its newest checkpoint)")
-    s.add_argument("--out", default=None, help="PNG grid to write (default samples-<timestamp>.png beside the "
-                                               "checkpoint; with --npz only when given)")
+    s = sub.add_parser(
+        "sample",
+        help="sample a grid, or an .npz sample set, from a checkpoint",
+        description="Sample from a checkpoint written by `switch-dit train` or in the reference "
+        "implementation's layout, with its EMA weights unless --raw-weights. Without "
+        "--npz: a PNG grid, one row per class. With --npz DIR: --num-samples images in "
+        "the ADM .npz layout (arr_0 uint8 NHWC, arr_1 labels), in shards that a rerun "
+        "keeps; under torchrun every rank samples its shards and rank 0 merges. "
+        "Sampler defaults: the run's own settings for our checkpoints, else DDPM with "
+        "250 steps and guidance 1.5 (the paper's).",
+    )
+    s.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint file (ours or the reference layout), or a run folder (its newest checkpoint)",
+    )
+    s.add_argument(
+        "--out",
+        default=None,
+        help="PNG grid to write (default samples-<timestamp>.png beside the checkpoint; with --npz only when given)",
+    )
     s.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
     s.add_argument("--no-eval", action="store_true", help="skip the digits quality figures")
-    s.add_argument("--sample-method", choices=("ddpm", "ddim", "euler", "heun"), default=None,
-                   help="sampler (default: the run's, else ddpm; euler/heun for rectified-flow models)")
-    s.add_argument("--sample-steps", type=_positive_int, default=None,
-                   help="sampling steps respaced from 1000 (default: the run's, else 250 for ddpm, 50 for ddim)")
-    s.add_argument("--cfg-scale", type=_guidance, default=None,
-                   help="classifier-free guidance scale, 1 = none (default: the run's, else 1.5)")
-    s.add_argument("--noise-schedule", choices=("cosine", "linear"), default=None,
-                   help="the schedule the model was trained with (default: the run's, else cosine)")
-    s.add_argument("--classes", type=_int_list, default=None,
-                   help="comma-separated classes: the grid's rows, or the classes an .npz set draws from "
-                        "(default: every class when there are at most 16, else 8 drawn with the seed; all for --npz)")
-    s.add_argument("--samples-per-class", type=_positive_int, default=None,
-                   help="grid columns (default: the run's, else 4)")
+    s.add_argument(
+        "--sample-method",
+        choices=("ddpm", "ddim", "euler", "heun"),
+        default=None,
+        help="sampler (default: the run's, else ddpm; euler/heun for rectified-flow models)",
+    )
+    s.add_argument(
+        "--sample-steps",
+        type=_positive_int,
+        default=None,
+        help="sampling steps respaced from 1000 (default: the run's, else 250 for ddpm, 50 for ddim)",
+    )
+    s.add_argument(
+        "--cfg-scale",
+        type=_guidance,
+        default=None,
+        help="classifier-free guidance scale, 1 = none (default: the run's, else 1.5)",
+    )
+    s.add_argument(
+        "--noise-schedule",
+        choices=("cosine", "linear"),
+        default=None,
+        help="the schedule the model was trained with (default: the run's, else cosine)",
+    )
+    s.add_argument(
+        "--classes",
+        type=_int_list,
+        default=None,
+        help="comma-separated classes: the grid's rows, or the classes an .npz set draws from "
+        "(default: every class when there are at most 16, else 8 drawn with the seed; all for --npz)",
+    )
+    s.add_argument(
+        "--samples-per-class", type=_positive_int, default=None, help="grid columns (default: the run's, else 4)"
+    )
     s.add_argument("--npz", default=None, metavar="DIR", help="write an .npz sample set into DIR")
     s.add_argument("--num-samples", type=_positive_int, default=None, help="images in the .npz set (with --npz)")
-    s.add_argument("--batch-size", type=_positive_int, default=32,
-                   help="images per batch and per shard of the .npz set (default %(default)s)")
-    s.add_argument("--model", type=_model_name, default=None,
-                   help="model name for a reference-layout checkpoint (default: read off the weights)")
-    s.add_argument("--num-heads", type=_positive_int, default=None,
-                   help="attention heads of a reference-layout checkpoint whose width is no named size")
-    s.add_argument("--vae", default="ema",
-                   help="latent models: the VAE that decodes them, ema, mse or a local folder (default %(default)s)")
-    s.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)")
+    s.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="images per batch and per shard of the .npz set (default %(default)s)",
+    )
+    s.add_argument(
+        "--model",
+        type=_model_name,
+        default=None,
+        help="model name for a reference-layout checkpoint (default: read off the weights)",
+    )
+    s.add_argument(
+        "--num-heads",
+        type=_positive_int,
+        default=None,
+        help="attention heads of a reference-layout checkpoint whose width is no named size",
+    )
+    s.add_argument(
+        "--vae",
+        default="ema",
+        help="latent models: the VAE that decodes them, ema, mse or a local folder (default %(default)s)",
+    )
+    s.add_argument(
+        "--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N (default %(default)s)"
+    )
     _tf32_option(s)
-    s.add_argument("--capture", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each sampling step from a CUDA graph (default: on CUDA; --no-capture: eager)")
+    s.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay each sampling step from a CUDA graph (default: on CUDA; --no-capture: eager)",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     _threads_option(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="score an .npz sample set",
-                       description="Score a sample set in the ADM .npz layout. Without --ref: the download-free "
-                                   "digits metrics (accuracy of a classifier of real digits on the requested "
-                                   "classes, Frechet distance in its feature space). With --ref (an .npz or a "
-                                   "folder of images): FID, Inception Score and precision/recall through "
-                                   "torch-fidelity, or FID through clean-fid, whichever is installed.")
+    e = sub.add_parser(
+        "eval",
+        help="score an .npz sample set",
+        description="Score a sample set in the ADM .npz layout. Without --ref: the download-free "
+        "digits metrics (accuracy of a classifier of real digits on the requested "
+        "classes, Frechet distance in its feature space). With --ref (an .npz or a "
+        "folder of images): FID, Inception Score and precision/recall through "
+        "torch-fidelity, or FID through clean-fid, whichever is installed.",
+    )
     e.add_argument("samples", help="sample file (.npz, arr_0 uint8 NHWC; arr_1 labels for the digits accuracy)")
     e.add_argument("--ref", default=None, help="reference set (.npz or image folder) for FID / IS / precision-recall")
-    e.add_argument("--backend", choices=("auto", "torch-fidelity", "clean-fid"), default="auto",
-                   help="metrics library (default %(default)s: the first installed)")
-    e.add_argument("--weights", default=None,
-                   help="torch-fidelity: local feature-extractor weights, for machines without internet")
+    e.add_argument(
+        "--backend",
+        choices=("auto", "torch-fidelity", "clean-fid"),
+        default="auto",
+        help="metrics library (default %(default)s: the first installed)",
+    )
+    e.add_argument(
+        "--weights", default=None, help="torch-fidelity: local feature-extractor weights, for machines without internet"
+    )
     e.add_argument("--no-isc", action="store_true", help="skip the Inception Score")
     e.add_argument("--no-prc", action="store_true", help="skip precision and recall")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="(default %(default)s)")
@@ -143,18 +209,25 @@ def _add_eval_parser(sub) -> None:
 
 
 def _add_figure_parser(sub) -> None:
-    f = sub.add_parser("figure", help="denoising-path figure and loss curves of a run",
-                       description="Draw the denoising paths of a Switch-DiT checkpoint (every block's experts "
-                                   "over the timesteps beside the matched diffusion prior, the paper's Fig. 8) "
-                                   "and the loss curves (total, noise, vb, prior) of a training log. Needs "
-                                   "matplotlib.")
+    f = sub.add_parser(
+        "figure",
+        help="denoising-path figure and loss curves of a run",
+        description="Draw the denoising paths of a Switch-DiT checkpoint (every block's experts "
+        "over the timesteps beside the matched diffusion prior, the paper's Fig. 8) "
+        "and the loss curves (total, noise, vb, prior) of a training log. Needs "
+        "matplotlib.",
+    )
     f.add_argument("--run", default=None, help="a run folder: its (newest) checkpoint and log.jsonl")
     f.add_argument("--ckpt", default=None, help="checkpoint for the paths figure")
     f.add_argument("--log", default=None, help="log.jsonl for the loss curves")
     f.add_argument("--out", default=None, help="folder for paths.png and loss.png (default: the run's folder)")
     f.add_argument("--raw-weights", action="store_true", help="the trained weights' paths instead of the EMA's")
-    f.add_argument("--num-heads", type=_positive_int, default=None,
-                   help="attention heads of a reference-layout checkpoint whose width is no named size")
+    f.add_argument(
+        "--num-heads",
+        type=_positive_int,
+        default=None,
+        help="attention heads of a reference-layout checkpoint whose width is no named size",
+    )
     _threads_option(f)
 
 
@@ -162,29 +235,58 @@ def _add_compare_parser(sub, d) -> None:
     from .compare import FAMILIES, CompareConfig
 
     c0 = CompareConfig()
-    c = sub.add_parser("compare", help="train DiT, DTR and Switch-DiT alike on the digits, print a miniature Table 2",
-                       description="Train DiT, DTR and Switch-DiT with the same budget, data order and seeds on the "
-                                   "embedded digits, sample each from its EMA weights and print their parameters, "
-                                   "GFLOPs, final loss and digits metrics (mean ± std over seeds), the same at equal "
-                                   "wall time, and which differences exceed the seed spread: a miniature of the "
-                                   "paper's Table 2. The default budget takes about ten minutes on two CPU cores.")
+    c = sub.add_parser(
+        "compare",
+        help="train DiT, DTR and Switch-DiT alike on the digits, print a miniature Table 2",
+        description="Train DiT, DTR and Switch-DiT with the same budget, data order and seeds on the "
+        "embedded digits, sample each from its EMA weights and print their parameters, "
+        "GFLOPs, final loss and digits metrics (mean ± std over seeds), the same at equal "
+        "wall time, and which differences exceed the seed spread: a miniature of the "
+        "paper's Table 2. The default budget takes about ten minutes on two CPU cores.",
+    )
     c.add_argument("--size", default=c0.size, help="named size and patch (default %(default)s)")
-    c.add_argument("--hidden-size", type=_non_negative_int, default=c0.hidden_size,
-                   help="override the named width; 0 keeps it (default %(default)s)")
-    c.add_argument("--depth", type=_non_negative_int, default=c0.depth, help="0 keeps the named depth (default %(default)s)")
-    c.add_argument("--num-heads", type=_non_negative_int, default=c0.num_heads,
-                   help="0 keeps the named head count (default %(default)s)")
-    c.add_argument("--steps", type=_positive_int, default=c0.steps, help="training steps per model (default %(default)s)")
+    c.add_argument(
+        "--hidden-size",
+        type=_non_negative_int,
+        default=c0.hidden_size,
+        help="override the named width; 0 keeps it (default %(default)s)",
+    )
+    c.add_argument(
+        "--depth", type=_non_negative_int, default=c0.depth, help="0 keeps the named depth (default %(default)s)"
+    )
+    c.add_argument(
+        "--num-heads",
+        type=_non_negative_int,
+        default=c0.num_heads,
+        help="0 keeps the named head count (default %(default)s)",
+    )
+    c.add_argument(
+        "--steps", type=_positive_int, default=c0.steps, help="training steps per model (default %(default)s)"
+    )
     c.add_argument("--batch-size", type=_positive_int, default=c0.batch_size, help="(default %(default)s)")
     c.add_argument("--lr", type=_positive_float, default=c0.lr, help="AdamW learning rate (default %(default)s)")
     c.add_argument("--warmup-steps", type=_non_negative_int, default=c0.warmup_steps, help="(default %(default)s)")
-    c.add_argument("--seeds", type=_int_list, default=list(c0.seeds),
-                   help=f"comma-separated seeds, one run per model and seed (default {','.join(map(str, c0.seeds))})")
-    c.add_argument("--families", type=_families, default=list(c0.families),
-                   help=f"comma-separated models from {','.join(FAMILIES)} (default {','.join(c0.families)})")
-    c.add_argument("--eval-every", type=_positive_int, default=c0.eval_every,
-                   help="steps between the checkpoints scored at equal wall time (default %(default)s)")
-    c.add_argument("--samples-per-class", type=_positive_int, default=c0.samples_per_class, help="(default %(default)s)")
+    c.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=list(c0.seeds),
+        help=f"comma-separated seeds, one run per model and seed (default {','.join(map(str, c0.seeds))})",
+    )
+    c.add_argument(
+        "--families",
+        type=_families,
+        default=list(c0.families),
+        help=f"comma-separated models from {','.join(FAMILIES)} (default {','.join(c0.families)})",
+    )
+    c.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=c0.eval_every,
+        help="steps between the checkpoints scored at equal wall time (default %(default)s)",
+    )
+    c.add_argument(
+        "--samples-per-class", type=_positive_int, default=c0.samples_per_class, help="(default %(default)s)"
+    )
     c.add_argument("--sample-method", choices=("ddpm", "ddim"), default=c0.sample_method, help="(default %(default)s)")
     c.add_argument("--sample-steps", type=_positive_int, default=c0.sample_steps, help="(default %(default)s)")
     c.add_argument("--cfg-scale", type=_guidance, default=c0.cfg_scale, help="(default %(default)s)")
@@ -202,20 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,extract-latents,sample,eval,figure,compare}")
     sub.required = True
 
-    t = sub.add_parser("train", help="train: the digits demo by default, VAE latents at scale (torchrun)",
-                       description="Train a class-conditional Switch-DiT. Without --data: scikit-learn's "
-                                   "handwritten digits, then guided samples from the EMA model and how often a "
-                                   "classifier of real digits recognises the requested class. With --data FOLDER "
-                                   "(from extract-latents): the paper's recipe. Several GPUs: torchrun "
-                                   "--nproc_per_node=N -m switch_dit.train with the same flags.")
+    t = sub.add_parser(
+        "train",
+        help="train: the digits demo by default, VAE latents at scale (torchrun)",
+        description="Train a class-conditional Switch-DiT. Without --data: scikit-learn's "
+        "handwritten digits, then guided samples from the EMA model and how often a "
+        "classifier of real digits recognises the requested class. With --data FOLDER "
+        "(from extract-latents): the paper's recipe. Several GPUs: torchrun "
+        "--nproc_per_node=N -m switch_dit.train with the same flags.",
+    )
     from .config import add_train_arguments
 
     add_train_arguments(t)
 
-    x = sub.add_parser("extract-latents", help="encode an image folder into VAE latent shards for training",
-                       description="Encode an image folder (one sub-folder per class) with the Stable Diffusion "
-                                   "VAE into latent shards and a manifest that `switch-dit train --data` reads. "
-                                   "Resumable; several GPUs: torchrun --nproc_per_node=N -m switch_dit.latents.")
+    x = sub.add_parser(
+        "extract-latents",
+        help="encode an image folder into VAE latent shards for training",
+        description="Encode an image folder (one sub-folder per class) with the Stable Diffusion "
+        "VAE into latent shards and a manifest that `switch-dit train --data` reads. "
+        "Resumable; several GPUs: torchrun --nproc_per_node=N -m switch_dit.latents.",
+    )
     from .latents import add_extract_arguments
 
     add_extract_arguments(x)
@@ -247,9 +355,12 @@ def _sampler_settings(args, info: dict) -> dict:
     if steps is None:
         steps = run.get("sample_steps") if run.get("sample_method") == method else None
         steps = steps or (250 if method == "ddpm" else 50)
-    return dict(method=method, steps=steps,
-                cfg_scale=args.cfg_scale if args.cfg_scale is not None else run.get("cfg_scale", 1.5),
-                noise_schedule=args.noise_schedule or run.get("noise_schedule", "cosine"))
+    return dict(
+        method=method,
+        steps=steps,
+        cfg_scale=args.cfg_scale if args.cfg_scale is not None else run.get("cfg_scale", 1.5),
+        noise_schedule=args.noise_schedule or run.get("noise_schedule", "cosine"),
+    )
 
 
 def _is_digits(model) -> bool:
@@ -278,8 +389,9 @@ def _sample(args) -> int:
     device = ctx.device
     distributed.set_tf32(device, args.tf32)
     try:
-        model, info = checkpoint.load_model(args.ckpt, ema=not args.raw_weights, device=device,
-                                            model_name=args.model, num_heads=args.num_heads)
+        model, info = checkpoint.load_model(
+            args.ckpt, ema=not args.raw_weights, device=device, model_name=args.model, num_heads=args.num_heads
+        )
         settings = _sampler_settings(args, info)
         vae = vae_lib.load_vae(args.vae, device=device) if model.in_channels == 4 else None
         weights = f"{'trained' if args.raw_weights else 'EMA'} weights of step {info.get('step') or '?'}"
@@ -299,13 +411,22 @@ def _sample(args) -> int:
         if out.parent and not out.parent.exists():
             raise ValueError(f"--out: folder {str(out.parent)!r} does not exist")
         labels = torch.tensor(classes, device=device).repeat_interleave(per_class)
-        x = sampling.generate(model, labels, seed=args.seed, clip_denoised=vae is None, progress=not args.no_progress,
-                              capture=args.capture, **settings)
+        x = sampling.generate(
+            model,
+            labels,
+            seed=args.seed,
+            clip_denoised=vae is None,
+            progress=not args.no_progress,
+            capture=args.capture,
+            **settings,
+        )
         if vae is not None:
             x = vae_lib.decode(vae, x)
         sampling.save_grid(x, out, nrow=per_class, scale=2 if x.shape[-1] <= 64 else 1)
-        print(f"wrote {out} ({len(labels)} images, {len(classes)} classes x {per_class}, {weights}, "
-              f"{settings['method']} {settings['steps']} steps, guidance {settings['cfg_scale']})")
+        print(
+            f"wrote {out} ({len(labels)} images, {len(classes)} classes x {per_class}, {weights}, "
+            f"{settings['method']} {settings['steps']} steps, guidance {settings['cfg_scale']})"
+        )
         if _is_digits(model) and not args.no_eval and len(labels) >= 2:
             print(_digits_report(metrics.digits_metrics(x.cpu(), labels.cpu())))
         return 0
@@ -317,13 +438,24 @@ def _sample(args) -> int:
 def _sample_npz(args, model, vae, settings: dict, weights: str) -> int:
     from . import metrics, sampling
 
-    path = sampling.sample_to_npz(model, args.npz, args.num_samples, batch_size=args.batch_size, classes=args.classes,
-                                  seed=args.seed, vae=vae, progress=not args.no_progress, capture=args.capture,
-                                  **settings)
+    path = sampling.sample_to_npz(
+        model,
+        args.npz,
+        args.num_samples,
+        batch_size=args.batch_size,
+        classes=args.classes,
+        seed=args.seed,
+        vae=vae,
+        progress=not args.no_progress,
+        capture=args.capture,
+        **settings,
+    )
     if path is None:  # not rank 0
         return 0
-    print(f"{path}: {args.num_samples} images, {weights}, {settings['method']} {settings['steps']} steps, "
-          f"guidance {settings['cfg_scale']}, seed {args.seed}")
+    print(
+        f"{path}: {args.num_samples} images, {weights}, {settings['method']} {settings['steps']} steps, "
+        f"guidance {settings['cfg_scale']}, seed {args.seed}"
+    )
     images, labels = sampling.read_npz(path)
     if args.out:
         import torch
@@ -342,9 +474,19 @@ def _eval(args) -> int:
     if args.ref is None:
         result = {"kind": "digits", **metrics.digits_metrics_npz(args.samples)}
     else:
-        result = {"kind": "fidelity", **metrics.fidelity_metrics(
-            args.samples, args.ref, backend=args.backend, isc=not args.no_isc, prc=not args.no_prc,
-            device=_device_with_tf32(args), batch_size=args.batch_size, weights_path=args.weights)}
+        result = {
+            "kind": "fidelity",
+            **metrics.fidelity_metrics(
+                args.samples,
+                args.ref,
+                backend=args.backend,
+                isc=not args.no_isc,
+                prc=not args.no_prc,
+                device=_device_with_tf32(args),
+                batch_size=args.batch_size,
+                weights_path=args.weights,
+            ),
+        }
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -381,8 +523,10 @@ def _figure(args) -> int:
             paths = figures.denoising_paths(model)
             png = figures.plot_denoising_paths(paths, out / "paths.png")
             T, N, M = paths.shape
-            print(f"wrote {png} ({N} blocks x {M} experts over {T} timesteps; {paths.mismatch:.0f} of {T * N * M} "
-                  f"cells differ from the matched prior)")
+            print(
+                f"wrote {png} ({N} blocks x {M} experts over {T} timesteps; {paths.mismatch:.0f} of {T * N * M} "
+                f"cells differ from the matched prior)"
+            )
     if log is not None:
         print(f"wrote {figures.plot_loss_curves(log, out / 'loss.png')}")
     return 0
@@ -392,10 +536,22 @@ def _compare(args) -> int:
     from .compare import CompareConfig, compare, format_table
 
     cfg = CompareConfig(
-        size=args.size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seeds=tuple(args.seeds),
-        families=tuple(args.families), samples_per_class=args.samples_per_class, sample_method=args.sample_method,
-        sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, eval_every=args.eval_every, device=args.device,
+        size=args.size,
+        hidden_size=args.hidden_size,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seeds=tuple(args.seeds),
+        families=tuple(args.families),
+        samples_per_class=args.samples_per_class,
+        sample_method=args.sample_method,
+        sample_steps=args.sample_steps,
+        cfg_scale=args.cfg_scale,
+        eval_every=args.eval_every,
+        device=args.device,
         out=args.out,
         progress=not args.no_progress,
     )
@@ -405,8 +561,14 @@ def _compare(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "extract-latents": _extract_latents, "sample": _sample, "eval": _eval,
-             "figure": _figure, "compare": _compare}
+_COMMANDS = {
+    "train": _train,
+    "extract-latents": _extract_latents,
+    "sample": _sample,
+    "eval": _eval,
+    "figure": _figure,
+    "compare": _compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,18 @@ import torch
 
 from .config import DIGITS_PRESET
 
-__all__ = ["Family", "FAMILIES", "register_family", "CompareConfig", "compare", "summarize", "noise_verdicts",
-           "format_table", "forward_gflops", "NOISE_SE"]
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "register_family",
+    "CompareConfig",
+    "compare",
+    "summarize",
+    "noise_verdicts",
+    "format_table",
+    "forward_gflops",
+    "NOISE_SE",
+]
 
 NOISE_SE = 2.0  # differences under this many standard errors over seeds are "within noise"
 METRICS = (("sample_accuracy", "accuracy", +1), ("frechet_distance", "FD", -1))  # key, label, better direction
@@ -86,8 +96,14 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
-def register_family(name: str, model: str | None = None, *, train: dict | None = None,
-                    sample: dict | None = None, init_from: str | None = None) -> Family:
+def register_family(
+    name: str,
+    model: str | None = None,
+    *,
+    train: dict | None = None,
+    sample: dict | None = None,
+    init_from: str | None = None,
+) -> Family:
     """Add (or replace) a family of ``compare``; returns it."""
     family = Family(name, model or name, dict(train or {}), dict(sample or {}), init_from)
     FAMILIES[name] = family
@@ -146,8 +162,10 @@ class CompareConfig:
         for i, name in enumerate(self.families):
             first = FAMILIES[name].init_from
             if first is not None and first not in self.families[:i]:
-                raise ValueError(f"families: {name} starts from the {first} run of the same seed, so {first} must "
-                                 f"come before it, got {self.families!r}")
+                raise ValueError(
+                    f"families: {name} starts from the {first} run of the same seed, so {first} must "
+                    f"come before it, got {self.families!r}"
+                )
         for name in ("steps", "batch_size", "samples_per_class", "sample_steps", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -176,18 +194,33 @@ def forward_gflops(model, batch: int = 1) -> float:
 def _train_config(cfg: CompareConfig, family: Family, seed: int, out: Path):
     from .config import TrainConfig
 
-    return TrainConfig(**{
-        "model": f"{family.model}-{cfg.size}", "hidden_size": cfg.hidden_size, "depth": cfg.depth,
-        "num_heads": cfg.num_heads, "image_size": cfg.image_size, "steps": cfg.steps, "batch_size": cfg.batch_size,
-        "lr": cfg.lr, "warmup_steps": min(cfg.warmup_steps, cfg.steps), "seed": seed, "device": cfg.device,
-        "out": str(out), "sample": False, "progress": cfg.progress, "log_every": max(1, min(25, cfg.steps)),
-        # Checkpoints for the equal-wall-time table, all kept until compare() has chosen.
-        "ckpt_every": cfg.eval_every, "keep_checkpoints": cfg.steps // cfg.eval_every + 1,
-        # Eager: compiling would put a minute of compile time into the wall times compared here.
-        "compile": "none",
-        **({"init_from": str(out.parent / f"{family.init_from}-seed{seed}")} if family.init_from else {}),
-        **cfg.extra, **family.train,
-    })
+    return TrainConfig(
+        **{
+            "model": f"{family.model}-{cfg.size}",
+            "hidden_size": cfg.hidden_size,
+            "depth": cfg.depth,
+            "num_heads": cfg.num_heads,
+            "image_size": cfg.image_size,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "warmup_steps": min(cfg.warmup_steps, cfg.steps),
+            "seed": seed,
+            "device": cfg.device,
+            "out": str(out),
+            "sample": False,
+            "progress": cfg.progress,
+            "log_every": max(1, min(25, cfg.steps)),
+            # Checkpoints for the equal-wall-time table, all kept until compare() has chosen.
+            "ckpt_every": cfg.eval_every,
+            "keep_checkpoints": cfg.steps // cfg.eval_every + 1,
+            # Eager: compiling would put a minute of compile time into the wall times compared here.
+            "compile": "none",
+            **({"init_from": str(out.parent / f"{family.init_from}-seed{seed}")} if family.init_from else {}),
+            **cfg.extra,
+            **family.train,
+        }
+    )
 
 
 def _score(model, cfg: CompareConfig, family: Family, seed: int, device) -> dict:
@@ -197,13 +230,23 @@ def _score(model, cfg: CompareConfig, family: Family, seed: int, device) -> dict
 
     labels = grid_labels(cfg.samples_per_class, model.num_classes, device=device)
     t0 = time.perf_counter()
-    sampler = {"method": cfg.sample_method, "steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale,
-               "noise_schedule": "cosine", **family.sample}
+    sampler = {
+        "method": cfg.sample_method,
+        "steps": cfg.sample_steps,
+        "cfg_scale": cfg.cfg_scale,
+        "noise_schedule": "cosine",
+        **family.sample,
+    }
     samples = generate(model, labels, seed=seed, **sampler)
     seconds = time.perf_counter() - t0
     quality = digits_metrics(samples.cpu(), labels.cpu())
-    return {"sample_seconds": seconds, **{k: quality[k] for k in (
-        "sample_accuracy", "frechet_distance", "real_frechet_distance", "classifier_test_accuracy")}}
+    return {
+        "sample_seconds": seconds,
+        **{
+            k: quality[k]
+            for k in ("sample_accuracy", "frechet_distance", "real_frechet_distance", "classifier_test_accuracy")
+        },
+    }
 
 
 def compare(cfg: CompareConfig, log=print) -> list[dict]:
@@ -229,20 +272,34 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
             history = read_log(run_dir / "log.jsonl")
             params = count_params(model)
             row = {
-                "model": name, "seed": seed, "params": params["total"], "activated_params": params["activated"],
-                "gflops": forward_gflops(model), "train_seconds": summary["train_seconds"], "device": device,
-                "steps": summary["steps"], "step_seconds": _step_seconds(history["steps_per_sec"]),
-                "final_mse": history["mse"][-1], "final_loss": history["loss"][-1],
-                **_score(model, cfg, family, seed, device), "run_dir": str(run_dir),
+                "model": name,
+                "seed": seed,
+                "params": params["total"],
+                "activated_params": params["activated"],
+                "gflops": forward_gflops(model),
+                "train_seconds": summary["train_seconds"],
+                "device": device,
+                "steps": summary["steps"],
+                "step_seconds": _step_seconds(history["steps_per_sec"]),
+                "final_mse": history["mse"][-1],
+                "final_loss": history["loss"][-1],
+                **_score(model, cfg, family, seed, device),
+                "run_dir": str(run_dir),
             }
             if family.init_from:
                 row["init_from"] = family.init_from
             rows.append(row)
-            log(f"[{name} seed {seed}] {row['train_seconds']:.0f} s, final mse {row['final_mse']:.4f}, "
-                f"accuracy {row['sample_accuracy']:.1%}, FD {row['frechet_distance']:.3f}")
+            log(
+                f"[{name} seed {seed}] {row['train_seconds']:.0f} s, final mse {row['final_mse']:.4f}, "
+                f"accuracy {row['sample_accuracy']:.1%}, FD {row['frechet_distance']:.3f}"
+            )
     _score_at_equal_time(rows, cfg, log)
-    record = {"config": dataclasses.asdict(cfg), "rows": rows, "summary": summarize(rows),
-              "equal_time_summary": summarize(rows, equal_time=True)}
+    record = {
+        "config": dataclasses.asdict(cfg),
+        "rows": rows,
+        "summary": summarize(rows),
+        "equal_time_summary": summarize(rows, equal_time=True),
+    }
     (out / "compare.json").write_text(json.dumps(record, indent=2) + "\n")
     return rows
 
@@ -266,8 +323,10 @@ def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> None:
     checkpoints are kept."""
     from . import checkpoint as ckpt_lib
 
-    cost = {name: statistics.fmean(r["step_seconds"] for r in rows if r["model"] == name)
-            for name in dict.fromkeys(r["model"] for r in rows)}
+    cost = {
+        name: statistics.fmean(r["step_seconds"] for r in rows if r["model"] == name)
+        for name in dict.fromkeys(r["model"] for r in rows)
+    }
     fastest = min(cost, key=lambda name: cost[name] * cfg.steps)
     budget = cost[fastest] * cfg.steps
     for row in rows:
@@ -275,22 +334,35 @@ def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> None:
         name = row["model"]
         affordable = int(budget / cost[name] + 1e-9) if cost[name] > 0 else row["steps"]
         if name == fastest or affordable >= row["steps"]:
-            row["equal_time"] = {"seconds": row["steps"] * cost[name], "step": row["steps"],
-                                 **{k: row[k] for k, _, _ in METRICS}}
+            row["equal_time"] = {
+                "seconds": row["steps"] * cost[name],
+                "step": row["steps"],
+                **{k: row[k] for k, _, _ in METRICS},
+            }
         else:
-            within = [(step, path) for step, path in ckpt_lib.list_checkpoints(run_dir / "checkpoints")
-                      if step <= affordable]
+            within = [
+                (step, path) for step, path in ckpt_lib.list_checkpoints(run_dir / "checkpoints") if step <= affordable
+            ]
             if not within:
-                row["equal_time"] = {"seconds": budget, "step": 0, "sample_accuracy": math.nan,
-                                     "frechet_distance": math.nan}
+                row["equal_time"] = {
+                    "seconds": budget,
+                    "step": 0,
+                    "sample_accuracy": math.nan,
+                    "frechet_distance": math.nan,
+                }
             else:
                 step, path = within[0]  # newest first
                 model = ckpt_lib.model_from_checkpoint(ckpt_lib.load_checkpoint(path), device=row["device"])
                 scores = _score(model, cfg, FAMILIES[name], row["seed"], row["device"])
-                row["equal_time"] = {"seconds": step * cost[name], "step": step,
-                                     **{k: scores[k] for k, _, _ in METRICS}}
-                log(f"[{name} seed {row['seed']}] at step {step} (~{step * cost[name]:.0f} s, the training time of "
-                    f"{fastest}): accuracy {scores['sample_accuracy']:.1%}, FD {scores['frechet_distance']:.3f}")
+                row["equal_time"] = {
+                    "seconds": step * cost[name],
+                    "step": step,
+                    **{k: scores[k] for k, _, _ in METRICS},
+                }
+                log(
+                    f"[{name} seed {row['seed']}] at step {step} (~{step * cost[name]:.0f} s, the training time of "
+                    f"{fastest}): accuracy {scores['sample_accuracy']:.1%}, FD {scores['frechet_distance']:.3f}"
+                )
         ckpt_lib.prune_checkpoints(run_dir / "checkpoints", 1)  # the final one stays (checkpoint.pt links it)
 
 
@@ -379,23 +451,44 @@ def format_table(rows: list[dict], cfg: CompareConfig) -> str:
     ]
     table = [["Model", "Params", "Activated", "GFLOPs", "Train s", "Final MSE", "Accuracy ↑", "FD ↓"]]
     for r in summary:
-        table.append([r["model"], _count(r["params"]), _count(r["activated_params"]), f"{r['gflops']:.3g}",
-                      _cell(r, "train_seconds", ".1f"), _cell(r, "final_mse", ".4f"), _cell(r, "sample_accuracy", ".3f"),
-                      _cell(r, "frechet_distance", ".3f")])
+        table.append(
+            [
+                r["model"],
+                _count(r["params"]),
+                _count(r["activated_params"]),
+                f"{r['gflops']:.3g}",
+                _cell(r, "train_seconds", ".1f"),
+                _cell(r, "final_mse", ".4f"),
+                _cell(r, "sample_accuracy", ".3f"),
+                _cell(r, "frechet_distance", ".3f"),
+            ]
+        )
     lines += _aligned(table)
     if all("equal_time" in r for r in rows):
         same = summarize(rows, equal_time=True)
         device = rows[0].get("device", "?")
-        lines += ["", f"At equal wall time (the fastest family's training time from each family's step time on "
-                      f"{device}; the newest checkpoint within it, every {cfg.eval_every} steps):"]
+        lines += [
+            "",
+            f"At equal wall time (the fastest family's training time from each family's step time on "
+            f"{device}; the newest checkpoint within it, every {cfg.eval_every} steps):",
+        ]
         table = [["Model", "Train s", "Step", "Accuracy ↑", "FD ↓"]]
         for r in same:
-            table.append([r["model"], _cell(r, "train_seconds", ".1f"), _cell(r, "step", ".0f"),
-                          _cell(r, "sample_accuracy", ".3f"), _cell(r, "frechet_distance", ".3f")])
+            table.append(
+                [
+                    r["model"],
+                    _cell(r, "train_seconds", ".1f"),
+                    _cell(r, "step", ".0f"),
+                    _cell(r, "sample_accuracy", ".3f"),
+                    _cell(r, "frechet_distance", ".3f"),
+                ]
+            )
         lines += _aligned(table)
     for name, first in dict.fromkeys((r["model"], r["init_from"]) for r in rows if r.get("init_from")):
-        lines.append(f"{name} starts from the final EMA weights of the {first} run of the same seed: its columns "
-                     f"count its own {cfg.steps} steps and seconds, not the {first} run's.")
+        lines.append(
+            f"{name} starts from the final EMA weights of the {first} run of the same seed: its columns "
+            f"count its own {cfg.steps} steps and seconds, not the {first} run's."
+        )
     lines += [
         "",
         f"Accuracy: a classifier of real digits ({rows[0]['classifier_test_accuracy']:.0%} on held-out "

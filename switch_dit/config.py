@@ -211,11 +211,28 @@ def _family_defaults(model) -> dict:
 
 # Fields a resumed run may change: they steer the run, not the computation of a step
 # (device and backend change rounding only). Everything else must match the checkpoint.
-RESUMABLE_FIELDS = frozenset({
-    "steps", "out", "log_every", "ckpt_every", "keep_checkpoints", "progress", "max_bad_steps", "device",
-    "backend", "parallel", "sample", "sample_method", "sample_steps", "cfg_scale", "samples_per_class",
-    "figure_every", "compile", "tf32",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "out",
+        "log_every",
+        "ckpt_every",
+        "keep_checkpoints",
+        "progress",
+        "max_bad_steps",
+        "device",
+        "backend",
+        "parallel",
+        "sample",
+        "sample_method",
+        "sample_steps",
+        "cfg_scale",
+        "samples_per_class",
+        "figure_every",
+        "compile",
+        "tf32",
+    }
+)
 
 # field -> "int", "float", "bool" or "str" (annotations are strings here; drop "| None")
 _FIELD_TYPES = {f.name: str(f.type).replace(" | None", "") for f in fields(TrainConfig)}
@@ -241,8 +258,18 @@ def _validate(c: TrainConfig) -> None:
         if not cond:
             raise ValueError(f"{name} must be {what}, got {getattr(c, name)!r}")
 
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps",
-                 "sample_steps", "samples_per_class", "num_experts", "top_k"):
+    for name in (
+        "steps",
+        "batch_size",
+        "log_every",
+        "ckpt_every",
+        "keep_checkpoints",
+        "max_bad_steps",
+        "sample_steps",
+        "samples_per_class",
+        "num_experts",
+        "top_k",
+    ):
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, "a positive integer")
     for name in ("hidden_size", "depth", "num_heads", "warmup_steps", "image_size", "seed", "figure_every"):
         need(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, "a non-negative integer")
@@ -262,8 +289,12 @@ def _validate(c: TrainConfig) -> None:
     need(c.objective in OBJECTIVES, "objective", "'diffusion' or 'flow'")
     if c.objective == "flow":
         need(c.sample_method in ("euler", "heun"), "sample_method", "'euler' or 'heun' for objective 'flow'")
-        need(c.model.startswith(("DiffMoE-", "DiT-")), "model", "a DiffMoE or DiT model for objective 'flow' "
-             "(DTR, Switch-DiT and Remix-DiT index tables by integer timesteps)")
+        need(
+            c.model.startswith(("DiffMoE-", "DiT-")),
+            "model",
+            "a DiffMoE or DiT model for objective 'flow' "
+            "(DTR, Switch-DiT and Remix-DiT index tables by integer timesteps)",
+        )
     else:
         need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
     need(c.compile in COMPILE_MODES, "compile", " or ".join(repr(m) for m in COMPILE_MODES))
@@ -280,11 +311,16 @@ def _validate(c: TrainConfig) -> None:
     need(c.timestep_sampling in ("uniform", "interval"), "timestep_sampling", "'uniform' or 'interval'")
     need(c.prior_schedule in ("constant", "published"), "prior_schedule", "'constant' or 'published'")
     need(_is_number(c.coef_lr) and c.coef_lr > 0, "coef_lr", "a positive finite number")
-    need(c.init_from is None or (isinstance(c.init_from, str) and bool(c.init_from)), "init_from",
-         "a run folder or checkpoint path")
+    need(
+        c.init_from is None or (isinstance(c.init_from, str) and bool(c.init_from)),
+        "init_from",
+        "a run folder or checkpoint path",
+    )
     if remix and c.num_experts % c.num_basis:
-        raise ValueError(f"num_experts ({c.num_experts}) must be a multiple of num_basis ({c.num_basis}) for "
-                         "Remix-DiT (the prior gives every basis num_experts / num_basis experts)")
+        raise ValueError(
+            f"num_experts ({c.num_experts}) must be a multiple of num_basis ({c.num_basis}) for "
+            "Remix-DiT (the prior gives every basis num_experts / num_basis experts)"
+        )
     if not remix:
         for name in ("timestep_sampling", "prior_schedule"):
             if getattr(c, name) != _family_defaults(c.model)[name]:
@@ -296,11 +332,15 @@ def _validate(c: TrainConfig) -> None:
     if c.data != "digits" and c.image_size and c.image_size % 8:
         raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {c.image_size!r}")
     if c.sample and c.data != "digits":
-        raise ValueError("sample must be false for latents data: samples need the VAE decoder "
-                         "(use `switch-dit sample` or the evaluation tools on the checkpoint)")
+        raise ValueError(
+            "sample must be false for latents data: samples need the VAE decoder "
+            "(use `switch-dit sample` or the evaluation tools on the checkpoint)"
+        )
     if c.precision == "fp16" and c.parallel == "fsdp":
-        raise ValueError("precision 'fp16' is not supported with parallel 'fsdp' (each rank would see inf in "
-                         "its own gradient shard only); use precision 'bf16'")
+        raise ValueError(
+            "precision 'fp16' is not supported with parallel 'fsdp' (each rank would see inf in "
+            "its own gradient shard only); use precision 'bf16'"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -339,7 +379,9 @@ def load_config_file(path) -> dict:
         try:
             import yaml
         except ImportError:
-            raise ImportError(f"reading {path.name} needs PyYAML: pip install pyyaml (or write the config as JSON)") from None
+            raise ImportError(
+                f"reading {path.name} needs PyYAML: pip install pyyaml (or write the config as JSON)"
+            ) from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -357,8 +399,10 @@ def load_config_file(path) -> dict:
         raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(_FIELD_TYPES))
     if unknown:
-        raise ValueError(f"config file {str(path)!r}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         f"known fields: {', '.join(_FIELD_TYPES)}")
+        raise ValueError(
+            f"config file {str(path)!r}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"known fields: {', '.join(_FIELD_TYPES)}"
+        )
     return {k: _coerce(k, v, f"config file {str(path)!r}") for k, v in raw.items()}
 
 
@@ -372,13 +416,17 @@ def resume_config(saved: dict, file_values: dict | None = None, overrides: dict 
     unknown = sorted(set(saved) - set(_FIELD_TYPES))
     base = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
     if unknown:  # a newer or older version's field: ignoring it could change the run silently
-        raise ValueError(f"checkpoint config has unknown field(s) {', '.join(unknown)}; it was written by "
-                         "another version of switch-dit")
+        raise ValueError(
+            f"checkpoint config has unknown field(s) {', '.join(unknown)}; it was written by "
+            "another version of switch-dit"
+        )
     changes = {**(file_values or {}), **(overrides or {})}
     for name, value in changes.items():
         if name not in RESUMABLE_FIELDS and base.get(name) != value:
-            raise ValueError(f"{name} cannot change when resuming (checkpoint has {base.get(name)!r}, got {value!r}); "
-                             f"only {', '.join(sorted(RESUMABLE_FIELDS))} may")
+            raise ValueError(
+                f"{name} cannot change when resuming (checkpoint has {base.get(name)!r}, got {value!r}); "
+                f"only {', '.join(sorted(RESUMABLE_FIELDS))} may"
+            )
     return TrainConfig(**{**base, **changes})
 
 
@@ -466,11 +514,16 @@ _FLAGS = {
     "top_k": (dict(type=_positive_int), "k, experts per sample"),
     "num_basis": (dict(type=_positive_int), "Remix-DiT: K, basis models"),
     "mixing": (dict(choices=("batch", "sample")), "Remix-DiT: one mixed model per batch (published) or per sample"),
-    "init_from": (dict(), "Remix-DiT: start from this trained DiT (run folder or checkpoint, ours or the "
-                  "reference code's; its EMA weights), each mixed layer repeated K times"),
+    "init_from": (
+        dict(),
+        "Remix-DiT: start from this trained DiT (run folder or checkpoint, ours or the "
+        "reference code's; its EMA weights), each mixed layer repeated K times",
+    ),
     "backend": (dict(choices=("auto", "reference", "triton")), "kernels: auto = Triton on CUDA"),
-    "compile": (dict(choices=COMPILE_MODES), "torch.compile mode of the model in training; auto = default on "
-                "CUDA, none on the CPU"),
+    "compile": (
+        dict(choices=COMPILE_MODES),
+        "torch.compile mode of the model in training; auto = default on CUDA, none on the CPU",
+    ),
     "tf32": (dict(action=argparse.BooleanOptionalAction), "TF32 for fp32 matmuls and convolutions on CUDA"),
     "data": (dict(), "'digits' (embedded demo) or a latents folder from `switch-dit extract-latents`"),
     "image_size": (dict(type=_non_negative_int), "image pixels; 0 = from the data"),
@@ -482,12 +535,18 @@ _FLAGS = {
     "weight_decay": (dict(type=_non_negative_float), "AdamW weight decay"),
     "ema_decay": (dict(type=_fraction), "EMA decay"),
     "ema_warmup": (dict(action=argparse.BooleanOptionalAction), "EMA decay min(decay, (1+n)/(10+n))"),
-    "lambda_dp": (dict(type=_non_negative_float), "weight of the diffusion prior loss (Remix-DiT: of the "
-                  "coefficient prior, 1e-4)"),
-    "prior_schedule": (dict(choices=("constant", "published")), "prior weight over training: constant, or "
-                       "Remix-DiT's published lambda_dp * (2 - step / steps)"),
-    "timestep_sampling": (dict(choices=("uniform", "interval")), "uniform, or (Remix-DiT, published) every "
-                          "batch from one expert's timestep interval"),
+    "lambda_dp": (
+        dict(type=_non_negative_float),
+        "weight of the diffusion prior loss (Remix-DiT: of the coefficient prior, 1e-4)",
+    ),
+    "prior_schedule": (
+        dict(choices=("constant", "published")),
+        "prior weight over training: constant, or Remix-DiT's published lambda_dp * (2 - step / steps)",
+    ),
+    "timestep_sampling": (
+        dict(choices=("uniform", "interval")),
+        "uniform, or (Remix-DiT, published) every batch from one expert's timestep interval",
+    ),
     "coef_lr": (dict(type=_positive_float), "Remix-DiT: AdamW lr of the coefficient table"),
     "noise_schedule": (dict(choices=("cosine", "linear")), "beta schedule"),
     "precision": (dict(choices=PRECISIONS), "fp32, bf16 autocast, or fp16 autocast with a grad scaler"),
@@ -501,8 +560,11 @@ _FLAGS = {
     "ckpt_every": (dict(type=_positive_int), "steps between checkpoints"),
     "keep_checkpoints": (dict(type=_positive_int), "checkpoints kept (the newest)"),
     "progress": (dict(action=argparse.BooleanOptionalAction), "progress bar on rank 0"),
-    "figure_every": (dict(type=_non_negative_int), "draw the denoising paths of the EMA model "
-                     "(figures/paths-<step>.png, needs matplotlib) every K steps; 0 = never"),
+    "figure_every": (
+        dict(type=_non_negative_int),
+        "draw the denoising paths of the EMA model "
+        "(figures/paths-<step>.png, needs matplotlib) every K steps; 0 = never",
+    ),
     "sample": (dict(action=argparse.BooleanOptionalAction), "sample and score after training (digits)"),
     "objective": (dict(choices=OBJECTIVES), "training objective: Gaussian diffusion, or rectified flow (DiffMoE)"),
     "sample_method": (dict(choices=("ddpm", "ddim", "euler", "heun")), "sampler (euler/heun: objective flow)"),
@@ -518,18 +580,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     plus --config, --resume and --threads."""
     d_paper, d_digits = TrainConfig(data="latents"), TrainConfig()
     parser.add_argument("--config", default=None, help="YAML or JSON file of config fields (flags override it)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue from a checkpoint: PATH (file or run folder), or alone: the newest complete "
-                             "checkpoint of --out, starting afresh if there is none yet")
-    parser.add_argument("--threads", type=_non_negative_int, default=0,
-                        help="CPU threads for torch; 0 keeps torch's default")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint: PATH (file or run folder), or alone: the newest complete "
+        "checkpoint of --out, starting afresh if there is none yet",
+    )
+    parser.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="CPU threads for torch; 0 keeps torch's default"
+    )
     for name, (kwargs, text) in _FLAGS.items():
         a, b = getattr(d_paper, name), getattr(d_digits, name)
         default = f"{a}" if a == b or name in ("data", "out") else f"{b} for digits, {a} otherwise"
         default = b if name == "data" else default
         text = text if name == "out" else f"{text} (default {default})"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                            help=text.replace("%", "%%"), **kwargs)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **kwargs
+        )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -66,8 +66,15 @@ class ExpertChoiceMoE(nn.Module):
     is "reference"; "fused" (evaluation only) runs the Triton kernels.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int = 16, capacity: float = 1.0, mlp_ratio: float = 4.0,
-                 shared_expert: bool = False, strategy: str = "auto"):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int = 16,
+        capacity: float = 1.0,
+        mlp_ratio: float = 4.0,
+        shared_expert: bool = False,
+        strategy: str = "auto",
+    ):
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -104,8 +111,10 @@ class ExpertChoiceMoE(nn.Module):
         key = prefix + "expert_threshold"
         got = state_dict.get(key)
         if got is not None and tuple(got.shape) != (self.num_experts,):
-            raise ValueError(f"{key} has shape {tuple(got.shape)}, this layer has {self.num_experts} experts "
-                             f"(expected ({self.num_experts},))")
+            raise ValueError(
+                f"{key} has shape {tuple(got.shape)}, this layer has {self.num_experts} experts "
+                f"(expected ({self.num_experts},))"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def tokens_per_expert(self, num_tokens: int) -> int:
@@ -115,8 +124,10 @@ class ExpertChoiceMoE(nn.Module):
             raise ValueError(f"num_experts = {E} exceeds the pool of S = B * L = {num_tokens} tokens")
         C = int(num_tokens / E * self.capacity)
         if C < 1:
-            raise ValueError(f"capacity {self.capacity} gives C = int(S / E * capacity) = 0 tokens per expert "
-                             f"(S = {num_tokens}, E = {E})")
+            raise ValueError(
+                f"capacity {self.capacity} gives C = int(S / E * capacity) = 0 tokens per expert "
+                f"(S = {num_tokens}, E = {E})"
+            )
         return min(C, num_tokens)
 
     def aux_loss(self) -> torch.Tensor:
@@ -240,8 +251,10 @@ class DiffMoE(nn.Module):
             raise ValueError(f"hidden_size must be a multiple of 4 and of num_heads={num_heads}, got {hidden_size}")
         if capacity_schedule is not None:
             if len(capacity_schedule) != 2 or not 0 <= capacity_schedule[0] < capacity_schedule[1]:
-                raise ValueError(f"capacity_schedule must be (stage_1_iters, stage_2_iters) with "
-                                 f"0 <= stage_1 < stage_2, got {capacity_schedule!r}")
+                raise ValueError(
+                    f"capacity_schedule must be (stage_1_iters, stage_2_iters) with "
+                    f"0 <= stage_1 < stage_2, got {capacity_schedule!r}"
+                )
         self.objective = objective
         self.backend = check_backend(backend)
         self.learn_sigma = learn_sigma
@@ -332,8 +345,10 @@ class DiffMoE(nn.Module):
             check_flow_time(t, x.shape[0], closed=True)
         else:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                raise ValueError(f"t must be int64 timesteps for a model with objective='diffusion', got {t.dtype} "
-                                 "(float flow times need objective='flow')")
+                raise ValueError(
+                    f"t must be int64 timesteps for a model with objective='diffusion', got {t.dtype} "
+                    "(float flow times need objective='flow')"
+                )
             check_timesteps(t, self.num_timesteps, batch=x.shape[0])
         check_labels(y, self.y_embedder.embedding_table.num_embeddings, batch=x.shape[0])
 

@@ -56,6 +56,7 @@ Tensor = torch.Tensor
 # Schedules and respacing
 # ---------------------------------------------------------------------------
 
+
 def get_beta_schedule(name: str, num_timesteps: int = 1000) -> Tensor:
     """Betas of a named schedule, float64 tensor of shape (num_timesteps,).
 
@@ -71,6 +72,7 @@ def get_beta_schedule(name: str, num_timesteps: int = 1000) -> Tensor:
         scale = 1000.0 / num_timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
     if name == "cosine":
+
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -98,15 +100,13 @@ def space_timesteps(num_timesteps: int, spacing: Union[None, int, str, Sequence[
     if isinstance(spacing, str):
         if spacing.startswith("ddim"):
             try:
-                want = int(spacing[len("ddim"):])
+                want = int(spacing[len("ddim") :])
             except ValueError:
                 raise ValueError(f"timestep_respacing {spacing!r}: expected 'ddim<N>'") from None
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == want:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(
-                f"timestep_respacing {spacing!r}: no integer stride gives {want} of {num_timesteps} steps"
-            )
+            raise ValueError(f"timestep_respacing {spacing!r}: no integer stride gives {want} of {num_timesteps} steps")
         try:
             counts = [int(part) for part in spacing.split(",")]
         except ValueError:
@@ -128,9 +128,7 @@ def space_timesteps(num_timesteps: int, spacing: Union[None, int, str, Sequence[
     for i, count in enumerate(counts):
         size = base + (1 if i < extra else 0)
         if count < 1 or count > size:
-            raise ValueError(
-                f"timestep_respacing: cannot take {count} steps from a section of {size} steps"
-            )
+            raise ValueError(f"timestep_respacing: cannot take {count} steps from a section of {size} steps")
         # A fractional stride hits both ends of the section; rounding keeps
         # the steps integer (round-half-even, as Python's round()).
         stride = 1.0 if count == 1 else (size - 1) / (count - 1)
@@ -143,12 +141,10 @@ def space_timesteps(num_timesteps: int, spacing: Union[None, int, str, Sequence[
 # Log-likelihood helpers
 # ---------------------------------------------------------------------------
 
+
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -156,7 +152,7 @@ def approx_standard_normal_cdf(x: Tensor) -> Tensor:
 
     Kept instead of the exact erf so that decoder NLLs match ADM/DiT's numbers.
     """
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
@@ -178,9 +174,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_bin = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin)
-    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 
 def accepts_shared_timestep(model: Callable) -> bool:
@@ -198,6 +192,7 @@ def _mean_flat(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 # The process
 # ---------------------------------------------------------------------------
+
 
 class GaussianDiffusion:
     """A discrete Gaussian diffusion process over num_timesteps = len(betas) steps.
@@ -326,9 +321,7 @@ class GaussianDiffusion:
         """Uniform random timesteps, int64 (batch,) in [0, num_timesteps)."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-        return torch.randint(
-            0, self.num_timesteps, (batch,), device=device, generator=generator, dtype=torch.int64
-        )
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator, dtype=torch.int64)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I). x0: (B, ...)."""
@@ -350,10 +343,7 @@ class GaussianDiffusion:
         if x0.shape != x_t.shape:
             raise ValueError(f"x0 and x_t must have one shape, got {tuple(x0.shape)} and {tuple(x_t.shape)}")
         self._check_t(t, x_t.shape[0])
-        mean = (
-            self._extract("posterior_mean_coef1", t, x_t) * x0
-            + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        )
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
         var = self._extract("posterior_variance", t, x_t)
         log_var = self._extract("posterior_log_variance_clipped", t, x_t)
         return mean, var, log_var
@@ -367,9 +357,9 @@ class GaussianDiffusion:
         )
 
     def _predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
 
     def p_mean_variance_from_output(
         self, out: Tensor, x: Tensor, t: Tensor, clip_denoised: bool = False
@@ -520,7 +510,7 @@ class GaussianDiffusion:
         abar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar)) * torch.sqrt(1.0 - abar / abar_prev)
         # 1 - abar_prev - sigma^2 >= 0 exactly, but can round to just below 0 (NaN in the sqrt) at eta = 1.
-        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1.0 - abar_prev - sigma ** 2).clamp_min(0)) * eps
+        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1.0 - abar_prev - sigma**2).clamp_min(0)) * eps
         if eta == 0:
             return {"sample": mean, "pred_xstart": out["pred_xstart"]}
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -528,8 +518,10 @@ class GaussianDiffusion:
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
     def _initial_noise(self, shape, noise, generator, device, dtype) -> Tensor:
-        if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or any(
-            not isinstance(s, int) or s < 1 for s in shape
+        if (
+            not isinstance(shape, (tuple, list, torch.Size))
+            or len(shape) < 2
+            or any(not isinstance(s, int) or s < 1 for s in shape)
         ):
             raise ValueError(f"shape must be a tuple of positive ints (B, C, ...), got {shape!r}")
         if noise is not None:
@@ -599,6 +591,7 @@ class GaussianDiffusion:
 # ---------------------------------------------------------------------------
 # Construction and the sampling convenience
 # ---------------------------------------------------------------------------
+
 
 def create_diffusion(
     timestep_respacing: Union[None, int, str] = None,

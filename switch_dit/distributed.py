@@ -352,12 +352,19 @@ class ShardedBatchSampler:
         return idx
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_items": self.num_items,
-                "global_batch": self.global_batch}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_items": self.num_items,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_items", "global_batch", "seed"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"the checkpoint's data position is for {key}={state[key]}, this run has "
-                                 f"{getattr(self, key)}: the data or batch size changed")
+                raise ValueError(
+                    f"the checkpoint's data position is for {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}: the data or batch size changed"
+                )
         self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None

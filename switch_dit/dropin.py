@@ -132,12 +132,17 @@ def _unwrap(model):
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return _unwrap(model.module)
     if hasattr(model, "_orig_mod"):
-        raise TypeError("accelerate() must run before torch.compile: call switch_dit.accelerate(model), then compile it")
+        raise TypeError(
+            "accelerate() must run before torch.compile: call switch_dit.accelerate(model), then compile it"
+        )
     from .models import DiT as OwnDiT
     from .remix_dit import RemixDiT
 
     if isinstance(model, (OwnDiT, RemixDiT)):
-        raise TypeError("this is switch_dit's own DiT, which has the fast path built in: use model.set_backend(...) instead of accelerate()")
+        raise TypeError(
+            "this is switch_dit's own DiT, which has the fast path built in: "
+            "use model.set_backend(...) instead of accelerate()"
+        )
     return model
 
 
@@ -155,7 +160,16 @@ def _check_norm(norm, where: str, D: int) -> None:
 
 
 def _check_reference_model(model: nn.Module, prior: str) -> str:
-    for name in ("x_embedder", "t_embedder", "y_embedder", "pos_embed", "blocks", "final_layer", "unpatchify", "routing_method"):
+    for name in (
+        "x_embedder",
+        "t_embedder",
+        "y_embedder",
+        "pos_embed",
+        "blocks",
+        "final_layer",
+        "unpatchify",
+        "routing_method",
+    ):
         if not hasattr(model, name):
             raise _problem(f"it has no attribute {name!r} ({type(model).__name__})")
     blocks = model.blocks
@@ -203,13 +217,20 @@ def _check_dmoe(model: nn.Module, D: int, N: int, prior: str) -> None:
     for i, r in enumerate(routers):
         experts = getattr(r, "experts", None)
         w, b = getattr(experts, "w", None), getattr(experts, "b", None)
-        if not isinstance(getattr(r, "f_gate", None), nn.Module) or not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if (
+            not isinstance(getattr(r, "f_gate", None), nn.Module)
+            or not isinstance(w, torch.Tensor)
+            or not isinstance(b, torch.Tensor)
+        ):
             raise _problem(f"routers[{i}] must have f_gate, experts.w and experts.b")
         M, k = getattr(r, "num_experts", None), getattr(r, "k", None)
         if not isinstance(M, int) or not isinstance(k, int) or not 1 <= k <= M:
             raise _problem(f"routers[{i}] must have integers num_experts = M and 1 <= k <= M, got {M!r}, {k!r}")
         if tuple(w.shape) != (M, D, D) or tuple(b.shape) != (M, D):
-            raise _problem(f"routers[{i}].experts.w must be (M, D, D) = {(M, D, D)} and experts.b (M, D) = {(M, D)}, got {tuple(w.shape)} and {tuple(b.shape)}")
+            raise _problem(
+                f"routers[{i}].experts.w must be (M, D, D) = {(M, D, D)} and experts.b (M, D) = {(M, D)}, "
+                f"got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
         Ms.add(M)
         ks.add(k)
     if len(Ms) > 1 or len(ks) > 1:
@@ -218,7 +239,11 @@ def _check_dmoe(model: nn.Module, D: int, N: int, prior: str) -> None:
     pr = getattr(model, "prior", None)
     um = getattr(pr, "_unit_mapping", None)
     full_time = getattr(model, "full_time", None)
-    if not isinstance(pr, nn.Module) or not callable(getattr(pr, "compute_JSD_loss", None)) or not isinstance(um, torch.Tensor):
+    if (
+        not isinstance(pr, nn.Module)
+        or not callable(getattr(pr, "compute_JSD_loss", None))
+        or not isinstance(um, torch.Tensor)
+    ):
         raise _problem("routing_method 'DMoE' needs prior, a DiffusionPrior with _unit_mapping and compute_JSD_loss")
     if not isinstance(full_time, torch.Tensor) or full_time.dim() != 1:
         raise _problem("routing_method 'DMoE' needs the buffer full_time = arange(T)")
@@ -246,7 +271,9 @@ def _patched_class(original: type, mixin: type) -> type:
     key = (mixin, original)
     if key not in _CLASSES:
         name = f"Accelerated{original.__name__}"
-        _CLASSES[key] = type(name, (mixin, original), {"_switch_dit_original": original, "__module__": original.__module__})
+        _CLASSES[key] = type(
+            name, (mixin, original), {"_switch_dit_original": original, "__module__": original.__module__}
+        )
     return _CLASSES[key]
 
 
@@ -281,7 +308,9 @@ class _AcceleratedBlock(_Patched):
         backend = self._switch_dit_backend
         if runs_reference(backend, x):
             return super().forward(x, c, mask)  # the reference code itself
-        return adaln_zero_block(x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=backend)
+        return adaln_zero_block(
+            x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=backend
+        )
 
 
 class _AcceleratedFinalLayer(_Patched):

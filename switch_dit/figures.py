@@ -33,8 +33,12 @@ __all__ = [
 ]
 
 LOSS_PARTS = ("loss", "mse", "vb", "prior")
-_TITLES = {"loss": "total loss", "mse": "noise (MSE on epsilon)", "vb": "variational bound (vb)",
-           "prior": "diffusion prior (L_dp)"}
+_TITLES = {
+    "loss": "total loss",
+    "mse": "noise (MSE on epsilon)",
+    "vb": "variational bound (vb)",
+    "prior": "diffusion prior (L_dp)",
+}
 
 
 def _figure_class():
@@ -81,7 +85,9 @@ def denoising_paths(model) -> PathData:
     cost is the same).
     """
     if getattr(model, "routing", None) != "switch":
-        raise ValueError(f"model must be a Switch-DiT (routing 'switch'), got routing={getattr(model, 'routing', None)!r}")
+        raise ValueError(
+            f"model must be a Switch-DiT (routing 'switch'), got routing={getattr(model, 'routing', None)!r}"
+        )
     probs = model.gate_table().float().cpu()  # (T, N, M)
     T, N, M = probs.shape
     w_gate = prior_lib.activation_map(probs, model.top_k)  # (T, N*M)
@@ -100,8 +106,15 @@ def denoising_paths(model) -> PathData:
 
 def _draw_map(ax, image, N: int, M: int, title: str) -> None:
     # Rows are the N*M units (block-major), columns the timesteps: the "stacked over t" map.
-    ax.imshow(image.T.numpy(), aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-              extent=(-0.5, image.shape[0] - 0.5, N * M - 0.5, -0.5))
+    ax.imshow(
+        image.T.numpy(),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="Greys",
+        vmin=0,
+        vmax=1,
+        extent=(-0.5, image.shape[0] - 0.5, N * M - 0.5, -0.5),
+    )
     for n in range(1, N):
         ax.axhline(n * M - 0.5, color="tab:red", linewidth=0.6)
     step = max(1, math.ceil(N / 16))  # at most ~16 labels on the axis
@@ -122,9 +135,15 @@ def plot_denoising_paths(paths: PathData, path, title: str | None = None, dpi: i
     ax_gate, ax_prior = fig.subplots(1, 2, sharey=True)
     _draw_map(ax_gate, paths.w_gate.reshape(T, N * M), N, M, f"stacked w_gate (top-{paths.top_k} of {M} experts)")
     _draw_map(ax_prior, paths.w_prior.reshape(T, N * M), N, M, "matched w_prior")
-    fig.suptitle((title or f"denoising paths: {N} blocks x {M} experts, {T} timesteps "
-                           f"(mismatch {paths.mismatch:.0f} of {T * N * M} cells)") + "; black = expert used",
-                 fontsize=10)
+    fig.suptitle(
+        (
+            title
+            or f"denoising paths: {N} blocks x {M} experts, {T} timesteps "
+            f"(mismatch {paths.mismatch:.0f} of {T * N * M} cells)"
+        )
+        + "; black = expert used",
+        fontsize=10,
+    )
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path
@@ -146,8 +165,9 @@ class PathRecorder:
     def __call__(self, model, step: int) -> Path | None:
         if step % self.every:
             return None
-        png = plot_denoising_paths(denoising_paths(model), self.out_dir / f"paths-{step:07d}.png",
-                                   title=f"denoising paths at step {step}")
+        png = plot_denoising_paths(
+            denoising_paths(model), self.out_dir / f"paths-{step:07d}.png", title=f"denoising paths at step {step}"
+        )
         self.written.append(png)
         return png
 

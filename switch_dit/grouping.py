@@ -61,8 +61,12 @@ def _check(index: Tensor, valid: Optional[Tensor], block_m: int) -> None:
     if not isinstance(index, Tensor) or index.dim() != 2 or index.dtype != torch.int64:
         got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
         raise ValueError(f"index must be an int64 tensor (E, C), got {got}")
-    if valid is not None and (not isinstance(valid, Tensor) or valid.dtype != torch.bool
-                              or valid.shape != index.shape or valid.device != index.device):
+    if valid is not None and (
+        not isinstance(valid, Tensor)
+        or valid.dtype != torch.bool
+        or valid.shape != index.shape
+        or valid.device != index.device
+    ):
         raise ValueError(f"valid must be None or a bool tensor of shape {tuple(index.shape)} on {index.device}")
     if not isinstance(block_m, int) or block_m < 1:
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
@@ -105,14 +109,21 @@ def _fake(index, valid, block_m):
     _check(index, valid, block_m)
     E, C = index.shape
     i64 = dict(dtype=torch.int64)
-    return (index.new_empty((E,), **i64), index.new_empty((E + 1,), **i64), index.new_empty((E * C,), **i64),
-            index.new_empty((E * C,), **i64), index.new_empty((E * C,), **i64), index.new_empty((E, C), **i64),
-            index.new_empty((max_tiles(E, C, block_m), 2), dtype=torch.int32))
+    return (
+        index.new_empty((E,), **i64),
+        index.new_empty((E + 1,), **i64),
+        index.new_empty((E * C,), **i64),
+        index.new_empty((E * C,), **i64),
+        index.new_empty((E * C,), **i64),
+        index.new_empty((E, C), **i64),
+        index.new_empty((max_tiles(E, C, block_m), 2), dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op(_TORCH_OP, mutates_args=())
-def _groups_torch(index: Tensor, valid: Optional[Tensor], block_m: int) -> tuple[
-        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _groups_torch(
+    index: Tensor, valid: Optional[Tensor], block_m: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(t.clone() for t in reference_groups(index, valid, block_m))
 
 
@@ -132,8 +143,11 @@ def group_tokens(index: Tensor, valid: Optional[Tensor] = None, block_m: int = 6
     if index.device.type in _EXT_DEVICES:
         return TokenGroups(*torch.ops.switch_dit.group_tokens(index, valid, block_m))
     if not torch.compiler.is_compiling():
-        why = (f"switch_dit._C has no group_tokens kernel for device {index.device.type!r}" if _HAS_OP
-               else f"the compiled extension lacks group_tokens ({_extension.load_error or 'built before it'})")
+        why = (
+            f"switch_dit._C has no group_tokens kernel for device {index.device.type!r}"
+            if _HAS_OP
+            else f"the compiled extension lacks group_tokens ({_extension.load_error or 'built before it'})"
+        )
         _extension.warn_fallback("switch_dit.grouping.group_tokens", why)
     return TokenGroups(*torch.ops.switch_dit.group_tokens_torch(index, valid, block_m))
 

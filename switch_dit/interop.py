@@ -34,8 +34,13 @@ from .diffmoe import DiffMoE
 from .models import DiT
 from .remix_dit import RemixDiT
 
-__all__ = ["load_official", "official_state_dict", "unwrap_checkpoint", "init_remix_from_dit",
-           "init_remix_from_dit_file"]
+__all__ = [
+    "load_official",
+    "official_state_dict",
+    "unwrap_checkpoint",
+    "init_remix_from_dit",
+    "init_remix_from_dit_file",
+]
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -64,7 +69,9 @@ def _expect_table(sd: dict, key: str, want: torch.Tensor, what: str) -> None:
     if got is None:
         return
     if tuple(got.shape) != tuple(want.shape):
-        raise ValueError(f"checkpoint {key} has shape {tuple(got.shape)}, this model expects {tuple(want.shape)} ({what})")
+        raise ValueError(
+            f"checkpoint {key} has shape {tuple(got.shape)}, this model expects {tuple(want.shape)} ({what})"
+        )
     if not torch.equal(got.float().cpu(), want.float().cpu()):
         raise ValueError(f"checkpoint {key} differs from this model's {what}: a different alpha/beta or (M, k) setting")
 
@@ -84,7 +91,12 @@ def load_official(model: DiT | RemixDiT, checkpoint: Any, *, ema: bool = False) 
     T = model.num_timesteps
     _expect_table(sd, "full_time", torch.arange(T), f"timestep table of T={T}")
     if model.routing == "switch":
-        _expect_table(sd, "prior._unit_mapping", model.w_prior, f"prior table of T={T}, N={model.depth}, M={model.num_experts}, k={model.top_k}")
+        _expect_table(
+            sd,
+            "prior._unit_mapping",
+            model.w_prior,
+            f"prior table of T={T}, N={model.depth}, M={model.num_experts}, k={model.top_k}",
+        )
     for key in [k for k in sd if k.startswith("routers.") and k.endswith("._unit_mapping")]:
         if model.routing != "dtr":
             raise ValueError(f"checkpoint holds DTR masks ({key}) but the model has routing={model.routing!r}")
@@ -98,13 +110,17 @@ def load_official(model: DiT | RemixDiT, checkpoint: Any, *, ema: bool = False) 
 def _check_fit(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], header: str) -> None:
     """Raise ValueError (``header``, then the first few mismatched, missing and unexpected keys)
     unless ``sd`` has exactly the keys and shapes of ``own``."""
+
     def head(items, sep=", "):
         return sep.join(items[:6]) + (" ..." if len(items) > 6 else "")
 
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         lines = [header]
         if wrong:
@@ -133,18 +149,30 @@ def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
 
 def _describe(model: DiT | RemixDiT | DiffMoE) -> str:
     if isinstance(model, DiffMoE):
-        return (f"DiffMoE (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
-                f"classes={model.num_classes}, E={model.num_experts}, interleave={model.interleave})")
+        return (
+            f"DiffMoE (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
+            f"classes={model.num_classes}, E={model.num_experts}, interleave={model.interleave})"
+        )
     if isinstance(model, RemixDiT):
-        return (f"Remix-DiT (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
-                f"classes={model.num_classes}, K={model.num_basis}, N={model.num_experts})")
+        return (
+            f"Remix-DiT (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
+            f"classes={model.num_classes}, K={model.num_basis}, N={model.num_experts})"
+        )
     fam = {"none": "DiT", "dtr": "DTR", "switch": "Switch-DiT"}[model.routing]
     extra = f", M={model.num_experts}, k={model.top_k}" if model.routing == "switch" else ""
-    return f"{fam} (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, classes={model.num_classes}{extra})"
+    return (
+        f"{fam} (D={model.hidden_size}, depth={model.depth}, patch={model.patch_size}, "
+        f"classes={model.num_classes}{extra})"
+    )
 
 
 # DiffMoE: per-expert MLP keys (public) <-> stacked expert weights (ours).
-_EXPERT_PARAMS = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias", "fc2_weight": "fc2.weight", "fc2_bias": "fc2.bias"}
+_EXPERT_PARAMS = {
+    "fc1_weight": "fc1.weight",
+    "fc1_bias": "fc1.bias",
+    "fc2_weight": "fc2.weight",
+    "fc2_bias": "fc2.bias",
+}
 
 
 def _diffmoe_to_official(model: DiffMoE, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,12 +188,14 @@ def _diffmoe_from_official(model: DiffMoE, sd: dict[str, torch.Tensor]) -> dict[
     sd = dict(sd)
     for i in model.moe_blocks:
         p = f"blocks.{i}.mlp."
-        experts = {int(k[len(p + "experts."):].split(".")[0]) for k in sd if k.startswith(p + "experts.")}
+        experts = {int(k[len(p + "experts.") :].split(".")[0]) for k in sd if k.startswith(p + "experts.")}
         if not experts:
             continue  # left to _check_fit: the missing stacked keys name the block
         if experts != set(range(model.num_experts)):
-            raise ValueError(f"checkpoint block {i} has experts {sorted(experts)[:4]}... ({len(experts)} in all), "
-                             f"this model has E = {model.num_experts} (num_experts)")
+            raise ValueError(
+                f"checkpoint block {i} has experts {sorted(experts)[:4]}... ({len(experts)} in all), "
+                f"this model has E = {model.num_experts} (num_experts)"
+            )
         for ours, theirs in _EXPERT_PARAMS.items():
             keys = [f"{p}experts.{j}.{theirs}" for j in range(model.num_experts)]
             missing = [k for k in keys if k not in sd]
@@ -196,8 +226,10 @@ def init_remix_from_dit(model: RemixDiT, checkpoint: Any, *, ema: bool | None = 
     sd = unwrap_checkpoint(checkpoint, ema=ema)
     routed = sorted(k for k in sd if k.startswith(("routers.", "prior.")))
     if routed:
-        raise ValueError(f"init_remix_from_dit needs a plain DiT checkpoint; this one has routing tables "
-                         f"({', '.join(routed[:3])}{' ...' if len(routed) > 3 else ''}): a Switch-DiT or DTR")
+        raise ValueError(
+            f"init_remix_from_dit needs a plain DiT checkpoint; this one has routing tables "
+            f"({', '.join(routed[:3])}{' ...' if len(routed) > 3 else ''}): a Switch-DiT or DTR"
+        )
     sd.pop("full_time", None)
     K = model.num_basis
     out = {}
@@ -208,8 +240,11 @@ def init_remix_from_dit(model: RemixDiT, checkpoint: Any, *, ema: bool | None = 
     if "coefficients.weight" in out:
         raise ValueError("checkpoint already holds coefficients.weight: it is a Remix-DiT, load it with load_official")
     out["coefficients.weight"] = model.coefficients.weight.detach().clone()
-    _check_fit(model.state_dict(), out,
-               f"DiT checkpoint does not fit {_describe(model)} (after repeating the mixed layers K={K} times):")
+    _check_fit(
+        model.state_dict(),
+        out,
+        f"DiT checkpoint does not fit {_describe(model)} (after repeating the mixed layers K={K} times):",
+    )
     model.load_state_dict(out, strict=True)
     return model
 

@@ -79,8 +79,10 @@ def find_images(root, unconditional: bool = False) -> tuple[list[Path], list[int
         return files, [0] * len(files), [""]
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"image folder {str(root)!r} has no class sub-folders (ImageNet layout: "
-                         "root/<class>/<image>); pass --unconditional for a folder of unlabelled images")
+        raise ValueError(
+            f"image folder {str(root)!r} has no class sub-folders (ImageNet layout: "
+            "root/<class>/<image>); pass --unconditional for a folder of unlabelled images"
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(p for p in (root / name).rglob("*") if _is_image(p))
@@ -173,8 +175,9 @@ def _shard_name(i: int) -> str:
 
 def _shard_key(files: list[Path], labels: list[int], root: Path, **settings) -> str:
     """What a shard's content depends on: its images (names, labels) and the settings."""
-    text = json.dumps({"files": [str(f.relative_to(root)) for f in files], "labels": labels, **settings},
-                      sort_keys=True)
+    text = json.dumps(
+        {"files": [str(f.relative_to(root)) for f in files], "labels": labels, **settings}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -237,8 +240,10 @@ def extract_latents(
     keys = {i: _shard_key(files[a:b], labels[a:b], Path(image_folder), **settings) for i, a, b in spans}
     mine = [s for s in spans if s[0] % world_size == rank and not _shard_done(out, s[0], keys[s[0]])]
     if rank == 0:
-        log(f"{len(files)} images in {len(classes)} class(es) -> {n_shards} shard(s) in {out}; "
-            f"{n_shards - len(mine) if world_size == 1 else 'some'} already done")
+        log(
+            f"{len(files)} images in {len(classes)} class(es) -> {n_shards} shard(s) in {out}; "
+            f"{n_shards - len(mine) if world_size == 1 else 'some'} already done"
+        )
     label_t = torch.tensor(labels, dtype=torch.int64)
 
     # One loader over all pending images of this rank; batches never straddle shards.
@@ -247,8 +252,9 @@ def extract_latents(
     for _, a, b in mine:
         batches += [list(range(offset + j, offset + min(j + batch_size, b - a))) for j in range(0, b - a, batch_size)]
         offset += b - a
-    loader = torch.utils.data.DataLoader(_ImageFiles(pending, image_size), batch_sampler=batches,
-                                         num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(pending, image_size), batch_sampler=batches, num_workers=num_workers
+    )
     it = iter(loader)
     bar = None
     if progress and rank == 0:
@@ -283,8 +289,16 @@ def extract_latents(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _write_json({"count": b - a, "bytes": path.stat().st_size, "sha256": _sha256(path),
-                     "latent_shape": list(latents.shape[2:]), "key": keys[i]}, path.with_suffix(".json"))
+        _write_json(
+            {
+                "count": b - a,
+                "bytes": path.stat().st_size,
+                "sha256": _sha256(path),
+                "latent_shape": list(latents.shape[2:]),
+                "key": keys[i],
+            },
+            path.with_suffix(".json"),
+        )
     if bar is not None:
         bar.close()
     if barrier is not None:
@@ -317,8 +331,10 @@ def extract_latents(
         "shards": [{k: r[k] for k in ("file", "count", "bytes", "sha256")} for r in records],
     }
     _write_json(manifest, out / MANIFEST)
-    log(f"wrote {out / MANIFEST}: {len(files)} latents of shape {manifest['latent_shape']}"
-        f"{' (+ mirrored)' if flips == 'stored' else ''}")
+    log(
+        f"wrote {out / MANIFEST}: {len(files)} latents of shape {manifest['latent_shape']}"
+        f"{' (+ mirrored)' if flips == 'stored' else ''}"
+    )
     return manifest
 
 
@@ -344,8 +360,10 @@ class LatentsDataset:
         if not folder.exists():
             raise FileNotFoundError(f"latents folder {str(folder)!r} does not exist")
         if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"{str(folder)!r} has no {MANIFEST}: not a latents folder written by "
-                                    "`switch-dit extract-latents`, or its extraction has not finished")
+            raise FileNotFoundError(
+                f"{str(folder)!r} has no {MANIFEST}: not a latents folder written by "
+                "`switch-dit extract-latents`, or its extraction has not finished"
+            )
         try:
             m = json.loads((folder / MANIFEST).read_text())
         except json.JSONDecodeError as e:
@@ -353,23 +371,28 @@ class LatentsDataset:
         if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
             raise ValueError(f"{str(folder / MANIFEST)!r} is not a switch-dit latents manifest")
         if m.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{str(folder / MANIFEST)!r} has version {m.get('version')}, this version reads "
-                             f"{FORMAT_VERSION}")
+            raise ValueError(
+                f"{str(folder / MANIFEST)!r} has version {m.get('version')}, this version reads {FORMAT_VERSION}"
+            )
         self.folder, self.manifest = folder, m
         self.image_size = int(m["image_size"])
         self.latent_shape = tuple(int(s) for s in m["latent_shape"])
         self.num_classes = int(m["num_classes"])
         self.flips_stored = m["flips"] == "stored"
         if expected_image_size and expected_image_size != self.image_size:
-            raise ValueError(f"image_size is {expected_image_size} but the latents in {str(folder)!r} were "
-                             f"extracted from {self.image_size}x{self.image_size} images "
-                             f"(latents {'x'.join(map(str, self.latent_shape))}); set image_size to "
-                             f"{self.image_size} or 0")
+            raise ValueError(
+                f"image_size is {expected_image_size} but the latents in {str(folder)!r} were "
+                f"extracted from {self.image_size}x{self.image_size} images "
+                f"(latents {'x'.join(map(str, self.latent_shape))}); set image_size to "
+                f"{self.image_size} or 0"
+            )
         if len(self.latent_shape) != 3 or self.latent_shape[1] != self.latent_shape[2]:
             raise ValueError(f"{str(folder / MANIFEST)!r}: latent_shape must be (C, h, h), got {self.latent_shape}")
         if self.latent_shape[1] * 8 != self.image_size:
-            raise ValueError(f"{str(folder / MANIFEST)!r}: latents of size {self.latent_shape[1]} do not come from "
-                             f"{self.image_size}-pixel images with an 8x VAE")
+            raise ValueError(
+                f"{str(folder / MANIFEST)!r}: latents of size {self.latent_shape[1]} do not come from "
+                f"{self.image_size}-pixel images with an 8x VAE"
+            )
         variants = 2 if self.flips_stored else 1
         self._latents, self._labels, counts = [], [], []
         for rec in m["shards"]:
@@ -378,8 +401,10 @@ class LatentsDataset:
                 raise FileNotFoundError(f"shard {str(path)!r} listed in the manifest is missing")
             size = path.stat().st_size
             if size != rec["bytes"]:
-                raise ValueError(f"shard {str(path)!r} is corrupt: {size} bytes, the manifest says {rec['bytes']} "
-                                 "(truncated copy? re-run extract-latents to rewrite it)")
+                raise ValueError(
+                    f"shard {str(path)!r} is corrupt: {size} bytes, the manifest says {rec['bytes']} "
+                    "(truncated copy? re-run extract-latents to rewrite it)"
+                )
             if verify and _sha256(path) != rec["sha256"]:
                 raise ValueError(f"shard {str(path)!r} is corrupt: its SHA-256 differs from the manifest's")
             try:
@@ -389,19 +414,24 @@ class LatentsDataset:
                 raise ValueError(f"shard {str(path)!r} is corrupt and cannot be read: {e}") from None
             want = (rec["count"], variants, *self.latent_shape)
             if tuple(z.shape) != want:
-                raise ValueError(f"shard {str(path)!r} holds latents of shape {tuple(z.shape)}, the manifest "
-                                 f"says {want} (count, variants, C, h, w): latents of the wrong size")
+                raise ValueError(
+                    f"shard {str(path)!r} holds latents of shape {tuple(z.shape)}, the manifest "
+                    f"says {want} (count, variants, C, h, w): latents of the wrong size"
+                )
             if tuple(y.shape) != (rec["count"],) or y.dtype != torch.int64:
-                raise ValueError(f"shard {str(path)!r} has labels of shape {tuple(y.shape)} ({y.dtype}), "
-                                 f"expected ({rec['count']},) int64")
+                raise ValueError(
+                    f"shard {str(path)!r} has labels of shape {tuple(y.shape)} ({y.dtype}), "
+                    f"expected ({rec['count']},) int64"
+                )
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
                 raise ValueError(f"shard {str(path)!r} has labels outside [0, {self.num_classes})")
             self._latents.append(z)
             self._labels.append(y)
             counts.append(rec["count"])
         if sum(counts) != m["count"] or not counts:
-            raise ValueError(f"{str(folder / MANIFEST)!r}: the shards hold {sum(counts)} latents, the manifest "
-                             f"says {m['count']}")
+            raise ValueError(
+                f"{str(folder / MANIFEST)!r}: the shards hold {sum(counts)} latents, the manifest says {m['count']}"
+            )
         self._ends = torch.tensor(np.cumsum(counts), dtype=torch.int64)
         self.labels = torch.cat(self._labels)
 
@@ -443,15 +473,26 @@ class LatentsDataset:
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", help="image folder: one sub-folder per class (ImageNet layout)")
     p.add_argument("out", help="folder for the shards and manifest.json")
-    p.add_argument("--vae", default="ema", help="ema or mse (stabilityai/sd-vae-ft-*), a hub id or a local folder "
-                                                "(default %(default)s)")
+    p.add_argument(
+        "--vae",
+        default="ema",
+        help="ema or mse (stabilityai/sd-vae-ft-*), a hub id or a local folder (default %(default)s)",
+    )
     p.add_argument("--image-size", type=int, default=256, help="crop size in pixels (default %(default)s)")
-    p.add_argument("--flips", choices=("stored", "none"), default="stored",
-                   help="also encode the mirrored images (default %(default)s)")
+    p.add_argument(
+        "--flips",
+        choices=("stored", "none"),
+        default="stored",
+        help="also encode the mirrored images (default %(default)s)",
+    )
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE call (default %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="stored latent type (default %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="stored latent type (default %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=4, help="image decoding processes (default %(default)s)")
     p.add_argument("--unconditional", action="store_true", help="every image is class 0 (FFHQ)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default %(default)s)")
@@ -476,11 +517,23 @@ def extract_from_args(args: argparse.Namespace) -> int:
     try:
         encoder = vae_encoder(args.vae, ctx.device)
         extract_latents(
-            args.images, args.out, encoder, image_size=args.image_size, shard_size=args.shard_size,
-            batch_size=args.batch_size, flips=args.flips, dtype=getattr(torch, args.dtype),
-            unconditional=args.unconditional, num_workers=args.workers, seed=args.seed, rank=ctx.rank,
-            world_size=ctx.world_size, barrier=ctx.barrier, vae_name=encoder.name,
-            progress=not args.no_progress, log=print if ctx.is_main else (lambda *a: None),
+            args.images,
+            args.out,
+            encoder,
+            image_size=args.image_size,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            flips=args.flips,
+            dtype=getattr(torch, args.dtype),
+            unconditional=args.unconditional,
+            num_workers=args.workers,
+            seed=args.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            barrier=ctx.barrier,
+            vae_name=encoder.name,
+            progress=not args.no_progress,
+            log=print if ctx.is_main else (lambda *a: None),
         )
     finally:
         distributed.cleanup()

@@ -209,8 +209,12 @@ class Experts(nn.Module):
 def is_silu_linear(gate: nn.Module) -> bool:
     """Whether a gate is SiLU -> Linear (ours and the reference's ``f_gate``): then the gates of
     all blocks can run as one GEMM."""
-    return (isinstance(gate, nn.Sequential) and len(gate) == 2 and isinstance(gate[0], nn.SiLU)
-            and isinstance(gate[1], nn.Linear))
+    return (
+        isinstance(gate, nn.Sequential)
+        and len(gate) == 2
+        and isinstance(gate[0], nn.SiLU)
+        and isinstance(gate[1], nn.Linear)
+    )
 
 
 def gate_probs_of_blocks(t_emb: torch.Tensor, gates: Sequence[nn.Module], *, one_gemm: bool) -> torch.Tensor:
@@ -274,7 +278,9 @@ class TimestepRouter(nn.Module):
         backend = backend_for("expert_mask", self.backend)
         return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
 
-    def mask_and_apply(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask_and_apply(
+        self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, z * m), both (B, L, D), in one pass on the fused path; arguments as forward."""
         backend = backend_for("expert_mask_and_apply", self.backend)
         return expert_mask_and_apply(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
@@ -345,7 +351,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return adaln_zero_block(x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=self.backend)
+        return adaln_zero_block(
+            x, c, mask, self.adaLN_modulation, self.attn, self.mlp, eps=self.norm1.eps, backend=self.backend
+        )
 
 
 class FinalLayer(nn.Module):

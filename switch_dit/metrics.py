@@ -52,9 +52,16 @@ def load_images(source) -> np.ndarray:
             if "arr_0" not in f:
                 raise ValueError(f"{str(path)!r} has no arr_0: not an ADM-layout sample file")
             source = f["arr_0"]
-    if not isinstance(source, np.ndarray) or source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] not in (1, 3):
-        raise ValueError("images must be uint8 (N, H, W, 1 or 3), got "
-                         f"{getattr(source, 'dtype', type(source))} {getattr(source, 'shape', '')}")
+    if (
+        not isinstance(source, np.ndarray)
+        or source.dtype != np.uint8
+        or source.ndim != 4
+        or source.shape[-1] not in (1, 3)
+    ):
+        raise ValueError(
+            "images must be uint8 (N, H, W, 1 or 3), got "
+            f"{getattr(source, 'dtype', type(source))} {getattr(source, 'shape', '')}"
+        )
     return source
 
 
@@ -86,14 +93,18 @@ class _UInt8Images(torch.utils.data.Dataset):
 def _pick_backend(backend: str) -> str:
     import importlib.util
 
-    have = {"torch-fidelity": importlib.util.find_spec("torch_fidelity") is not None,
-            "clean-fid": importlib.util.find_spec("cleanfid") is not None}
+    have = {
+        "torch-fidelity": importlib.util.find_spec("torch_fidelity") is not None,
+        "clean-fid": importlib.util.find_spec("cleanfid") is not None,
+    }
     if backend == "auto":
         for name, ok in have.items():
             if ok:
                 return name
-        raise ImportError("FID, Inception Score and precision/recall need torch-fidelity "
-                          "(pip install torch-fidelity) or, for FID alone, clean-fid (pip install clean-fid)")
+        raise ImportError(
+            "FID, Inception Score and precision/recall need torch-fidelity "
+            "(pip install torch-fidelity) or, for FID alone, clean-fid (pip install clean-fid)"
+        )
     if backend not in have:
         raise ValueError(f"backend must be 'auto', 'torch-fidelity' or 'clean-fid', got {backend!r}")
     if not have[backend]:
@@ -107,7 +118,8 @@ def _download_failure(e: BaseException) -> bool:
     # exception whose message names the download.
     text = str(e).lower()
     return isinstance(e, (OSError, ConnectionError)) or any(
-        w in text for w in ("download", "urlopen", "http", "connection", "resolve", "network"))
+        w in text for w in ("download", "urlopen", "http", "connection", "resolve", "network")
+    )
 
 
 def _write_pngs(images: np.ndarray, folder: Path) -> Path:
@@ -151,8 +163,14 @@ def fidelity_metrics(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     inputs = [s if isinstance(s, (str, Path)) and Path(s).is_dir() else load_images(s) for s in (samples, reference)]
-    out = {"backend": backend, "fid": None, "inception_score": None, "inception_score_std": None,
-           "precision": None, "recall": None}
+    out = {
+        "backend": backend,
+        "fid": None,
+        "inception_score": None,
+        "inception_score_std": None,
+        "precision": None,
+        "recall": None,
+    }
     try:
         if backend == "torch-fidelity":
             import torch_fidelity
@@ -160,13 +178,26 @@ def fidelity_metrics(
             def as_input(x):
                 return str(x) if isinstance(x, (str, Path)) else _UInt8Images(x)
 
-            kwargs = dict(input1=as_input(inputs[0]), input2=as_input(inputs[1]), cuda=device.type == "cuda",
-                          batch_size=batch_size, fid=fid, isc=isc, prc=prc, verbose=verbose)
+            kwargs = dict(
+                input1=as_input(inputs[0]),
+                input2=as_input(inputs[1]),
+                cuda=device.type == "cuda",
+                batch_size=batch_size,
+                fid=fid,
+                isc=isc,
+                prc=prc,
+                verbose=verbose,
+            )
             if weights_path is not None:
                 kwargs["feature_extractor_weights_path"] = str(weights_path)
             result = torch_fidelity.calculate_metrics(**kwargs)
-            keys = {"fid": "frechet_inception_distance", "inception_score": "inception_score_mean",
-                    "inception_score_std": "inception_score_std", "precision": "precision", "recall": "recall"}
+            keys = {
+                "fid": "frechet_inception_distance",
+                "inception_score": "inception_score_mean",
+                "inception_score_std": "inception_score_std",
+                "precision": "precision",
+                "recall": "recall",
+            }
             for ours, theirs in keys.items():
                 if theirs in result:
                     out[ours] = float(result[theirs])
@@ -176,19 +207,35 @@ def fidelity_metrics(
             if not fid:
                 raise ValueError("clean-fid computes FID only: ask for fid=True or install torch-fidelity")
             with tempfile.TemporaryDirectory() as tmp:
-                dirs = [str(x) if isinstance(x, (str, Path)) else str(_write_pngs(x, Path(tmp) / f"set{i}"))
-                        for i, x in enumerate(inputs)]
-                out["fid"] = float(cleanfid.compute_fid(dirs[0], dirs[1], mode="clean", device=device,
-                                                        batch_size=batch_size, num_workers=0, verbose=verbose))
+                dirs = [
+                    str(x) if isinstance(x, (str, Path)) else str(_write_pngs(x, Path(tmp) / f"set{i}"))
+                    for i, x in enumerate(inputs)
+                ]
+                out["fid"] = float(
+                    cleanfid.compute_fid(
+                        dirs[0],
+                        dirs[1],
+                        mode="clean",
+                        device=device,
+                        batch_size=batch_size,
+                        num_workers=0,
+                        verbose=verbose,
+                    )
+                )
     except (ImportError, ValueError):
         raise
     except Exception as e:
         if _download_failure(e):
-            hint = ("pass weights_path (--weights) to a local copy of the feature extractor's weights, or "
-                    if backend == "torch-fidelity" else "")
-            raise RuntimeError(f"{backend} could not load or download the weights of its feature extractor "
-                               f"(Inception/VGG): {e}. Without internet access, {hint}run once where it can "
-                               f"download them: they are cached (TORCH_HOME) for later runs") from e
+            hint = (
+                "pass weights_path (--weights) to a local copy of the feature extractor's weights, or "
+                if backend == "torch-fidelity"
+                else ""
+            )
+            raise RuntimeError(
+                f"{backend} could not load or download the weights of its feature extractor "
+                f"(Inception/VGG): {e}. Without internet access, {hint}run once where it can "
+                f"download them: they are cached (TORCH_HOME) for later runs"
+            ) from e
         raise
     return out
 
@@ -286,7 +333,11 @@ def digits_metrics_npz(path) -> dict:
     images = load_images(path)
     with np.load(path) as f:
         labels = torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f else None
-    if images.shape[1] > 64 or (labels is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < 10):
-        raise ValueError(f"{str(path)!r} does not hold digit samples (images {images.shape[1]}x{images.shape[2]}, "
-                         f"labels outside 0..9?): score it against a reference set with fidelity_metrics (--ref)")
+    if images.shape[1] > 64 or (
+        labels is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < 10
+    ):
+        raise ValueError(
+            f"{str(path)!r} does not hold digit samples (images {images.shape[1]}x{images.shape[2]}, "
+            f"labels outside 0..9?): score it against a reference set with fidelity_metrics (--ref)"
+        )
     return digits_metrics(images_from_uint8(images), labels)

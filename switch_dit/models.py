@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import prior as prior_lib
 from ._checks import check_labels, check_timesteps
 from .flow import check_flow_time
-from .ops.dispatch import check_backend, runs_reference
 from .layers import (  # noqa: F401  the building blocks stay importable from here
     Attention,
     DiTBlock,
@@ -39,6 +37,7 @@ from .layers import (  # noqa: F401  the building blocks stay importable from he
     get_2d_sincos_pos_embed,
     route_top_k,
 )
+from .ops.dispatch import check_backend, runs_reference
 from .ops.shared_mix import shared_expert_mask
 
 __all__ = ["DiT", "create", "MODEL_NAMES", "count_params", "PRIOR_MODES"]
@@ -103,7 +102,10 @@ class DiT(nn.Module):
         if num_timesteps < 2:
             raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
         if hidden_size % 4 or hidden_size % num_heads:
-            raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos embedding) and of num_heads={num_heads}, got {hidden_size}")
+            raise ValueError(
+                f"hidden_size must be a multiple of 4 (2-D sin-cos embedding) and of num_heads={num_heads}, "
+                f"got {hidden_size}"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.routing = routing
@@ -131,11 +133,17 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
 
         if routing == "switch":
-            self.routers = nn.ModuleList([TimestepRouter(hidden_size, num_experts, top_k, backend) for _ in range(depth)])
+            self.routers = nn.ModuleList(
+                [TimestepRouter(hidden_size, num_experts, top_k, backend) for _ in range(depth)]
+            )
             self._matcher = prior_lib.AsyncAssignment()
-            self.register_buffer("w_prior", prior_lib.prior_table(num_timesteps, depth, num_experts, top_k), persistent=False)
+            self.register_buffer(
+                "w_prior", prior_lib.prior_table(num_timesteps, depth, num_experts, top_k), persistent=False
+            )
         elif routing == "dtr":
-            self.register_buffer("dtr_mask", dtr_mask_table(num_timesteps, hidden_size, dtr_alpha, dtr_beta), persistent=False)
+            self.register_buffer(
+                "dtr_mask", dtr_mask_table(num_timesteps, hidden_size, dtr_alpha, dtr_beta), persistent=False
+            )
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, backend) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
         self.initialize_weights()
@@ -205,8 +213,11 @@ class DiT(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         if self.objective == "flow":  # float flow times (switch_dit.flow); 1 is Heun's last point
-            check_flow_time(t.reshape(1) if isinstance(t, torch.Tensor) and t.dim() == 0 else t,
-                            None if isinstance(t, torch.Tensor) and t.dim() == 0 else x.shape[0], closed=True)
+            check_flow_time(
+                t.reshape(1) if isinstance(t, torch.Tensor) and t.dim() == 0 else t,
+                None if isinstance(t, torch.Tensor) and t.dim() == 0 else x.shape[0],
+                closed=True,
+            )
         elif isinstance(t, torch.Tensor) and t.dim() == 0:  # one timestep for the batch
             check_timesteps(t.reshape(1), self.num_timesteps)
         else:
@@ -331,9 +342,18 @@ def create(
     if name.startswith("Remix-DiT-"):
         from . import remix_dit  # late: remix_dit builds on this module
 
-        return remix_dit.create(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
-                                num_experts=num_experts, num_timesteps=num_timesteps, backend=backend, **kwargs)
+        return remix_dit.create(
+            name,
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            class_dropout_prob=class_dropout_prob,
+            num_experts=num_experts,
+            num_timesteps=num_timesteps,
+            backend=backend,
+            **kwargs,
+        )
     fam_size, patch = name.split("/")
     family, size = fam_size.rsplit("-", 1)
     if family == "DiffMoE":
@@ -343,9 +363,16 @@ def create(
         cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
         cfg.update(kwargs)
         return diffmoe.DiffMoE(
-            input_size=input_size, patch_size=int(patch), in_channels=in_channels, num_classes=num_classes,
-            learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob,
-            num_experts=16 if num_experts is None else num_experts, num_timesteps=num_timesteps, backend=backend, **cfg,
+            input_size=input_size,
+            patch_size=int(patch),
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            class_dropout_prob=class_dropout_prob,
+            num_experts=16 if num_experts is None else num_experts,
+            num_timesteps=num_timesteps,
+            backend=backend,
+            **cfg,
         )
     hidden, depth, heads = SIZES[size]
     cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)

@@ -99,8 +99,10 @@ def device_peaks(device) -> Device:
     for key, dev in DEVICES.items():
         if key in low or key.replace(" ", "-") in low:
             return dev
-    raise ValueError(f"device: no datasheet peaks for {name!r} (known: {', '.join(d.name for d in DEVICES.values())}); "
-                     "measure them and pass perf_model.Device(name, sms, mma_flops, fp32_flops, bandwidth)")
+    raise ValueError(
+        f"device: no datasheet peaks for {name!r} (known: {', '.join(d.name for d in DEVICES.values())}); "
+        "measure them and pass perf_model.Device(name, sms, mma_flops, fp32_flops, bandwidth)"
+    )
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,15 @@ def _run(steps: list[Step], dev: Device, rate: float, note: str) -> Estimate:
         mem_t += memory if memory > compute else 0.0
         launch_t += LAUNCH_S
     bound = max((comp_t, "compute"), (mem_t, "memory"), (launch_t, "launch"))[1]
-    return Estimate(flops=sum(s.mma_flops + s.vector_flops for s in steps), bytes=sum(s.bytes for s in steps),
-                    waves=waves, time_s=total, bound=bound, note=note, steps=tuple(steps))
+    return Estimate(
+        flops=sum(s.mma_flops + s.vector_flops for s in steps),
+        bytes=sum(s.bytes for s in steps),
+        waves=waves,
+        time_s=total,
+        bound=bound,
+        note=note,
+        steps=tuple(steps),
+    )
 
 
 # --------------------------------------------------------------------------- routed linear
@@ -161,15 +170,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _gemm(name: str, rows: int, n: int, red: int, elem: int, *, batch: int = 1, a_bytes=None, b_bytes=None,
-          c_bytes=None) -> Step:
+def _gemm(
+    name: str, rows: int, n: int, red: int, elem: int, *, batch: int = 1, a_bytes=None, b_bytes=None, c_bytes=None
+) -> Step:
     """A cuBLAS (batched) GEMM: batch x (rows x red) @ (red x n); default bytes: each operand once."""
     a = batch * rows * red * elem if a_bytes is None else a_bytes
     b = batch * red * n * elem if b_bytes is None else b_bytes
     c = batch * rows * n * elem if c_bytes is None else c_bytes
     tm, tn = _CUBLAS_TILE
-    return Step(name, mma_flops=2.0 * batch * rows * n * red, bytes=float(a + b + c),
-                programs=batch * _cdiv(rows, tm) * _cdiv(n, tn), steps=_cdiv(red, _CUBLAS_BK), stages=_CUBLAS_STAGES)
+    return Step(
+        name,
+        mma_flops=2.0 * batch * rows * n * red,
+        bytes=float(a + b + c),
+        programs=batch * _cdiv(rows, tm) * _cdiv(n, tn),
+        steps=_cdiv(red, _CUBLAS_BK),
+        stages=_CUBLAS_STAGES,
+    )
 
 
 def _ew(name: str, flops: float, nbytes: float) -> Step:
@@ -207,8 +223,12 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
         if fwd:
             out += [mix, _gemm("linear", T, Do, Di, e)]
         if bwd:
-            out += [mix, _gemm("dx", T, Di, Do, e), _gemm("P = X^T dA", Di, Do, T, e),
-                    _ew("dW_j = c_j P, dc_j = <P, W_j>", 4.0 * k * Di * Do, (2 * k + 1) * Di * Do * e)]
+            out += [
+                mix,
+                _gemm("dx", T, Di, Do, e),
+                _gemm("P = X^T dA", Di, Do, T, e),
+                _ew("dW_j = c_j P, dc_j = <P, W_j>", 4.0 * k * Di * Do, (2 * k + 1) * Di * Do * e),
+            ]
     elif strategy == "fused":
         cfg, wg, K = _fused_tiles(dtype, tf32, M)
         bl, bn, bk, stages = cfg["BLOCK_L"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
@@ -216,9 +236,15 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
         def mix_gemm(name, n, red, a_bytes, c_bytes):
             # Each program mixes k weight tiles of its N range over the whole reduction: the
             # mix is redone for every L tile of a sample.
-            return Step(name, mma_flops=2.0 * T * n * red, vector_flops=2.0 * k * red * n * B * _cdiv(L, bl),
-                        bytes=float(a_bytes + w_b + c_bytes), programs=B * _cdiv(L, bl) * _cdiv(n, bn),
-                        steps=_cdiv(red, bk), stages=stages)
+            return Step(
+                name,
+                mma_flops=2.0 * T * n * red,
+                vector_flops=2.0 * k * red * n * B * _cdiv(L, bl),
+                bytes=float(a_bytes + w_b + c_bytes),
+                programs=B * _cdiv(L, bl) * _cdiv(n, bn),
+                steps=_cdiv(red, bk),
+                stages=stages,
+            )
 
         if fwd:
             out.append(mix_gemm("mixed_matmul", Do, Di, x_b, y_b))
@@ -227,17 +253,25 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
             bi, bo, n_acc = wg["BLOCK_I"], wg["BLOCK_O"], wg["N_ACC"]
             n_tiles = _cdiv(Di, bi) * _cdiv(Do, bo)
             part = 4.0 * M * Di * Do
-            chunks = K._wgrad_chunks(B, L, n_tiles, bi * bo, part, 0.0 if n_acc else 8.0 * k * bi * bo,
-                                     wg["prec"], dev.sms)
+            chunks = K._wgrad_chunks(
+                B, L, n_tiles, bi * bo, part, 0.0 if n_acc else 8.0 * k * bi * bo, wg["prec"], dev.sms
+            )
             per = _cdiv(B, chunks)
             rmw = 0.0 if n_acc else 8.0 * B * k * Di * Do  # the fallback's fp32 read-modify-writes
-            out.append(Step("mixed_wgrad", mma_flops=2.0 * T * Di * Do,
-                            # dW: coef * P into every register accumulator; dg: <P, W_e> per slot
-                            vector_flops=2.0 * B * (n_acc or k) * Di * Do + 2.0 * B * k * Di * Do,
-                            bytes=x_b + y_b + w_b + part * chunks + rmw, programs=n_tiles * chunks,
-                            # one pipelined loop over the chunk's (sample, L tile) steps; the
-                            # read-modify-write fallback drains it at every sample
-                            steps=_cdiv(L, wg["BLOCK_L"]) * (per if n_acc else 1), stages=wg["num_stages"]))
+            out.append(
+                Step(
+                    "mixed_wgrad",
+                    mma_flops=2.0 * T * Di * Do,
+                    # dW: coef * P into every register accumulator; dg: <P, W_e> per slot
+                    vector_flops=2.0 * B * (n_acc or k) * Di * Do + 2.0 * B * k * Di * Do,
+                    bytes=x_b + y_b + w_b + part * chunks + rmw,
+                    programs=n_tiles * chunks,
+                    # one pipelined loop over the chunk's (sample, L tile) steps; the
+                    # read-modify-write fallback drains it at every sample
+                    steps=_cdiv(L, wg["BLOCK_L"]) * (per if n_acc else 1),
+                    stages=wg["num_stages"],
+                )
+            )
             if chunks > 1:
                 out.append(_ew("sum chunks", part / 4 * chunks, part * chunks + part / 4 * e))
             out.append(_ew("dg, db", 2.0 * B * k * Do, 4.0 * B * k * _cdiv(Di, bi) * _cdiv(Do, bo)))
@@ -250,10 +284,13 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
         if fwd:
             out += [mix("mix W"), _gemm("bmm", L, Do, Di, e, batch=B)]
         if bwd:
-            out += [mix("mix W (recomputed)"), _gemm("bmm dx", L, Di, Do, e, batch=B),
-                    _gemm("bmm P = x^T dA", Di, Do, L, e, batch=B),
-                    _ew("dW = sum_b c_be P_b", 2.0 * B * M * Di * Do, wmix + M * Di * Do * e),
-                    _ew("dg = <P_b, W_e>", 2.0 * B * k * Di * Do, wmix + w_b)]
+            out += [
+                mix("mix W (recomputed)"),
+                _gemm("bmm dx", L, Di, Do, e, batch=B),
+                _gemm("bmm P = x^T dA", Di, Do, L, e, batch=B),
+                _ew("dW = sum_b c_be P_b", 2.0 * B * M * Di * Do, wmix + M * Di * Do * e),
+                _ew("dg = <P_b, W_e>", 2.0 * B * k * Di * Do, wmix + w_b),
+            ]
     elif strategy == "grouped":  # rows grouped by expert (routing plan order), one GEMM per expert
         rows = k * T  # every token once per slot
 
@@ -261,26 +298,35 @@ def _routed_linear_steps(strategy: str, mode: str, sh: dict, dtype, tf32: bool, 
             return _gemm(name, rows, n, red, e, b_bytes=w_b, c_bytes=rows * n * e + extra)
 
         if fwd:
-            out += [_ew("gather x", 0, 2 * k * x_b), grouped("grouped mm", Do, Di, 0),
-                    _ew("scale + combine", 2.0 * rows * Do, k * T * Do * e + y_b)]
+            out += [
+                _ew("gather x", 0, 2 * k * x_b),
+                grouped("grouped mm", Do, Di, 0),
+                _ew("scale + combine", 2.0 * rows * Do, k * T * Do * e + y_b),
+            ]
         if bwd:
-            out += [_ew("scale dA by c", float(rows * Do), y_b + k * y_b), grouped("grouped dx", Di, Do, 0),
-                    _ew("combine dx", float(rows * Di), k * x_b + x_b),
-                    _gemm("grouped dW = X^T (c dA)", Di, Do, rows, e, a_bytes=k * x_b, b_bytes=k * y_b,
-                          c_bytes=w_b),
-                    _ew("dg = rowsum(Y_e * dA)", 2.0 * rows * Do, 2 * k * y_b)]
+            out += [
+                _ew("scale dA by c", float(rows * Do), y_b + k * y_b),
+                grouped("grouped dx", Di, Do, 0),
+                _ew("combine dx", float(rows * Di), k * x_b + x_b),
+                _gemm("grouped dW = X^T (c dA)", Di, Do, rows, e, a_bytes=k * x_b, b_bytes=k * y_b, c_bytes=w_b),
+                _ew("dg = rowsum(Y_e * dA)", 2.0 * rows * Do, 2 * k * y_b),
+            ]
     elif strategy == "reference":  # eager: one gathered bmm per slot, autograd backward
         gathered = B * Di * Do * e
         for j in range(k):
             if fwd:
-                out += [_ew(f"gather W[idx[:, {j}]]", 0, 2 * gathered),
-                        _gemm(f"bmm slot {j}", L, Do, Di, e, batch=B, b_bytes=gathered),
-                        _ew(f"bias, scale, sum slot {j}", 3.0 * T * Do, 6 * y_b)]
+                out += [
+                    _ew(f"gather W[idx[:, {j}]]", 0, 2 * gathered),
+                    _gemm(f"bmm slot {j}", L, Do, Di, e, batch=B, b_bytes=gathered),
+                    _ew(f"bias, scale, sum slot {j}", 3.0 * T * Do, 6 * y_b),
+                ]
             if bwd:
-                out += [_ew(f"grad scale slot {j}", 2.0 * T * Do, 4 * y_b),
-                        _gemm(f"bmm dx slot {j}", L, Di, Do, e, batch=B, b_bytes=gathered),
-                        _gemm(f"bmm dW slot {j}", Di, Do, L, e, batch=B, c_bytes=gathered),
-                        _ew(f"index_add dW slot {j}", float(B * Di * Do), gathered + 2 * w_b)]
+                out += [
+                    _ew(f"grad scale slot {j}", 2.0 * T * Do, 4 * y_b),
+                    _gemm(f"bmm dx slot {j}", L, Di, Do, e, batch=B, b_bytes=gathered),
+                    _gemm(f"bmm dW slot {j}", Di, Do, L, e, batch=B, c_bytes=gathered),
+                    _ew(f"index_add dW slot {j}", float(B * Di * Do), gathered + 2 * w_b),
+                ]
     else:
         valid = ", ".join(STRATEGIES["mixed_linear"])
         raise ValueError(f"strategy: unknown for mixed_linear: {strategy!r} (valid: {valid})")
@@ -298,9 +344,11 @@ _NORM_IO = {
 # Per-sample (B, D) vectors reduced over L in the backward (dshift, dscale, dgate, ...).
 _NORM_PARTIALS = {"mask_ln_modulate": 2, "residual_ln_modulate": 3, "gated_residual": 1}
 # Eager kernels (each reading and writing whole activations) of the reference twin's forward.
-_NORM_EAGER_FWD = {"mask_ln_modulate": [(2, 1), (1, 1), (1, 1), (1, 1)],  # x*m, LN, *(1+scale), +shift
-                   "residual_ln_modulate": [(1, 1), (2, 1), (2, 1), (1, 1), (1, 1), (1, 1)],
-                   "gated_residual": [(1, 1), (2, 1)]}
+_NORM_EAGER_FWD = {
+    "mask_ln_modulate": [(2, 1), (1, 1), (1, 1), (1, 1)],  # x*m, LN, *(1+scale), +shift
+    "residual_ln_modulate": [(1, 1), (2, 1), (2, 1), (1, 1), (1, 1), (1, 1)],
+    "gated_residual": [(1, 1), (2, 1)],
+}
 
 
 def _norm_steps(op: str, strategy: str, mode: str, sh: dict, dtype, dev: Device) -> list[Step]:
@@ -322,12 +370,16 @@ def _norm_steps(op: str, strategy: str, mode: str, sh: dict, dtype, dev: Device)
         chunks = _cdiv(L, rows)
         part = 4.0 * B * D * _NORM_PARTIALS[op] * chunks  # fp32 partial rows, written then summed
         if fwd:
-            out.append(Step(f"{op} fwd", vector_flops=flops_row * B * L, bytes=(fr + fw) * act,
-                            programs=B * _cdiv(L, rows_f)))
+            out.append(
+                Step(f"{op} fwd", vector_flops=flops_row * B * L, bytes=(fr + fw) * act, programs=B * _cdiv(L, rows_f))
+            )
         if bwd:
-            out += [Step(f"{op} bwd", vector_flops=2 * flops_row * B * L, bytes=(br + bw) * act + part,
-                         programs=B * chunks),
-                    _ew("sum partials", part / 4, part)]
+            out += [
+                Step(
+                    f"{op} bwd", vector_flops=2 * flops_row * B * L, bytes=(br + bw) * act + part, programs=B * chunks
+                ),
+                _ew("sum partials", part / 4, part),
+            ]
     elif strategy == "reference":
         eager = _NORM_EAGER_FWD[op]
         if fwd:
@@ -356,9 +408,11 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
     rows = E * C if strategy == "bmm" else R
 
     def mlp(name, factor):
-        return [_gemm(f"{name} fc1", rows, H * factor, D, e, b_bytes=w_b / 2 * factor),
-                _ew(f"{name} gelu", 8.0 * rows * H, 2 * rows * H * e),
-                _gemm(f"{name} fc2", rows, D * factor, H, e, b_bytes=w_b / 2 * factor)]
+        return [
+            _gemm(f"{name} fc1", rows, H * factor, D, e, b_bytes=w_b / 2 * factor),
+            _ew(f"{name} gelu", 8.0 * rows * H, 2 * rows * H * e),
+            _gemm(f"{name} fc2", rows, D * factor, H, e, b_bytes=w_b / 2 * factor),
+        ]
 
     out: list[Step] = []
     if strategy not in ("dense", "bmm", "grouped", "reference"):
@@ -384,13 +438,25 @@ STRATEGIES = {
     "residual_ln_modulate": ("fused", "compiled", "reference"),
     "gated_residual": ("fused", "compiled", "reference"),
 }
-_REQUIRED = {"mixed_linear": ("B", "L", "M", "k"), "mask_ln_modulate": ("B", "L", "D"),
-             "residual_ln_modulate": ("B", "L", "D"), "gated_residual": ("B", "L", "D"),
-             "expert_mlp": ("S", "D", "H", "E", "C")}
+_REQUIRED = {
+    "mixed_linear": ("B", "L", "M", "k"),
+    "mask_ln_modulate": ("B", "L", "D"),
+    "residual_ln_modulate": ("B", "L", "D"),
+    "gated_residual": ("B", "L", "D"),
+    "expert_mlp": ("S", "D", "H", "E", "C"),
+}
 
 
-def estimate(op: str, strategy: str, shape: dict, dtype=torch.bfloat16, device="h100", *, mode: str = "fwd+bwd",
-             tf32: bool = False) -> Estimate:
+def estimate(
+    op: str,
+    strategy: str,
+    shape: dict,
+    dtype=torch.bfloat16,
+    device="h100",
+    *,
+    mode: str = "fwd+bwd",
+    tf32: bool = False,
+) -> Estimate:
     """Expected work and time of one op's strategy.
 
     op: one of ``STRATEGIES`` ("expert_mask" is an alias of "mixed_linear"); strategy: one of
@@ -443,11 +509,12 @@ XL_SHAPES = {
 def predictions(devices=("a100", "h100", "h200"), dtype=torch.bfloat16, mode: str = "fwd+bwd") -> str:
     """A text table of every op's strategies at XL (bf16 fwd+bwd by default), in microseconds,
     with each strategy's time over the op's best: the model's predictions, not measurements."""
-    lines = [f"analytic model, {mode}, {str(dtype).replace('torch.', '')}, XL shapes; us (x best of the op)",
-             "op                    strategy   " + "".join(f"{DEVICES[d].name:>22}" for d in devices)]
+    lines = [
+        f"analytic model, {mode}, {str(dtype).replace('torch.', '')}, XL shapes; us (x best of the op)",
+        "op                    strategy   " + "".join(f"{DEVICES[d].name:>22}" for d in devices),
+    ]
     for op, shape in XL_SHAPES.items():
-        times = {s: [estimate(op, s, shape, dtype, d, mode=mode).time_s * 1e6 for d in devices]
-                 for s in STRATEGIES[op]}
+        times = {s: [estimate(op, s, shape, dtype, d, mode=mode).time_s * 1e6 for d in devices] for s in STRATEGIES[op]}
         best = [min(t[i] for t in times.values()) for i in range(len(devices))]
         for s, ts in times.items():
             cells = "".join(f"{t:>14.1f} ({t / b:4.2f}x)" for t, b in zip(ts, best))

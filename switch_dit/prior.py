@@ -93,7 +93,9 @@ def matching_cost(w_gate: torch.Tensor, w_prior: torch.Tensor) -> torch.Tensor:
     (no (T, U, U) intermediate as in the reference implementation).
     """
     if w_gate.shape != w_prior.shape or w_gate.dim() != 2:
-        raise ValueError(f"w_gate and w_prior must be equal (T, U) maps, got {tuple(w_gate.shape)} and {tuple(w_prior.shape)}")
+        raise ValueError(
+            f"w_gate and w_prior must be equal (T, U) maps, got {tuple(w_gate.shape)} and {tuple(w_prior.shape)}"
+        )
     a = w_gate.float()
     b = w_prior.float().to(a.device)
     # Counts up to T: exact in float32, not in an autocast bf16 GEMM (multiples of 4 above 512).
@@ -227,7 +229,9 @@ class AsyncAssignment:
         self._restored = {k: (v.detach().cpu() if v is not None else None) for k, v in state.items()}
 
 
-def prior_loss_matched(gate_probs: torch.Tensor, w_prior: torch.Tensor, timesteps: torch.Tensor, top_k: int, matcher: AsyncAssignment) -> torch.Tensor:
+def prior_loss_matched(
+    gate_probs: torch.Tensor, w_prior: torch.Tensor, timesteps: torch.Tensor, top_k: int, matcher: AsyncAssignment
+) -> torch.Tensor:
     """``prior_loss`` without shuffling, the matching taken from ``matcher`` (no host sync on CUDA
     after the first call). Same value as ``prior_loss(..., shuffle=False)`` once the matcher has
     solved the current activation map."""

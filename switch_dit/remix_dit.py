@@ -59,9 +59,22 @@ from .models import SIZES, DiT
 from .ops import mixed_linear
 from .ops.dispatch import backend_for, check_backend, no_autocast, runs_reference
 
-__all__ = ["RemixDiT", "MixedLinear", "create", "MODEL_NAMES", "MIXING", "TIMESTEP_SAMPLING", "expert_prior",
-           "mix_bases", "mixed_linear_shared", "mixed_linear_per_sample", "sample_interval_timesteps",
-           "published_prior_weight", "coefficient_param_groups", "accelerate_published"]
+__all__ = [
+    "RemixDiT",
+    "MixedLinear",
+    "create",
+    "MODEL_NAMES",
+    "MIXING",
+    "TIMESTEP_SAMPLING",
+    "expert_prior",
+    "mix_bases",
+    "mixed_linear_shared",
+    "mixed_linear_per_sample",
+    "sample_interval_timesteps",
+    "published_prior_weight",
+    "coefficient_param_groups",
+    "accelerate_published",
+]
 
 MODEL_NAMES = [f"Remix-DiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]
 MIXING = ("batch", "sample")
@@ -85,8 +98,9 @@ def mix_bases(coef: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
         return (coef.to(bases.dtype).unsqueeze(0) @ bases.flatten(1)).view(bases.shape[1:])
 
 
-def mixed_linear_shared(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor,
-                        fast: bool) -> torch.Tensor:
+def mixed_linear_shared(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, fast: bool
+) -> torch.Tensor:
     """One mixed model for the whole batch: x (B, L, in), weight (K, out, in), bias (K, out),
     coef (K,) -> (B, L, out). ``fast=False`` runs the published formula as written."""
     if not fast:
@@ -96,8 +110,9 @@ def mixed_linear_shared(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.linear(x, mix_bases(coef, weight), None if bias is None else mix_bases(coef, bias))
 
 
-def mixed_linear_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor,
-                            backend: str) -> torch.Tensor:
+def mixed_linear_per_sample(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coef: torch.Tensor, backend: str
+) -> torch.Tensor:
     """Each sample its own mixed model: x (B, L, in), weight (K, out, in), bias (K, out),
     coef (B, K) -> (B, L, out) = x_b @ (sum_k c_bk W_k)^T + sum_k c_bk b_k.
 
@@ -193,8 +208,16 @@ class MixedDiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         backend = self.backend
-        return adaln_zero_block(x, c, None, self.adaLN_modulation, lambda h: self.attn(h, coef, backend),
-                                lambda h: self.mlp(h, coef, backend), eps=self.norm1.eps, backend=backend)
+        return adaln_zero_block(
+            x,
+            c,
+            None,
+            self.adaLN_modulation,
+            lambda h: self.attn(h, coef, backend),
+            lambda h: self.mlp(h, coef, backend),
+            eps=self.norm1.eps,
+            backend=backend,
+        )
 
 
 def expert_prior(num_experts: int, num_basis: int) -> torch.Tensor:
@@ -243,13 +266,17 @@ class RemixDiT(nn.Module):
         if num_basis < 1:
             raise ValueError(f"num_basis must be >= 1, got {num_basis}")
         if num_experts < 1 or num_experts % num_basis:
-            raise ValueError(f"num_experts must be a positive multiple of num_basis={num_basis} (the prior gives "
-                             f"every basis num_experts / num_basis experts), got {num_experts}")
+            raise ValueError(
+                f"num_experts must be a positive multiple of num_basis={num_basis} (the prior gives "
+                f"every basis num_experts / num_basis experts), got {num_experts}"
+            )
         if num_timesteps < num_experts:
             raise ValueError(f"num_timesteps ({num_timesteps}) must be >= num_experts ({num_experts})")
         if hidden_size % 4 or hidden_size % num_heads:
-            raise ValueError(f"hidden_size must be a multiple of 4 (2-D sin-cos embedding) and of "
-                             f"num_heads={num_heads}, got {hidden_size}")
+            raise ValueError(
+                f"hidden_size must be a multiple of 4 (2-D sin-cos embedding) and of "
+                f"num_heads={num_heads}, got {hidden_size}"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if cfg_channels < 1:
@@ -272,7 +299,8 @@ class RemixDiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
         self.blocks = nn.ModuleList(
-            [MixedDiTBlock(hidden_size, num_heads, mlp_ratio, num_basis, backend) for _ in range(depth)])
+            [MixedDiTBlock(hidden_size, num_heads, mlp_ratio, num_basis, backend) for _ in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, backend)
         self.coefficients = nn.Embedding(num_experts, num_basis)
         # Not in the state dict (the published model keeps it as a plain attribute).
@@ -374,8 +402,9 @@ class RemixDiT(nn.Module):
             h = block(h, c, coef)
         return self.unpatchify(self.final_layer(h, c))
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         channels: int | None = None) -> torch.Tensor:
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, channels: int | None = None
+    ) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half carries the null label.
 
         Guides the first ``channels`` output channels (default ``self.cfg_channels``: 3, as
@@ -406,8 +435,15 @@ def _shared_timestep(t: int, num_timesteps: int, x: torch.Tensor) -> torch.Tenso
 #################################################################################
 
 
-def create(name: str, *, num_basis: int = 4, num_experts: int | None = None, mixing: str = "batch",
-           timestep_sampling: str | None = None, **kwargs) -> RemixDiT:
+def create(
+    name: str,
+    *,
+    num_basis: int = 4,
+    num_experts: int | None = None,
+    mixing: str = "batch",
+    timestep_sampling: str | None = None,
+    **kwargs,
+) -> RemixDiT:
     """Build ``Remix-DiT-{S,B,L,XL}/{2,4,8}``; extra keywords as RemixDiT's (hidden_size,
     depth, num_heads override the named size). num_experts defaults to 20.
 
@@ -416,7 +452,7 @@ def create(name: str, *, num_basis: int = 4, num_experts: int | None = None, mix
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
-    size, patch = name[len("Remix-DiT-"):].split("/")
+    size, patch = name[len("Remix-DiT-") :].split("/")
     hidden, depth, heads = SIZES[size]  # DiT's sizes
     cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
     cfg.update(kwargs)
@@ -464,13 +500,18 @@ def check_timestep_sampling(sampling: str, mixing: str) -> None:
         raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLING}, got {sampling!r}")
     if sampling == "uniform" and mixing == "batch" and not _warned_uniform_batch:
         _warned_uniform_batch = True
-        warnings.warn("Remix-DiT with mixing='batch' and uniform timestep sampling: every batch mixes one model "
-                      "from the mean coefficients of all its timesteps, which blurs the experts; use "
-                      "mixing='sample' or interval sampling (the published setting)", UserWarning, stacklevel=3)
+        warnings.warn(
+            "Remix-DiT with mixing='batch' and uniform timestep sampling: every batch mixes one model "
+            "from the mean coefficients of all its timesteps, which blurs the experts; use "
+            "mixing='sample' or interval sampling (the published setting)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
-def sample_interval_timesteps(batch: int, num_timesteps: int, num_experts: int, *, device=None,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_interval_timesteps(
+    batch: int, num_timesteps: int, num_experts: int, *, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The published training's timesteps: one expert interval per step, drawn uniformly, and
     every t of the batch uniform inside it: (batch,) int64. Sync-free (the interval is drawn
     on the device). The last expert's interval includes the T mod N remainder."""
@@ -486,10 +527,12 @@ def sample_interval_timesteps(batch: int, num_timesteps: int, num_experts: int, 
 #              Drop-in: a model built by the published remix_dit.py             #
 #################################################################################
 
-_PUBLISHED = ("a Remix-DiT built by the published code (remix_dit.py of VainF/Remix-DiT): attributes x_embedder, "
-              "t_embedder, y_embedder, pos_embed, blocks (MixedDiTBlocks with norm1, attn (qkv, proj: mixed linears "
-              "with weight (K, out, in) and bias (K, out)), norm2, mlp (fc1, act, fc2: mixed), adaLN_modulation), "
-              "final_layer, coefficients (nn.Embedding(N, K)), n_timesteps_per_expert and unpatchify")
+_PUBLISHED = (
+    "a Remix-DiT built by the published code (remix_dit.py of VainF/Remix-DiT): attributes x_embedder, "
+    "t_embedder, y_embedder, pos_embed, blocks (MixedDiTBlocks with norm1, attn (qkv, proj: mixed linears "
+    "with weight (K, out, in) and bias (K, out)), norm2, mlp (fc1, act, fc2: mixed), adaLN_modulation), "
+    "final_layer, coefficients (nn.Embedding(N, K)), n_timesteps_per_expert and unpatchify"
+)
 
 
 def is_published_remix(model: nn.Module) -> bool:
@@ -539,8 +582,10 @@ def _check_published(model: nn.Module) -> None:
             layer = block.get_submodule(path)
             w, b = getattr(layer, "weight", None), getattr(layer, "bias", None)
             if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != K:
-                raise problem(f"blocks[{i}].{path}.weight must be (K={K}, out, in), got "
-                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else w!r}")
+                raise problem(
+                    f"blocks[{i}].{path}.weight must be (K={K}, out, in), got "
+                    f"{tuple(w.shape) if isinstance(w, torch.Tensor) else w!r}"
+                )
             if b is not None and tuple(b.shape) != (K, w.shape[1]):
                 raise problem(f"blocks[{i}].{path}.bias must be (K={K}, {w.shape[1]}), got {tuple(b.shape)}")
         if not hasattr(block.attn, "num_heads"):
@@ -556,8 +601,12 @@ class _AcceleratedPublishedRemix(_Patched):
         per = self.n_timesteps_per_expert
         if isinstance(t, int):
             t = _shared_timestep(t, per * self.coefficients.num_embeddings, x)
-        check_index(t.reshape(-1), per * self.coefficients.num_embeddings, "t (timesteps)",
-                    batch=None if t.dim() == 0 else x.shape[0])
+        check_index(
+            t.reshape(-1),
+            per * self.coefficients.num_embeddings,
+            "t (timesteps)",
+            batch=None if t.dim() == 0 else x.shape[0],
+        )
         logits = self.coefficients(torch.div(t, per, rounding_mode="floor"))
         coeffs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
         if t.dim() == 0:
@@ -599,9 +648,9 @@ class _AcceleratedMixedBlock(_Patched):
             h = mixed_linear_shared(h, mlp.fc2.weight, mlp.fc2.bias, coeffs, True)
             return getattr(mlp, "drop2", nn.Identity())(h)
 
-        return adaln_zero_block(x, c, None, self.adaLN_modulation, run_attn, run_mlp, eps=self.norm1.eps,
-                                backend=backend)
-
+        return adaln_zero_block(
+            x, c, None, self.adaLN_modulation, run_attn, run_mlp, eps=self.norm1.eps, backend=backend
+        )
 
 
 for _mixin in (_AcceleratedPublishedRemix, _AcceleratedMixedBlock):

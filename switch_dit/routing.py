@@ -23,8 +23,16 @@ from torch import Tensor
 from switch_dit import _extension
 
 __all__ = [
-    "RoutingPlan", "BlockRouting", "plan", "reference_plan", "block_routing", "num_tiles",
-    "TILE_BLOCK", "TILE_EXPERT", "TILE_SAMPLE", "TILE_TOKEN",
+    "RoutingPlan",
+    "BlockRouting",
+    "plan",
+    "reference_plan",
+    "block_routing",
+    "num_tiles",
+    "TILE_BLOCK",
+    "TILE_EXPERT",
+    "TILE_SAMPLE",
+    "TILE_TOKEN",
 ]
 
 # Columns of a row of RoutingPlan.tiles.
@@ -91,8 +99,9 @@ def num_tiles(num_blocks: int, batch: int, top_k: int, seq_len: int, block_l: in
     return num_blocks * batch * top_k * (-(-seq_len // block_l))
 
 
-def reference_plan(gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int = 0,
-                   block_l: int = 64) -> RoutingPlan:
+def reference_plan(
+    gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int = 0, block_l: int = 64
+) -> RoutingPlan:
     """The plan in plain PyTorch (argsort based): the test oracle and the fallback.
 
     Checks nothing: out-of-range timesteps give the dropped samples described in RoutingPlan.
@@ -121,48 +130,59 @@ def reference_plan(gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: i
 
     nlt = -(-seq_len // block_l)
     shape = (N, P, nlt)
-    tiles = torch.stack([
-        torch.arange(N, device=dev)[:, None, None].expand(shape),
-        key.gather(1, order)[:, :, None].expand(shape),
-        (order // k)[:, :, None].expand(shape),
-        (torch.arange(nlt, device=dev) * block_l).expand(shape),
-    ], dim=-1)
+    tiles = torch.stack(
+        [
+            torch.arange(N, device=dev)[:, None, None].expand(shape),
+            key.gather(1, order)[:, :, None].expand(shape),
+            (order // k)[:, :, None].expand(shape),
+            (torch.arange(nlt, device=dev) * block_l).expand(shape),
+        ],
+        dim=-1,
+    )
     tiles = torch.where(used[:, :, None, None], tiles, -1).reshape(N * P * nlt, 4).to(torch.int32)
     order = torch.where(used, order, -1)
     return RoutingPlan(topk_idx, topk_w, counts, offsets, order, position, tiles)
 
 
-def _check_args(gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int,
-                block_l: int) -> None:
+def _check_args(gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int, block_l: int) -> None:
     """The binding's checks (no tensor values read), with the same messages and types."""
     for name, x in (("gate_probs", gate_probs), ("timesteps", timesteps)):
         if not isinstance(x, Tensor):
             raise TypeError(f"routing_plan: {name} must be a torch.Tensor, got {type(x).__name__}")
     if gate_probs.dim() != 3:
-        raise ValueError(f"routing_plan: gate_probs must have shape (N, T, M), got "
-                         f"{gate_probs.dim()} dimensions with shape {tuple(gate_probs.shape)}")
+        raise ValueError(
+            f"routing_plan: gate_probs must have shape (N, T, M), got "
+            f"{gate_probs.dim()} dimensions with shape {tuple(gate_probs.shape)}"
+        )
     if gate_probs.dtype not in _FLOAT_DTYPES:
-        raise TypeError("routing_plan: gate_probs must be float32, float16, bfloat16 or float64, "
-                        f"got {gate_probs.dtype}")
+        raise TypeError(
+            f"routing_plan: gate_probs must be float32, float16, bfloat16 or float64, got {gate_probs.dtype}"
+        )
     if timesteps.dim() != 1:
-        raise ValueError(f"routing_plan: timesteps must have shape (B,), got {timesteps.dim()} "
-                         f"dimensions with shape {tuple(timesteps.shape)}")
+        raise ValueError(
+            f"routing_plan: timesteps must have shape (B,), got {timesteps.dim()} "
+            f"dimensions with shape {tuple(timesteps.shape)}"
+        )
     if timesteps.dtype != torch.int64:
         raise TypeError(f"routing_plan: timesteps must be int64, got {timesteps.dtype}")
     if timesteps.device != gate_probs.device:
-        raise ValueError("routing_plan: timesteps must be on the device of gate_probs "
-                         f"({gate_probs.device}), got {timesteps.device}")
+        raise ValueError(
+            f"routing_plan: timesteps must be on the device of gate_probs ({gate_probs.device}), got {timesteps.device}"
+        )
     if not gate_probs.is_contiguous():
         raise ValueError("routing_plan: gate_probs must be contiguous")
     if not timesteps.is_contiguous():
         raise ValueError("routing_plan: timesteps must be contiguous")
     N, T, M = gate_probs.shape
     if T < 1 or M < 1:
-        raise ValueError("routing_plan: gate_probs must have at least one timestep and one "
-                         f"expert, got shape {tuple(gate_probs.shape)}")
+        raise ValueError(
+            "routing_plan: gate_probs must have at least one timestep and one "
+            f"expert, got shape {tuple(gate_probs.shape)}"
+        )
     if not 1 <= top_k <= M:
-        raise ValueError(f"routing_plan: top_k must be in [1, M] with M = {M} experts "
-                         f"(gate_probs.size(2)), got {top_k}")
+        raise ValueError(
+            f"routing_plan: top_k must be in [1, M] with M = {M} experts (gate_probs.size(2)), got {top_k}"
+        )
     if seq_len < 0:
         raise ValueError(f"routing_plan: seq_len must be >= 0, got {seq_len}")
     if block_l < 1:
@@ -178,8 +198,10 @@ def _check_timestep_values(timesteps: Tensor, num_timesteps: int) -> None:
         return
     lo, hi = torch.stack([timesteps.min(), timesteps.max()]).tolist()
     if lo < 0 or hi >= num_timesteps:
-        raise ValueError(f"routing_plan: timesteps must lie in [0, T) with T = {num_timesteps} "
-                         f"(gate_probs.size(1)), got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"routing_plan: timesteps must lie in [0, T) with T = {num_timesteps} "
+            f"(gate_probs.size(1)), got values in [{lo}, {hi}]"
+        )
 
 
 def _fake_plan(gate_probs, timesteps, top_k, seq_len, block_l, check):
@@ -188,15 +210,21 @@ def _fake_plan(gate_probs, timesteps, top_k, seq_len, block_l, check):
     B = timesteps.shape[0]
     i64 = dict(dtype=torch.int64)
     nlt = (seq_len + block_l - 1) // block_l
-    return (gate_probs.new_empty((N, B, top_k), **i64), gate_probs.new_empty((N, B, top_k)),
-            gate_probs.new_empty((N, M), **i64), gate_probs.new_empty((N, M + 1), **i64),
-            gate_probs.new_empty((N, B * top_k), **i64), gate_probs.new_empty((N, B * top_k), **i64),
-            gate_probs.new_empty((N * B * top_k * nlt, 4), dtype=torch.int32))
+    return (
+        gate_probs.new_empty((N, B, top_k), **i64),
+        gate_probs.new_empty((N, B, top_k)),
+        gate_probs.new_empty((N, M), **i64),
+        gate_probs.new_empty((N, M + 1), **i64),
+        gate_probs.new_empty((N, B * top_k), **i64),
+        gate_probs.new_empty((N, B * top_k), **i64),
+        gate_probs.new_empty((N * B * top_k * nlt, 4), dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op(_TORCH_OP, mutates_args=())
-def _plan_torch(gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int, block_l: int,
-                check: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _plan_torch(
+    gate_probs: Tensor, timesteps: Tensor, top_k: int, seq_len: int, block_l: int, check: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fallback of switch_dit::routing_plan (same schema and checks), any device."""
     _check_args(gate_probs, timesteps, top_k, seq_len, block_l)
     if check or timesteps.device.type == "cpu":
@@ -229,8 +257,7 @@ def _backward(ctx, *grads):
     if grad_w is None:
         return None, None, None, None, None, None
     timesteps, topk_idx = ctx.saved_tensors
-    return (_gate_grad(grad_w, timesteps, topk_idx, ctx.gate_shape, ctx.gate_dtype),
-            None, None, None, None, None)
+    return (_gate_grad(grad_w, timesteps, topk_idx, ctx.gate_shape, ctx.gate_dtype), None, None, None, None, None)
 
 
 _plan_torch.register_fake(_fake_plan)
@@ -239,8 +266,9 @@ if _extension.available():
     torch.library.register_fake(_OP)(_fake_plan)
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 else:
-    _extension.warn_fallback("switch_dit.routing.plan", "the compiled extension switch_dit._C "
-                             f"is not available ({_extension.load_error})")
+    _extension.warn_fallback(
+        "switch_dit.routing.plan", f"the compiled extension switch_dit._C is not available ({_extension.load_error})"
+    )
 
 # Devices whose kernels the extension registered; plan() uses the fallback op elsewhere.
 _EXT_DEVICES = frozenset(d for d in ("cpu", "cuda") if _extension.has_kernel(_OP, d))
@@ -251,13 +279,15 @@ def _default_check() -> bool:
     set_value_checks(True)); off unless asked, so a CUDA step stays free of host syncs."""
     try:
         from switch_dit import _checks
+
         return bool(_checks._value_checks_on_device)
     except (ImportError, AttributeError):
         return os.environ.get("SWITCH_DIT_CHECK_VALUES", "0") not in ("", "0")
 
 
-def plan(gate_probs: Tensor, timesteps: Tensor, top_k: int, *, seq_len: int = 0,
-         block_l: int = 64, check: bool | None = None) -> RoutingPlan:
+def plan(
+    gate_probs: Tensor, timesteps: Tensor, top_k: int, *, seq_len: int = 0, block_l: int = 64, check: bool | None = None
+) -> RoutingPlan:
     """Routing plan of all N blocks for a batch, in one launch (see RoutingPlan for the fields).
 
     gate_probs: (N, T, M) float32/float16/bfloat16/float64, contiguous, every block's gate
@@ -277,21 +307,23 @@ def plan(gate_probs: Tensor, timesteps: Tensor, top_k: int, *, seq_len: int = 0,
     if check is None:
         check = _default_check()
     if gate_probs.device.type in _EXT_DEVICES:
-        out = torch.ops.switch_dit.routing_plan(gate_probs, timesteps, top_k, seq_len, block_l,
-                                                check)
+        out = torch.ops.switch_dit.routing_plan(gate_probs, timesteps, top_k, seq_len, block_l, check)
     else:
         if _extension.available() and not torch.compiler.is_compiling():
-            _extension.warn_fallback("switch_dit.routing.plan", "switch_dit._C has no kernel for "
-                                     f"device {gate_probs.device.type!r} (built without it)")
-        out = torch.ops.switch_dit.routing_plan_torch(gate_probs, timesteps, top_k, seq_len,
-                                                      block_l, check)
+            _extension.warn_fallback(
+                "switch_dit.routing.plan",
+                f"switch_dit._C has no kernel for device {gate_probs.device.type!r} (built without it)",
+            )
+        out = torch.ops.switch_dit.routing_plan_torch(gate_probs, timesteps, top_k, seq_len, block_l, check)
     return RoutingPlan(*out)
+
 
 # switch_dit::group_tokens (switch_dit.grouping) lives in the same op library, whose Python home
 # is this module: its fake kernel has to be registered from here.
 from switch_dit import grouping as _grouping  # noqa: E402
 
 if _grouping._HAS_OP:
+
     @torch.library.register_fake(_grouping._OP)
     def _fake_group_tokens(index, valid, block_m):
         return _grouping._fake(index, valid, block_m)

@@ -14,8 +14,20 @@ from pathlib import Path
 
 __all__ = ["FIELDS", "RunLog"]
 
-FIELDS = ("step", "loss", "mse", "vb", "prior", "lr", "grad_norm", "steps_per_sec", "images_per_sec",
-          "elapsed_s", "skipped", "scale")
+FIELDS = (
+    "step",
+    "loss",
+    "mse",
+    "vb",
+    "prior",
+    "lr",
+    "grad_norm",
+    "steps_per_sec",
+    "images_per_sec",
+    "elapsed_s",
+    "skipped",
+    "scale",
+)
 
 
 class RunLog:
@@ -48,8 +60,11 @@ class RunLog:
 
     def _truncate(self, step: int) -> None:
         if self.jsonl_path.exists():
-            keep = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = [
+                line
+                for line in self.jsonl_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
             self.jsonl_path.write_text("".join(line + "\n" for line in keep))
         if self.csv_path.exists():
             with open(self.csv_path, newline="") as f:

@@ -32,7 +32,8 @@ from . import distributed
 from . import flow as flow_lib
 from . import vae as vae_lib
 from .data import NUM_CLASSES
-from .diffusion import accepts_shared_timestep, create_diffusion, sample as diffusion_sample
+from .diffusion import accepts_shared_timestep, create_diffusion
+from .diffusion import sample as diffusion_sample
 from .models import DiT
 
 __all__ = [
@@ -53,7 +54,9 @@ __all__ = [
 # -----------------------------------------------------------------------------
 
 
-def sampling_diffusion(method: str = "ddpm", steps: int = 250, noise_schedule: str = "cosine", learn_sigma: bool = True):
+def sampling_diffusion(
+    method: str = "ddpm", steps: int = 250, noise_schedule: str = "cosine", learn_sigma: bool = True
+):
     """The process to sample with: DDPM evenly respaced to ``steps`` or DDIM's "ddimN" spacing."""
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -82,9 +85,9 @@ def generate(
 
     A rectified-flow model (``model.objective == "flow"``, DiffMoE) samples with ``method``
     "euler" or "heun" (``switch_dit.flow.sample``). ``cfg_scale`` 1 runs the conditional model
-    alone; above 1, DiT's guidance on the epsilon channels. ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step (right for pixels;
-    pass False for VAE latents, which are not bounded). Randomness comes from ``generator``, or a
-    fresh one seeded with ``seed`` (0 if neither is given).
+    alone; above 1, DiT's guidance on the epsilon channels. ``clip_denoised`` clips the predicted x0
+    to [-1, 1] at every step (right for pixels; pass False for VAE latents, which are not bounded).
+    Randomness comes from ``generator``, or a fresh one seeded with ``seed`` (0 if neither is given).
 
     ``capture``: replay the model's step from a CUDA graph (``CapturedStep``); None = on CUDA for
     models with ``accepts_shared_timestep`` (DiT, DTR, Switch-DiT, Remix-DiT), whose step has fixed
@@ -93,11 +96,14 @@ def generate(
     if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not 1.0 <= cfg_scale < math.inf:
         raise ValueError(f"cfg_scale must be a number >= 1 (1 = no guidance), got {cfg_scale!r}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
-        raise ValueError(f"labels must be an int64 tensor (B,), got {getattr(labels, 'dtype', type(labels))} "
-                         f"{tuple(getattr(labels, 'shape', ()))}")
+        raise ValueError(
+            f"labels must be an int64 tensor (B,), got {getattr(labels, 'dtype', type(labels))} "
+            f"{tuple(getattr(labels, 'shape', ()))}"
+        )
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
-        raise ValueError(f"labels must be classes in [0, {model.num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must be classes in [0, {model.num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+        )
     flow = getattr(model, "objective", "diffusion") == "flow"
     if flow and method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun' for a rectified-flow model, got {method!r}")
@@ -113,11 +119,20 @@ def generate(
     try:
         net = CapturedStep(model) if capture else model
         if flow:  # switch_dit.flow: Euler or Heun from t = 0 to 1; clipping applies to the result
-            x = flow_lib.sample(net, labels, steps=steps, method=method, cfg_scale=float(cfg_scale),
-                                generator=generator)
+            x = flow_lib.sample(
+                net, labels, steps=steps, method=method, cfg_scale=float(cfg_scale), generator=generator
+            )
             return x.clamp(-1, 1) if clip_denoised else x
-        return diffusion_sample(net, diffusion, labels, cfg_scale=float(cfg_scale), method=method,
-                                generator=generator, progress=progress, clip_denoised=clip_denoised)
+        return diffusion_sample(
+            net,
+            diffusion,
+            labels,
+            cfg_scale=float(cfg_scale),
+            method=method,
+            generator=generator,
+            progress=progress,
+            clip_denoised=clip_denoised,
+        )
     finally:
         model.train(was_training)
 
@@ -181,9 +196,11 @@ def _capture_graph(fn, tensors, constants, warmup: int = 2):
         with torch.cuda.graph(graph):
             output = fn(*inputs, **constants)
     except RuntimeError as e:
-        raise RuntimeError(f"capturing the sampling step as a CUDA graph failed ({e}); the step must not sync "
-                           "with the host (unset SWITCH_DIT_CHECK_VALUES), or sample without capture "
-                           "(generate(capture=False), `switch-dit sample --no-capture`)") from e
+        raise RuntimeError(
+            f"capturing the sampling step as a CUDA graph failed ({e}); the step must not sync "
+            "with the host (unset SWITCH_DIT_CHECK_VALUES), or sample without capture "
+            "(generate(capture=False), `switch-dit sample --no-capture`)"
+        ) from e
     return graph, inputs, output
 
 
@@ -195,7 +212,6 @@ def _capture_graph(fn, tensors, constants, warmup: int = 2):
 def grid_labels(samples_per_class: int, num_classes: int = NUM_CLASSES, device="cpu") -> torch.Tensor:
     """int64 (num_classes * samples_per_class,): 0,0,..,1,1,..; one grid row per class."""
     return torch.arange(num_classes, device=device).repeat_interleave(samples_per_class)
-
 
 
 def to_uint8(images: torch.Tensor, rgb: bool = True) -> np.ndarray:
@@ -314,7 +330,9 @@ def sample_to_npz(
         if not classes or classes[0] < 0 or classes[-1] >= model.num_classes:
             raise ValueError(f"classes must be a non-empty list of classes in [0, {model.num_classes}), got {classes}")
     if model.in_channels == 4 and vae is None:
-        raise ValueError("the model samples VAE latents: pass vae (see switch_dit.vae.load_vae) to decode them into images")
+        raise ValueError(
+            "the model samples VAE latents: pass vae (see switch_dit.vae.load_vae) to decode them into images"
+        )
     if clip_denoised is None:
         clip_denoised = vae is None  # pixels are bounded, latents are not
     device = next(model.parameters()).device
@@ -323,10 +341,22 @@ def sample_to_npz(
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "num_samples": num_samples, "shard_size": batch_size, "classes": classes, "method": method, "steps": steps,
-        "cfg_scale": float(cfg_scale), "noise_schedule": noise_schedule, "seed": seed, "clip_denoised": clip_denoised,
-        "model": {"routing": model.routing, "hidden_size": model.hidden_size, "depth": model.depth,
-                  "input_size": model.input_size, "num_classes": model.num_classes},
+        "num_samples": num_samples,
+        "shard_size": batch_size,
+        "classes": classes,
+        "method": method,
+        "steps": steps,
+        "cfg_scale": float(cfg_scale),
+        "noise_schedule": noise_schedule,
+        "seed": seed,
+        "clip_denoised": clip_denoised,
+        "model": {
+            "routing": model.routing,
+            "hidden_size": model.hidden_size,
+            "depth": model.depth,
+            "input_size": model.input_size,
+            "num_classes": model.num_classes,
+        },
     }
     manifest = out_dir / "manifest.json"
     expected = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples -> lists)
@@ -334,8 +364,10 @@ def sample_to_npz(
         old = json.loads(manifest.read_text())
         if old != expected:
             diff = sorted(k for k in expected if old.get(k) != expected[k])
-            raise ValueError(f"{str(out_dir)!r} holds samples drawn with other settings ({', '.join(diff)}); "
-                             f"use another output folder or delete it")
+            raise ValueError(
+                f"{str(out_dir)!r} holds samples drawn with other settings ({', '.join(diff)}); "
+                f"use another output folder or delete it"
+            )
     else:
         # Every rank may write it: the content is the same and the rename is atomic.
         tmp = manifest.with_name(f"manifest.json.tmp{os.getpid()}")
@@ -361,8 +393,17 @@ def sample_to_npz(
     for i in todo:
         g = torch.Generator(device=device).manual_seed(shard_seed(seed, i))
         labels = class_table[torch.randint(len(class_table), (sizes[i],), generator=g, device=device)]
-        x = generate(model, labels, method=method, steps=steps, cfg_scale=cfg_scale, noise_schedule=noise_schedule,
-                     clip_denoised=clip_denoised, generator=g, capture=capture)
+        x = generate(
+            model,
+            labels,
+            method=method,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            noise_schedule=noise_schedule,
+            clip_denoised=clip_denoised,
+            generator=g,
+            capture=capture,
+        )
         if vae is not None:
             x = vae_lib.decode(vae, x)
         _save_npz_atomic(paths[i], arr_0=to_uint8(x), arr_1=labels.cpu().numpy().astype(np.int64))
@@ -376,8 +417,10 @@ def sample_to_npz(
         return None
     missing = [i for i in range(num_shards) if not paths[i].exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} shards are missing in {str(shard_dir)!r} (first: {missing[:5]}); "
-                           f"the other ranks have not finished: run the same command again to complete the set")
+        raise RuntimeError(
+            f"{len(missing)} shards are missing in {str(shard_dir)!r} (first: {missing[:5]}); "
+            f"the other ranks have not finished: run the same command again to complete the set"
+        )
     images, labels = [], []
     for i in range(num_shards):
         a, b = read_npz(paths[i])

@@ -63,7 +63,14 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import distributed, remix_dit
-from .config import TrainConfig, add_train_arguments, config_from_args, load_config_file, overrides_from_args, resume_config
+from .config import (
+    TrainConfig,
+    add_train_arguments,
+    config_from_args,
+    load_config_file,
+    overrides_from_args,
+    resume_config,
+)
 from .data import NUM_CLASSES, data_info, open_training_data
 from .diffusion import GaussianDiffusion, create_diffusion
 from .evaluate import evaluate_samples
@@ -94,8 +101,15 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
     """Arguments of models.create for this run (stored in checkpoints to rebuild the model).
     data_info: in_channels, input_size, num_classes of the data; None = the digits."""
     info = data_info or {"in_channels": 1, "input_size": cfg.image_size, "num_classes": NUM_CLASSES}
-    kw = dict(name=cfg.model, input_size=info["input_size"], in_channels=info["in_channels"],
-              num_classes=info["num_classes"], learn_sigma=True, num_experts=cfg.num_experts, top_k=cfg.top_k)
+    kw = dict(
+        name=cfg.model,
+        input_size=info["input_size"],
+        in_channels=info["in_channels"],
+        num_classes=info["num_classes"],
+        learn_sigma=True,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+    )
     if cfg.model.startswith("Remix-DiT-"):  # K bases and the mixing instead of top-k
         del kw["top_k"]
         kw.update(num_basis=cfg.num_basis, mixing=cfg.mixing)
@@ -290,8 +304,9 @@ class _Run:
         dev = ctx.device
         distributed.set_tf32(dev, cfg.tf32)  # as DiT: TF32 matmuls and convolutions for the fp32 parts
         self.data = open_training_data(cfg.data, cfg.image_size, dev if cfg.data == "digits" else "cpu")
-        self.sampler = distributed.ShardedBatchSampler(len(self.data), cfg.batch_size, ctx.rank, ctx.world_size,
-                                                       cfg.seed)
+        self.sampler = distributed.ShardedBatchSampler(
+            len(self.data), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed
+        )
         self.info = data_info(self.data)
         self.kwargs = model_kwargs(cfg, self.info)
         if ckpt is not None and ckpt["model_kwargs"] != self.kwargs:
@@ -332,8 +347,10 @@ class _Run:
         # Per-rank randomness (label dropout, timesteps and noise, flips) and shared (prior ties).
         rank_seed = cfg.seed * ctx.world_size + ctx.rank
         torch.manual_seed(rank_seed)
-        self.gens = {"step": torch.Generator(device=dev).manual_seed(rank_seed + 1),
-                     "flip": torch.Generator().manual_seed(rank_seed + 2)}
+        self.gens = {
+            "step": torch.Generator(device=dev).manual_seed(rank_seed + 1),
+            "flip": torch.Generator().manual_seed(rank_seed + 2),
+        }
         self.prior_gen = torch.Generator().manual_seed(cfg.seed + 3)
 
         self.step, self.skipped, self.bad_run, self.elapsed_before = 0, 0, 0, 0.0
@@ -348,8 +365,10 @@ class _Run:
     def _restore(self, ckpt: dict) -> None:
         missing = [k for k in ("opt", "rng", "data", "train_state") if ckpt.get(k) is None]
         if missing:
-            raise ValueError(f"the checkpoint has no training state ({', '.join(missing)}): it holds weights to "
-                             "sample from, not a run to resume")
+            raise ValueError(
+                f"the checkpoint has no training state ({', '.join(missing)}): it holds weights to "
+                "sample from, not a run to resume"
+            )
         opt_state = ckpt["opt"]
         if self.cfg.parallel == "fsdp" and self.ctx.distributed:
             opt_state = distributed.shard_optimizer_state(opt_state, self.opt)
@@ -372,8 +391,10 @@ class _Run:
             ckpt_lib.restore_rng(ranks[self.ctx.rank], self.gens)
         except (ValueError, RuntimeError) as e:
             # Fresh draws, seeded by the step so that they do not replay the run's first steps.
-            self.log(f"random states not restored ({e}): the data order continues exactly, noise, timesteps, "
-                     "flips and label dropout are drawn afresh")
+            self.log(
+                f"random states not restored ({e}): the data order continues exactly, noise, timesteps, "
+                "flips and label dropout are drawn afresh"
+            )
             seed = (self.cfg.seed * 1_000_003 + self.step) * self.ctx.world_size + self.ctx.rank
             torch.manual_seed(seed)
             self.gens["step"].manual_seed(seed + 1)
@@ -402,15 +423,28 @@ class _Run:
         path = None
         if main:
             self.last_state = {
-                "format": ckpt_lib.FORMAT, "step": self.step, "config": self.cfg.to_dict(),
-                "model_kwargs": self.kwargs, "model": model_sd, "ema": ema_sd, "opt": opt_sd,
+                "format": ckpt_lib.FORMAT,
+                "step": self.step,
+                "config": self.cfg.to_dict(),
+                "model_kwargs": self.kwargs,
+                "model": model_sd,
+                "ema": ema_sd,
+                "opt": opt_sd,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": {"ranks": rng, "shared": {"prior": self.prior_gen.get_state()}},
                 "data": self.sampler.state_dict(),
-                "prior_matcher": (self.model.prior_matcher.state_dict() if self.model.prior_matcher is not None else None),
-                "train_state": {"step": self.step, "skipped": self.skipped, "bad_run": self.bad_run,
-                                "window": dict(self.window), "elapsed_s": self.elapsed()},
-                "world_size": self.ctx.world_size, "parallel": self.cfg.parallel,
+                "prior_matcher": (
+                    self.model.prior_matcher.state_dict() if self.model.prior_matcher is not None else None
+                ),
+                "train_state": {
+                    "step": self.step,
+                    "skipped": self.skipped,
+                    "bad_run": self.bad_run,
+                    "window": dict(self.window),
+                    "elapsed_s": self.elapsed(),
+                },
+                "world_size": self.ctx.world_size,
+                "parallel": self.cfg.parallel,
                 "torch_version": str(torch.__version__),
             }
             path = ckpt_lib.atomic_save(self.last_state, ckpt_lib.checkpoint_path(self.ckpt_dir, self.step))
@@ -443,18 +477,28 @@ class _Run:
             self.model.training_iters = self.step
         t = None  # uniform, drawn in forward_backward
         if cfg.timestep_sampling == "interval":  # Remix-DiT: the batch from one expert's interval
-            t = remix_dit.sample_interval_timesteps(x.shape[0], self.diffusion.num_timesteps, cfg.num_experts,
-                                                    device=dev, generator=self.gens["step"])
+            t = remix_dit.sample_interval_timesteps(
+                x.shape[0], self.diffusion.num_timesteps, cfg.num_experts, device=dev, generator=self.gens["step"]
+            )
         self.opt.zero_grad(set_to_none=True)
-        parts = forward_backward(self.net, self.diffusion, x, y, self.gens["step"], self.prior_gen, cfg.precision,
-                                 self.scaler, t=t)
+        parts = forward_backward(
+            self.net, self.diffusion, x, y, self.gens["step"], self.prior_gen, cfg.precision, self.scaler, t=t
+        )
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         norm = _grad_norm(self.params).float()
         # One all-reduce and one host sync per step: every rank needs the same verdict
         # on "skip this step" and "stop now" before anyone touches the weights.
-        stats = torch.stack([parts["loss"], parts["mse"], parts["vb"], parts["prior"], norm.to(dev),
-                             torch.full((), float(stop_requested), device=dev)])  # a fill, not a blocking copy
+        stats = torch.stack(
+            [
+                parts["loss"],
+                parts["mse"],
+                parts["vb"],
+                parts["prior"],
+                norm.to(dev),
+                torch.full((), float(stop_requested), device=dev),
+            ]
+        )  # a fill, not a blocking copy
         # (The norm is of the averaged gradients, the same on every rank: its mean is itself.)
         loss, mse, vb, prior, gnorm, stop = (distributed.all_reduce_sum(stats, self.ctx) / self.ctx.world_size).tolist()
         # fp16: an overflow is skipped here and the scaler backs off in update(); many in a
@@ -495,9 +539,13 @@ class _Run:
         for key in ("loss", "mse", "vb", "prior", "grad_norm"):
             record[key] = window[key] / good if good else None  # None: every step of the window was skipped
         steps_per_sec = window["steps"] / window_time if window_time > 0 else None
-        record.update(lr=lr_at(self.step - 1, cfg), steps_per_sec=steps_per_sec,
-                      images_per_sec=steps_per_sec * cfg.batch_size if steps_per_sec else None,
-                      elapsed_s=self.elapsed(), skipped=self.skipped)
+        record.update(
+            lr=lr_at(self.step - 1, cfg),
+            steps_per_sec=steps_per_sec,
+            images_per_sec=steps_per_sec * cfg.batch_size if steps_per_sec else None,
+            elapsed_s=self.elapsed(),
+            skipped=self.skipped,
+        )
         if self.scaler.is_enabled():
             record["scale"] = float(self.scaler.get_scale())
         return record
@@ -558,9 +606,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     ctx.barrier()
     n_params = sum(p.numel() for p in run.model.parameters())
-    log(f"run folder {out}  {ctx.world_size} process(es) on {ctx.device.type} ({cfg.parallel if ctx.distributed else 'single'})  "
+    log(
+        f"run folder {out}  {ctx.world_size} process(es) on {ctx.device.type} "
+        f"({cfg.parallel if ctx.distributed else 'single'})  "
         f"model {cfg.model} ({n_params / 1e6:.2f}M params)  data {cfg.data}: {len(run.data)} items "
-        f"{run.info['in_channels']}x{run.info['input_size']}x{run.info['input_size']}  precision {cfg.precision}")
+        f"{run.info['in_channels']}x{run.info['input_size']}x{run.info['input_size']}  precision {cfg.precision}"
+    )
     if path is not None:
         log(f"resumed from {path} at step {run.step}")
 
@@ -587,8 +638,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
             while run.step < cfg.steps:
                 finite, stop = run.train_step(stop_signal.requested)
                 if not finite:
-                    log(f"step {run.step}: non-finite loss or gradient, step skipped "
-                        f"({run.bad_run} in a row, {run.skipped} in all)")
+                    log(
+                        f"step {run.step}: non-finite loss or gradient, step skipped "
+                        f"({run.bad_run} in a row, {run.skipped} in all)"
+                    )
                 if bar is not None:
                     bar.update(1)
                 if run.bad_run >= cfg.max_bad_steps:
@@ -597,7 +650,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
                         f"{run.bad_run} steps in a row had a non-finite loss or gradient (max_bad_steps "
                         f"{cfg.max_bad_steps}); stopped at step {run.step}. The weights were last updated "
                         f"{run.bad_run} steps earlier; that state is in {saved or 'the checkpoint of rank 0'}. "
-                        "Try a lower --lr, --grad-clip, or --precision bf16/fp32 instead of fp16.")
+                        "Try a lower --lr, --grad-clip, or --precision bf16/fp32 instead of fp16."
+                    )
                 last = run.step == cfg.steps or stop
                 if run.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
@@ -605,9 +659,14 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
                         record = run.log_record(now - window_start)
                         runlog.write(record)
                         if bar is not None and record["loss"] is not None:
-                            bar.set_postfix(loss=f"{record['loss']:.4f}", mse=f"{record['mse']:.4f}",
-                                            vb=f"{record['vb']:.4f}", prior=f"{record['prior']:.4f}",
-                                            img_s=f"{record['images_per_sec']:.0f}", refresh=False)
+                            bar.set_postfix(
+                                loss=f"{record['loss']:.4f}",
+                                mse=f"{record['mse']:.4f}",
+                                vb=f"{record['vb']:.4f}",
+                                prior=f"{record['prior']:.4f}",
+                                img_s=f"{record['images_per_sec']:.0f}",
+                                refresh=False,
+                            )
                     run.window, window_start = run._empty_window(), now
                 if run.step % cfg.ckpt_every == 0 or last:
                     run.save()
@@ -626,8 +685,14 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
             runlog.close()
 
     train_time = time.perf_counter() - started
-    summary = {"steps": run.step, "train_seconds": train_time, "device": str(ctx.device), "run_dir": str(out),
-               "world_size": ctx.world_size, "skipped_steps": run.skipped}
+    summary = {
+        "steps": run.step,
+        "train_seconds": train_time,
+        "device": str(ctx.device),
+        "run_dir": str(out),
+        "world_size": ctx.world_size,
+        "skipped_steps": run.skipped,
+    }
     if interrupted:
         summary["interrupted"] = "SIGTERM"
         return summary
@@ -649,19 +714,31 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, log, resume, started: flo
         if cfg.parallel == "fsdp" and ctx.distributed:
             ema = ckpt_lib.model_from_checkpoint(run.last_state, device=ctx.device)
         labels = grid_labels(cfg.samples_per_class, num_classes=run.info["num_classes"], device=ctx.device)
-        samples = generate(ema, labels, method=cfg.sample_method, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                           seed=cfg.seed, noise_schedule=cfg.noise_schedule, progress=cfg.progress)
+        samples = generate(
+            ema,
+            labels,
+            method=cfg.sample_method,
+            steps=cfg.sample_steps,
+            cfg_scale=cfg.cfg_scale,
+            seed=cfg.seed,
+            noise_schedule=cfg.noise_schedule,
+            progress=cfg.progress,
+        )
         save_grid(samples, out / "samples.png", nrow=cfg.samples_per_class, scale=2)  # 16 px digits, visible
         summary["sample_seconds"] = time.perf_counter() - t0
         summary.update(evaluate_samples(samples, labels, cfg.image_size))
-        log(f"samples: {out / 'samples.png'} ({len(labels)} digits, {cfg.sample_method} {cfg.sample_steps} steps, "
-            f"guidance {cfg.cfg_scale}, EMA weights)")
+        log(
+            f"samples: {out / 'samples.png'} ({len(labels)} digits, {cfg.sample_method} {cfg.sample_steps} steps, "
+            f"guidance {cfg.cfg_scale}, EMA weights)"
+        )
     summary["total_seconds"] = time.perf_counter() - started
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.sample:
-        log(f"quality: a classifier trained on the real digits ({summary['classifier_test_accuracy']:.1%} accurate "
+        log(
+            f"quality: a classifier trained on the real digits ({summary['classifier_test_accuracy']:.1%} accurate "
             f"on held-out real digits) recognises the requested class in {summary['sample_accuracy']:.1%} "
-            f"of the samples (chance: 10%)")
+            f"of the samples (chance: 10%)"
+        )
     log(f"total {summary['total_seconds']:.1f} s")
     return summary
 
@@ -688,8 +765,9 @@ def run_from_args(args, log=print) -> int:
     if args.resume is not None and path is None:
         log(f"--resume: no checkpoint in {Path(out) / 'checkpoints'} yet, starting afresh")
     if path is not None:
-        cfg = resume_config(ckpt_lib.read_config(path), file_values,
-                            {**overrides, "out": out or str(ckpt_lib.run_folder(path))})
+        cfg = resume_config(
+            ckpt_lib.read_config(path), file_values, {**overrides, "out": out or str(ckpt_lib.run_folder(path))}
+        )
     else:
         cfg = config_from_args(args)
     summary = train(cfg, log=log, resume=path)
@@ -700,8 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m switch_dit.train`` (what torchrun launches): the flags of `switch-dit train`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m switch_dit.train",
-                                     description="Train a class-conditional Switch-DiT (see switch_dit/train.py).")
+    parser = argparse.ArgumentParser(
+        prog="python -m switch_dit.train", description="Train a class-conditional Switch-DiT (see switch_dit/train.py)."
+    )
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -34,9 +34,11 @@ def load_vae(name: str = "ema", device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(repo)
     except Exception as e:  # hub errors come in many classes (OSError, HTTPError, ...)
-        raise RuntimeError(f"could not load the VAE {repo!r}: {e}. The weights are downloaded from the Hugging "
-                           "Face hub on first use; without internet access, download them elsewhere and pass "
-                           "their local folder (--vae PATH)") from e
+        raise RuntimeError(
+            f"could not load the VAE {repo!r}: {e}. The weights are downloaded from the Hugging "
+            "Face hub on first use; without internet access, download them elsewhere and pass "
+            "their local folder (--vae PATH)"
+        ) from e
     vae = vae.to(device).eval().requires_grad_(False)
     vae.name = repo
     return vae

@@ -55,9 +55,22 @@ def tiny_checkpoint(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            train(TrainConfig(model="Switch-DiT-S/4", hidden_size=32, depth=2, num_heads=2, steps=TINY_RUN_STEPS,
-                              batch_size=8, device="cpu", out=str(out), sample=False, progress=False,
-                              compile="none"), log=lambda *a, **k: None)
+            train(
+                TrainConfig(
+                    model="Switch-DiT-S/4",
+                    hidden_size=32,
+                    depth=2,
+                    num_heads=2,
+                    steps=TINY_RUN_STEPS,
+                    batch_size=8,
+                    device="cpu",
+                    out=str(out),
+                    sample=False,
+                    progress=False,
+                    compile="none",
+                ),
+                log=lambda *a, **k: None,
+            )
             path = out / "checkpoint.pt"
             state = checkpoint.load_checkpoint(path)
             ema = checkpoint.model_from_checkpoint(state)
@@ -96,11 +109,14 @@ def pytest_sessionstart(session):
     missing = [pkg for mod, pkg in TEST_EXTRA.items() if importlib.util.find_spec(mod) is None]
     if not missing:
         return
-    message = (f"the test extra is incomplete: {', '.join(missing)} missing (pip install -e '.[test]'); "
-               "the tests that need them are skipped")
+    message = (
+        f"the test extra is incomplete: {', '.join(missing)} missing (pip install -e '.[test]'); "
+        "the tests that need them are skipped"
+    )
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.exit(f"CI: {message.split(';')[0]}: refusing to skip the trainer, checkpoint and resume tests",
-                    returncode=1)
+        pytest.exit(
+            f"CI: {message.split(';')[0]}: refusing to skip the trainer, checkpoint and resume tests", returncode=1
+        )
     session.config.issue_config_time_warning(pytest.PytestWarning(message), stacklevel=2)
 
 

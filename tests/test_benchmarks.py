@@ -51,8 +51,15 @@ def test_smoke_results_follow_the_schema(smoke):
     rows = data["rows"]
     assert {r["suite"] for r in rows} == {"ops", "block", "step"}
     benches = {r["bench"] for r in rows}
-    assert {"routed_linear", "mask_ln_modulate", "gated_residual_ln_modulate", "routing_plan",
-            "Switch-DiT block", "DiT block", "train_step"} <= benches
+    assert {
+        "routed_linear",
+        "mask_ln_modulate",
+        "gated_residual_ln_modulate",
+        "routing_plan",
+        "Switch-DiT block",
+        "DiT block",
+        "train_step",
+    } <= benches
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd", "step"}
     assert {r["dtype"] for r in rows if r["suite"] == "step"} == {"bf16-autocast", "fp16-autocast+scaler"}
     # Every row ran: the fast path (every strategy, auto) as well as the harness's own variants.
@@ -126,8 +133,9 @@ def test_a_phase_is_stopped_at_its_budget(tmp_path):
 
     log = io.StringIO()
     t0 = time.monotonic()
-    rc, took = gpu.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
-                               2.0, log)
+    rc, took = gpu.run_command(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 2.0, log
+    )
     assert rc is None and took < 20 and time.monotonic() - t0 < 20
     assert "started" in log.getvalue()
     rc, _ = gpu.run_command([sys.executable, "-c", "raise SystemExit(3)"], 30.0, log)
@@ -154,34 +162,94 @@ def test_smoke_report_table_chart_and_section(smoke):
 def _gpu_results(tmp_path: Path) -> Path:
     """A hand-made GPU results file with known times, to check the report's arithmetic."""
     peaks = env.peaks_record(env.Peaks({"bf16": 790e12, "fp16": 790e12, "fp32": 50e12}, 3.0e12, "measured"))
-    res = Results(tmp_path / "nvidia-h100-80gb-hbm3-2026-01-01.json",
-                  {"name": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3", "kind": "cuda"}, peaks,
-                  env.peaks_record(env.datasheet_for("NVIDIA H100 80GB HBM3")))
-    run = res.start_run({"command": "python -m benchmarks", "mode": "full", "started": "t", "timer": "do_bench",
-                         "git": {"commit": "abc", "dirty": False}, "versions": {"torch": "x"}})
+    res = Results(
+        tmp_path / "nvidia-h100-80gb-hbm3-2026-01-01.json",
+        {"name": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3", "kind": "cuda"},
+        peaks,
+        env.peaks_record(env.datasheet_for("NVIDIA H100 80GB HBM3")),
+    )
+    run = res.start_run(
+        {
+            "command": "python -m benchmarks",
+            "mode": "full",
+            "started": "t",
+            "timer": "do_bench",
+            "git": {"commit": "abc", "dirty": False},
+            "versions": {"torch": "x"},
+        }
+    )
 
     def add(suite, bench, variant, mode, shape, dtype, median, **extra):
-        res.add(make_row(suite=suite, bench=bench, variant=variant, mode=mode, shape=shape, dtype=dtype,
-                         ms={"median": median, "p20": median * 0.99, "p80": median * 1.01},
-                         work={"flops": 1e12, "bytes": 1e9}, peaks=peaks, run=run, extra=extra))
+        res.add(
+            make_row(
+                suite=suite,
+                bench=bench,
+                variant=variant,
+                mode=mode,
+                shape=shape,
+                dtype=dtype,
+                ms={"median": median, "p20": median * 0.99, "p80": median * 1.01},
+                work={"flops": 1e12, "bytes": 1e9},
+                peaks=peaks,
+                run=run,
+                extra=extra,
+            )
+        )
 
     op = {"B": 32, "L": 256, "D": 1152, "M": 3, "k": 2}
     for variant, ms in (("fast", 1.1), ("dense_linear", 1.0), ("reference", 5.5), ("official", 11.0)):
         add("ops", "routed_linear", variant, "fwd+bwd", op, "bf16", ms)
-    for fam, variant, ms in (("Switch-DiT", "fast", 8.0), ("Switch-DiT", "reference", 16.0),
-                             ("DiT", "reference", 10.0)):
-        add("block", f"{fam} block", variant, "fwd+bwd", {"model": f"{fam}-XL/2", "depth": 1, "B": 32},
-            "bf16-autocast", ms)
+    for fam, variant, ms in (
+        ("Switch-DiT", "fast", 8.0),
+        ("Switch-DiT", "reference", 16.0),
+        ("DiT", "reference", 10.0),
+    ):
+        add(
+            "block",
+            f"{fam} block",
+            variant,
+            "fwd+bwd",
+            {"model": f"{fam}-XL/2", "depth": 1, "B": 32},
+            "bf16-autocast",
+            ms,
+        )
     step = {"depth": 28, "B": 32}
-    add("step", "train_step", "fast+compile", "step", {"model": "Switch-DiT-XL/2", **step}, "bf16-autocast", 40.0,
-        mfu_datasheet=0.6)
-    add("step", "train_step", "reference+compile", "step", {"model": "Switch-DiT-XL/2", **step}, "bf16-autocast", 60.0,
-        mfu_datasheet=0.4)
+    add(
+        "step",
+        "train_step",
+        "fast+compile",
+        "step",
+        {"model": "Switch-DiT-XL/2", **step},
+        "bf16-autocast",
+        40.0,
+        mfu_datasheet=0.6,
+    )
+    add(
+        "step",
+        "train_step",
+        "reference+compile",
+        "step",
+        {"model": "Switch-DiT-XL/2", **step},
+        "bf16-autocast",
+        60.0,
+        mfu_datasheet=0.4,
+    )
     # eager reference slower than compiled: the target takes the best reference variant
     add("step", "train_step", "reference", "step", {"model": "Switch-DiT-XL/2", **step}, "bf16-autocast", 90.0)
-    res.add(make_row(suite="step", bench="train_step", variant="fast", mode="step",
-                     shape={"model": "Switch-DiT-XL/2", **step}, dtype="bf16-autocast", status="skipped",
-                     reason="time limit reached", peaks=peaks, run=run))
+    res.add(
+        make_row(
+            suite="step",
+            bench="train_step",
+            variant="fast",
+            mode="step",
+            shape={"model": "Switch-DiT-XL/2", **step},
+            dtype="bf16-autocast",
+            status="skipped",
+            reason="time limit reached",
+            peaks=peaks,
+            run=run,
+        )
+    )
     return tmp_path
 
 
@@ -208,12 +276,30 @@ def test_a_target_fails_when_a_shape_misses_it(tmp_path):
     path = result_files(folder)[0]
     data = load(path)
     res = Results(path, data["device"], data["peaks"], data["datasheet"])
-    res.add(make_row(suite="ops", bench="routed_linear", variant="fast", mode="fwd+bwd",
-                     shape={"B": 32, "L": 256, "D": 384, "M": 3, "k": 2}, dtype="bf16",
-                     ms={"median": 2.0, "p20": 2.0, "p80": 2.0}, run=1))
-    res.add(make_row(suite="ops", bench="routed_linear", variant="dense_linear", mode="fwd+bwd",
-                     shape={"B": 32, "L": 256, "D": 384, "M": 3, "k": 2}, dtype="bf16",
-                     ms={"median": 1.0, "p20": 1.0, "p80": 1.0}, run=1))
+    res.add(
+        make_row(
+            suite="ops",
+            bench="routed_linear",
+            variant="fast",
+            mode="fwd+bwd",
+            shape={"B": 32, "L": 256, "D": 384, "M": 3, "k": 2},
+            dtype="bf16",
+            ms={"median": 2.0, "p20": 2.0, "p80": 2.0},
+            run=1,
+        )
+    )
+    res.add(
+        make_row(
+            suite="ops",
+            bench="routed_linear",
+            variant="dense_linear",
+            mode="fwd+bwd",
+            shape={"B": 32, "L": 256, "D": 384, "M": 3, "k": 2},
+            dtype="bf16",
+            ms={"median": 1.0, "p20": 1.0, "p80": 1.0},
+            run=1,
+        )
+    )
     dense = next(t for t in report.targets(load(path)["rows"]) if "dense D×D" in t["what"])
     assert dense["values"] == [2.0, 1.1] and dense["passed"] is False
     assert "**FAIL**" in report.performance_section(folder)
@@ -224,12 +310,29 @@ def test_rows_of_two_commits_are_marked(tmp_path):
     path = result_files(folder)[0]
     data = load(path)
     res = Results(path, data["device"], data["peaks"], data["datasheet"])
-    run = res.start_run({"command": "again", "mode": "gpu", "started": "t", "timer": "do_bench",
-                         "git": {"commit": "def", "dirty": False}, "versions": {"torch": "x"}})
-    res.add(make_row(suite="ops", bench="routed_linear", variant="reference", mode="fwd",
-                     shape={"B": 32, "L": 256, "D": 1152, "M": 3, "k": 2}, dtype="bf16",
-                     ms={"median": 1.0, "p20": 1.0, "p80": 1.0}, run=run,
-                     provenance={"commit": "def", "source_digest": "d2"}))
+    run = res.start_run(
+        {
+            "command": "again",
+            "mode": "gpu",
+            "started": "t",
+            "timer": "do_bench",
+            "git": {"commit": "def", "dirty": False},
+            "versions": {"torch": "x"},
+        }
+    )
+    res.add(
+        make_row(
+            suite="ops",
+            bench="routed_linear",
+            variant="reference",
+            mode="fwd",
+            shape={"B": 32, "L": 256, "D": 1152, "M": 3, "k": 2},
+            dtype="bf16",
+            ms={"median": 1.0, "p20": 1.0, "p80": 1.0},
+            run=run,
+            provenance={"commit": "def", "source_digest": "d2"},
+        )
+    )
     assert "This file mixes rows of 2 sources" in report.markdown(folder)
     assert "**rows of" in report.performance_section(folder)
 
@@ -273,12 +376,13 @@ def test_results_merge_resume_and_failures(tmp_path):
     calls = []
 
     def case(variant, build):
-        return Case("ops", "toy", variant, {"n": 4}, "fp32", ("fwd", "bwd"), build,
-                    lambda mode: {"flops": 8.0, "bytes": 64.0})
+        return Case(
+            "ops", "toy", variant, {"n": 4}, "fp32", ("fwd", "bwd"), build, lambda mode: {"flops": 8.0, "bytes": 64.0}
+        )
 
     def ok_build():
         calls.append(1)
-        return lambda mode: (lambda: torch.ones(4).sum())
+        return lambda mode: lambda: torch.ones(4).sum()
 
     def unavailable():
         raise Unavailable("not landed")
@@ -288,10 +392,19 @@ def test_results_merge_resume_and_failures(tmp_path):
 
     def make_ctx(resume, deadline=float("inf")):
         res = Results(path, info, peaks)
-        run = res.start_run({"command": "t", "mode": "smoke", "started": "t", "timer": "perf_counter",
-                             "git": {}, "versions": {}})
-        return Context(device=torch.device("cpu"), timer=Timer(torch.device("cpu"), cpu_iters=2), results=res,
-                       run_id=run, peaks=peaks, resume=resume, deadline=deadline, log=lambda s: None)
+        run = res.start_run(
+            {"command": "t", "mode": "smoke", "started": "t", "timer": "perf_counter", "git": {}, "versions": {}}
+        )
+        return Context(
+            device=torch.device("cpu"),
+            timer=Timer(torch.device("cpu"), cpu_iters=2),
+            results=res,
+            run_id=run,
+            peaks=peaks,
+            resume=resume,
+            deadline=deadline,
+            log=lambda s: None,
+        )
 
     ctx = make_ctx(resume=False)
     run_cases(ctx, [case("a", ok_build), case("b", unavailable), case("c", broken)])
@@ -354,8 +467,11 @@ def test_model_flops_count_one_expert_gemm_and_the_gate_table_once():
     """Model FLOPs: one D x D expert GEMM per SMoE layer whatever k is (identity (a)); the gate
     table once per step, so it does not grow with the batch."""
     dit = flops.ModelConfig.from_name("DiT-XL/2")
-    extra = {k: sum(flops.model_macs(flops.ModelConfig.from_name("Switch-DiT-XL/2", top_k=k)).values())
-             - sum(flops.model_macs(dit).values()) for k in (1, 2, 3)}
+    extra = {
+        k: sum(flops.model_macs(flops.ModelConfig.from_name("Switch-DiT-XL/2", top_k=k)).values())
+        - sum(flops.model_macs(dit).values())
+        for k in (1, 2, 3)
+    }
     assert extra[1] == extra[2] == extra[3] == 28 * 256 * 1152 * 1152
     switch = flops.ModelConfig.from_name("Switch-DiT-XL/2")
     table = flops.train_step_flops(switch, 64) - 2 * flops.train_step_flops(switch, 32)
@@ -399,8 +515,13 @@ def test_official_routers_take_over_a_model(monkeypatch):
     from switch_dit import models
 
     torch.manual_seed(0)
-    model = models.create("Switch-DiT-S/2", hidden_size=32, num_heads=2, depth=2, input_size=8,
-                          num_classes=10, backend="reference").double().eval()
+    model = (
+        models.create(
+            "Switch-DiT-S/2", hidden_size=32, num_heads=2, depth=2, input_size=8, num_classes=10, backend="reference"
+        )
+        .double()
+        .eval()
+    )
     randomize_zero_parameters(model)
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     t, y = torch.tensor([5, 500, 999]), torch.tensor([1, 2, 3])

@@ -23,10 +23,37 @@ from switch_dit.config import TrainConfig
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
-            progress=False, log_every=1)
-TINY_ARGS = ["--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--batch-size", "8",
-             "--device", "cpu", "--no-sample", "--no-progress", "--log-every", "1", "--threads", "1"]
+TINY = dict(
+    hidden_size=16,
+    depth=2,
+    num_heads=2,
+    image_size=8,
+    batch_size=8,
+    device="cpu",
+    sample=False,
+    progress=False,
+    log_every=1,
+)
+TINY_ARGS = [
+    "--hidden-size",
+    "16",
+    "--depth",
+    "2",
+    "--num-heads",
+    "2",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-sample",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 TIMING = {"steps_per_sec", "images_per_sec", "elapsed_s"}
 
 
@@ -39,8 +66,10 @@ def quiet(*args, **kwargs):
 
 def test_atomic_save_and_newest_complete(tmp_path):
     for step in (3, 6, 9):
-        checkpoint.atomic_save({"format": checkpoint.FORMAT, "model_kwargs": {}, "model": {}, "ema": {}, "step": step},
-                       checkpoint.checkpoint_path(tmp_path, step))
+        checkpoint.atomic_save(
+            {"format": checkpoint.FORMAT, "model_kwargs": {}, "model": {}, "ema": {}, "step": step},
+            checkpoint.checkpoint_path(tmp_path, step),
+        )
     assert not list(tmp_path.glob("*.tmp"))
     # What a crash in the middle of a save leaves: a temporary file, never a final name.
     (tmp_path / "ckpt-00000012.pt.tmp").write_bytes(b"half a checkpoint")
@@ -141,7 +170,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     poisoned.clear()
     poisoned.update(range(4, 100))
     with pytest.raises(train_mod.NonFiniteLossError, match="3 steps in a row .* stopped at step 7") as e:
-        train_mod.train(TrainConfig(**TINY, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet)
+        train_mod.train(
+            TrainConfig(**TINY, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet
+        )
     assert "ckpt-00000007.pt" in str(e.value)
     good = checkpoint.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000004.pt")
     last = checkpoint.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000007.pt")
@@ -173,8 +204,11 @@ def test_resume_errors(short_run, tmp_path):
     weights = {k: v for k, v in state.items() if k not in ("rng", "data", "train_state")}
     checkpoint.atomic_save(weights, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="no training state"):
-        train(TrainConfig(**{**state["config"], "out": str(tmp_path / "w")}), log=quiet,
-              resume=str(tmp_path / "weights.pt"))
+        train(
+            TrainConfig(**{**state["config"], "out": str(tmp_path / "w")}),
+            log=quiet,
+            resume=str(tmp_path / "weights.pt"),
+        )
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -218,8 +252,11 @@ def test_runs_never_write_over_another_runs_checkpoints(short_run, tmp_path):
     with pytest.raises(ValueError, match="holds checkpoints of another run"):
         train(TrainConfig(**TINY, steps=2, out=str(other)), log=quiet)  # a fresh run
     with pytest.raises(ValueError, match="holds checkpoints of another run"):  # a resume into another run's folder
-        train(TrainConfig(**TINY, steps=4, out=str(other)), log=quiet,
-              resume=str(short_run / "checkpoints" / "ckpt-00000004.pt"))
+        train(
+            TrainConfig(**TINY, steps=4, out=str(other)),
+            log=quiet,
+            resume=str(short_run / "checkpoints" / "ckpt-00000004.pt"),
+        )
     assert _files(other) == before
     checkpoint.check_run_folder(short_run, resumed_from=short_run / "checkpoint.pt")  # its own folder: fine
     checkpoint.check_run_folder(tmp_path / "new")  # a new folder: fine
@@ -247,8 +284,19 @@ def test_run_folder_and_find_checkpoint(tmp_path):
 
 def _start(out: Path, steps: int, *extra) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "switch_dit.train", *TINY_ARGS, "--steps", str(steps), "--ckpt-every", "3",
-           "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "switch_dit.train",
+        *TINY_ARGS,
+        "--steps",
+        str(steps),
+        "--ckpt-every",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -260,8 +308,10 @@ def _steps_logged(out: Path) -> int:
 
 
 def _records(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (out / "log.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+        for line in (out / "log.jsonl").read_text().splitlines()
+    ]
 
 
 def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
@@ -275,7 +325,10 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
     ref = _start(tmp_path / "ref", steps)
     killed = _start(tmp_path / "killed", steps)
     termed = _start(tmp_path / "termed", steps)
-    pending = {killed: (kill_at, signal.SIGKILL, tmp_path / "killed"), termed: (term_at, signal.SIGTERM, tmp_path / "termed")}
+    pending = {
+        killed: (kill_at, signal.SIGKILL, tmp_path / "killed"),
+        termed: (term_at, signal.SIGTERM, tmp_path / "termed"),
+    }
     deadline = time.time() + 120
     while pending and time.time() < deadline:
         for proc, (at, sig, out) in list(pending.items()):
@@ -302,7 +355,8 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
     for name, at in (("killed", kill_at), ("termed", term_at)):
         got = _records(tmp_path / name)
         assert got == want, f"{name} at step {at}: first difference at step " + str(
-            next((a["step"] for a, b in zip(want, got) if a != b), None))
+            next((a["step"] for a, b in zip(want, got) if a != b), None)
+        )
     # The same command line serves the first start and every restart after a crash.
     out, err = fresh.communicate(timeout=120)
     assert fresh.returncode == 0 and "starting afresh" in out, err[-2000:]
@@ -316,8 +370,11 @@ def test_mixed_precision_and_clipping_resume_exactly(precision, tmp_path):
 
     cfg = dict(TINY, precision=precision, grad_clip=0.5, steps=4, ckpt_every=2)
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
-    train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet,
-          resume=str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"))
+    train(
+        TrainConfig(**cfg, out=str(tmp_path / "b")),
+        log=quiet,
+        resume=str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"),
+    )
     a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
     assert b == a[2:] and all(r["loss"] is not None for r in a)
     state = checkpoint.load_checkpoint(tmp_path / "a" / "checkpoint.pt")

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from switch_dit.compare import CompareConfig, format_table, noise_verdicts, summarize
 
@@ -20,14 +19,37 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def test_compare_command_tiny_budget(tmp_path, capsys):
     from switch_dit.cli import main
 
-    argv = ["compare", "--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--steps", "4", "--batch-size", "8",
-            "--seeds", "0,1", "--samples-per-class", "1", "--sample-steps", "2", "--eval-every", "2",
-            "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "compare",
+        "--hidden-size",
+        "32",
+        "--depth",
+        "2",
+        "--num-heads",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--seeds",
+        "0,1",
+        "--samples-per-class",
+        "1",
+        "--sample-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "budget: 4 steps x batch 8 per model" in printed and "seeds 0, 1" in printed
     assert "ddim 2 steps, guidance 4.0" in printed  # the demo's sampler by default
-    table = printed[printed.index("Model"):].splitlines()
+    table = printed[printed.index("Model") :].splitlines()
     assert [line.split()[0] for line in table[2:5]] == ["DiT", "DTR", "Switch-DiT"]
     assert "±" in table[2]  # two seeds: mean ± std
     assert "At equal wall time" in printed
@@ -37,7 +59,9 @@ def test_compare_command_tiny_budget(tmp_path, capsys):
     assert [(r["model"], r["seed"]) for r in rows] == [(f, s) for f in ("DiT", "DTR", "Switch-DiT") for s in (0, 1)]
     by = {r["model"]: r for r in rows if r["seed"] == 0}
     # Same trunk: DiT and DTR have the same parameters; Switch-DiT adds M experts per block, k active.
-    assert by["DiT"]["params"] == by["DTR"]["params"] < by["Switch-DiT"]["activated_params"] < by["Switch-DiT"]["params"]
+    assert (
+        by["DiT"]["params"] == by["DTR"]["params"] < by["Switch-DiT"]["activated_params"] < by["Switch-DiT"]["params"]
+    )
     assert by["DiT"]["gflops"] < by["Switch-DiT"]["gflops"]
     for r in rows:
         assert 0.0 <= r["sample_accuracy"] <= 1.0 and r["frechet_distance"] > 0 and math.isfinite(r["final_mse"])
@@ -51,9 +75,19 @@ def test_compare_command_tiny_budget(tmp_path, capsys):
 
 
 def _row(model, seed, acc, fd, seconds=1.0):
-    return {"model": model, "seed": seed, "params": 1000, "activated_params": 900, "gflops": 0.001,
-            "train_seconds": seconds, "final_mse": 0.1, "sample_accuracy": acc, "frechet_distance": fd,
-            "real_frechet_distance": 0.13, "classifier_test_accuracy": 0.98}
+    return {
+        "model": model,
+        "seed": seed,
+        "params": 1000,
+        "activated_params": 900,
+        "gflops": 0.001,
+        "train_seconds": seconds,
+        "final_mse": 0.1,
+        "sample_accuracy": acc,
+        "frechet_distance": fd,
+        "real_frechet_distance": 0.13,
+        "classifier_test_accuracy": 0.98,
+    }
 
 
 def test_summarize_and_table_from_rows():
@@ -72,8 +106,12 @@ def test_summarize_and_table_from_rows():
 def test_noise_verdicts_separate_only_beyond_the_seed_spread():
     # Accuracy: 0.60 ± 0.0141 against 0.90 ± 0.0141 over 2 seeds: 0.3 / sqrt(2 * 0.0002 / 2) = 21.2 standard errors.
     # FD: 3 ± 1.41 against 2.5 ± 0.71: 0.5 / sqrt((2 + 0.5) / 2) = 0.45 standard errors.
-    rows = [_row("DiT", 0, 0.59, 2.0), _row("DiT", 1, 0.61, 4.0),
-            _row("Switch-DiT", 0, 0.89, 2.0), _row("Switch-DiT", 1, 0.91, 3.0)]
+    rows = [
+        _row("DiT", 0, 0.59, 2.0),
+        _row("DiT", 1, 0.61, 4.0),
+        _row("Switch-DiT", 0, 0.89, 2.0),
+        _row("Switch-DiT", 1, 0.91, 3.0),
+    ]
     lines = noise_verdicts(summarize(rows))
     assert lines == [
         "DiT vs Switch-DiT, accuracy: -0.300 (21.2 standard errors), beyond the seed spread: Switch-DiT better",
@@ -96,14 +134,17 @@ def test_families_are_pluggable(monkeypatch):
     assert train_cfg.compile == "none" and train_cfg.ckpt_every == cfg.eval_every
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"size": "M/2"}, "size"),
-    ({"seeds": ()}, "seeds"),
-    ({"seeds": (1, 1)}, "distinct"),
-    ({"families": ("DiT", "U-Net")}, "families"),
-    ({"eval_every": 0}, "eval_every"),
-    ({"steps": 0}, "steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"size": "M/2"}, "size"),
+        ({"seeds": ()}, "seeds"),
+        ({"seeds": (1, 1)}, "distinct"),
+        ({"families": ("DiT", "U-Net")}, "families"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"steps": 0}, "steps"),
+    ],
+)
 def test_compare_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         CompareConfig(**kwargs)
@@ -112,9 +153,11 @@ def test_compare_config_errors(kwargs, needle):
 def test_compare_command_bad_arguments(capsys):
     from switch_dit.cli import main
 
-    for argv, needle in ((["compare", "--seeds", "x"], "--seeds: must be comma-separated integers"),
-                         (["compare", "--families", "DiT,GAN"], "--families: must be comma-separated names"),
-                         (["compare", "--size", "Q/2"], "size must be a named size")):
+    for argv, needle in (
+        (["compare", "--seeds", "x"], "--seeds: must be comma-separated integers"),
+        (["compare", "--families", "DiT,GAN"], "--families: must be comma-separated names"),
+        (["compare", "--size", "Q/2"], "size must be a named size"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and needle in capsys.readouterr().err
@@ -128,4 +171,3 @@ def test_step_seconds_is_the_pace_of_the_quickest_windows():
     assert _step_seconds(rates) == pytest.approx(0.1)
     assert _step_seconds([4.0]) == pytest.approx(0.25)
     assert math.isnan(_step_seconds([math.nan]))
-

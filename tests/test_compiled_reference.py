@@ -46,8 +46,11 @@ def check(got, want, inputs, dtype):
 def test_mask_ln_modulate(dtype, mask):
     B, L, D = 2, 5, 20  # D not a power of two
     x = rand(B, L, D, dtype=dtype, seed=1)
-    m = {"full": lambda: rand(B, L, D, dtype=dtype, seed=2), "row": lambda: rand(B, 1, D, dtype=dtype, seed=2),
-         None: lambda: None}[mask]()
+    m = {
+        "full": lambda: rand(B, L, D, dtype=dtype, seed=2),
+        "row": lambda: rand(B, 1, D, dtype=dtype, seed=2),
+        None: lambda: None,
+    }[mask]()
     shift, scale = rand(B, D, dtype=dtype, seed=3), rand(B, D, dtype=dtype, seed=4)
     got = CR.mask_ln_modulate_compiled(x, m, shift, scale, eps=1e-5, return_r0=True)
     want = mask_ln_modulate_reference(x, m, shift, scale, 1e-5)
@@ -84,8 +87,9 @@ def test_inside_an_outer_compile_the_twin_is_traced():
         calls.append(torch.compiler.is_compiling())
         return mask_ln_modulate_reference(*args)
 
-    outer = torch.compile(lambda x: CR.mask_ln_modulate_compiled(x, None, shift, scale), backend="eager",
-                          fullgraph=True)
+    outer = torch.compile(
+        lambda x: CR.mask_ln_modulate_compiled(x, None, shift, scale), backend="eager", fullgraph=True
+    )
     saved = CR._TWINS["mask_ln_modulate"]
     CR._TWINS["mask_ln_modulate"] = twin
     try:
@@ -103,6 +107,10 @@ def test_selectable_by_name_through_the_public_ops():
         assert "compiled" in ops.strategies(op)
     z, y = rand(2, 3, 8, dtype=torch.float64, seed=1), rand(2, 3, 8, dtype=torch.float64, seed=2)
     gate = rand(2, 8, dtype=torch.float64, seed=3)  # the signature compiled above: no new compilation
-    check(ops.gated_residual(z, y, gate, backend="compiled"), gated_residual_reference(z, y, gate), (z, y, gate),
-          torch.float64)
+    check(
+        ops.gated_residual(z, y, gate, backend="compiled"),
+        gated_residual_reference(z, y, gate),
+        (z, y, gate),
+        torch.float64,
+    )
     assert "'compiled' (named by backend)" in ops.explain("gated_residual", z, y, gate, backend="compiled")

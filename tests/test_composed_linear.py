@@ -40,7 +40,7 @@ def make(B, L, D, M, k, mode="random", Dout=None, dtype=torch.float32, bias=True
     gen = torch.Generator().manual_seed(seed)
     Dout = D if Dout is None else Dout
     x = torch.randn(B, L, D, generator=gen, dtype=torch.float64)
-    w = torch.randn(M, D, Dout, generator=gen, dtype=torch.float64) / D ** 0.5
+    w = torch.randn(M, D, Dout, generator=gen, dtype=torch.float64) / D**0.5
     b = torch.randn(M, Dout, generator=gen, dtype=torch.float64) if bias else None
     idx = routing_idx(B, M, k, mode, gen)
     g = torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.05
@@ -65,14 +65,14 @@ def reference64(x, w, b, idx, g, add_one=False):
 
 
 CASES = [  # B, L, D, Dout, M, k, mode
-    (3, 7, 20, 20, 4, 2, "random"),       # D not a tile multiple; grouped GEMM aligned in fp32
-    (2, 5, 18, 18, 3, 2, "random"),       # rows of 72 bytes: grouped takes its fallback
-    (4, 6, 16, 24, 3, 1, "random"),       # k = 1, rectangular
-    (3, 4, 12, 12, 3, 3, "random"),       # k = M
-    (5, 3, 16, 16, 4, 3, "duplicate"),    # repeated experts within a sample
-    (4, 5, 12, 12, 10, 2, "random"),      # M > 8
-    (1, 9, 16, 16, 3, 2, "random"),       # B = 1
-    (4, 4, 8, 8, 5, 2, "one_expert"),     # experts without samples
+    (3, 7, 20, 20, 4, 2, "random"),  # D not a tile multiple; grouped GEMM aligned in fp32
+    (2, 5, 18, 18, 3, 2, "random"),  # rows of 72 bytes: grouped takes its fallback
+    (4, 6, 16, 24, 3, 1, "random"),  # k = 1, rectangular
+    (3, 4, 12, 12, 3, 3, "random"),  # k = M
+    (5, 3, 16, 16, 4, 3, "duplicate"),  # repeated experts within a sample
+    (4, 5, 12, 12, 10, 2, "random"),  # M > 8
+    (1, 9, 16, 16, 3, 2, "random"),  # B = 1
+    (4, 4, 8, 8, 5, 2, "one_expert"),  # experts without samples
 ]
 
 
@@ -116,8 +116,8 @@ def test_expert_mask_and_apply(strategy, bias):
 def test_gradcheck_float64(strategy):
     x, w, b, idx, g = make(2, 3, 4, 3, 2, "duplicate", dtype=torch.float64, seed=5)
     g = g.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: composed_mixed_linear(*a, strategy=strategy),
-                                     (x, w, b, idx, g))
+    assert torch.autograd.gradcheck(lambda *a: composed_mixed_linear(*a, strategy=strategy), (x, w, b, idx, g))
+
     def mask_apply(x, w, b, g):
         return composed_expert_mask_and_apply(x, w, b, idx, g, strategy=strategy)
 
@@ -152,11 +152,11 @@ def test_only_some_gradients(strategy):
     g = g.detach()  # frozen coefficients: "bmm" takes its row-scaled weight gradient
     y = composed_mixed_linear(x, w, b, idx, g, strategy=strategy)
     y_ref, (x6, w6, b6, _) = reference64(x, w, b, idx, g)
-    gw, = torch.autograd.grad(y.sum(), (w,))
-    gw_ref, = torch.autograd.grad(y_ref.sum(), (w6,))
+    (gw,) = torch.autograd.grad(y.sum(), (w,))
+    (gw_ref,) = torch.autograd.grad(y_ref.sum(), (w6,))
     assert rel(gw, gw_ref) < 1e-5
     y = composed_mixed_linear(x.detach(), w.detach(), None, idx, g.requires_grad_(), strategy=strategy)
-    gg, = torch.autograd.grad(y.sum(), (g,))
+    (gg,) = torch.autograd.grad(y.sum(), (g,))
     g6 = g.detach().double().requires_grad_()
     y_ref = mixed_linear_reference(x.detach().double(), w.detach().double(), None, idx, g6)
     assert rel(gg, torch.autograd.grad(y_ref.sum(), (g6,))[0]) < 1e-4
@@ -173,7 +173,7 @@ def test_bmm_chunked_p_and_per_expert_row_scaled_gemm(monkeypatch):
     for a, r in zip(grads(y, (x, w, b, g), torch.ones_like(y)), want):
         assert rel(a, r) < 1e-5
     y = composed_mixed_linear(x, w, b, idx, g.detach(), strategy="bmm")
-    gw, = torch.autograd.grad(y.sum(), (w,))
+    (gw,) = torch.autograd.grad(y.sum(), (w,))
     assert rel(gw, want[1]) < 1e-5
 
 
@@ -191,8 +191,12 @@ def test_grouped_mm_native_and_fallback_agree():
     for native in (True, False):
         gr = expert_grouped._Groups(idx, 5, 6, native)
         xs, gs = gr.gather(x.detach()), gr.gather(dy)
-        outs.append((expert_grouped._mm(xs, w.detach(), gr.experts, gr.rows, native),
-                     expert_grouped._wgrad(xs, gs, gr.experts, gr.rows, 5, native)))
+        outs.append(
+            (
+                expert_grouped._mm(xs, w.detach(), gr.experts, gr.rows, native),
+                expert_grouped._wgrad(xs, gs, gr.experts, gr.rows, 5, native),
+            )
+        )
     for a, r in zip(*outs):
         assert rel(a, r) < 1e-6
     assert outs[0][1][:3].abs().max() == 0  # experts without rows get a zero weight gradient
@@ -214,8 +218,10 @@ def test_opcheck():
         for apply in (False, True):
             torch.library.opcheck(C._forward_op, (x, w, b, idx, g, apply, apply, strategy))
         gy = torch.randn(2, 3, 8)
-        torch.library.opcheck(C._backward_op, (gy, gy, x.detach(), gy + 1, w.detach(), b.detach(), idx,
-                                               g.detach(), True, True, True, True, strategy))
+        torch.library.opcheck(
+            C._backward_op,
+            (gy, gy, x.detach(), gy + 1, w.detach(), b.detach(), idx, g.detach(), True, True, True, True, strategy),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -225,7 +231,7 @@ def test_torch_compile_fullgraph():
     def step(x, w, b, g):
         m, r0 = composed_expert_mask_and_apply(x, w, b, idx, g, strategy="grouped")
         y = composed_mixed_linear(r0, w, None, idx, g, strategy="bmm")
-        return (m.sum() + y.square().sum())
+        return m.sum() + y.square().sum()
 
     loss = torch.compile(step, fullgraph=True)(x, w, b, g)
     got = torch.autograd.grad(loss, (x, w, b, g))

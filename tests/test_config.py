@@ -7,8 +7,16 @@ import json
 
 import pytest
 
-from switch_dit.config import (DIGITS_PRESET, PAPER_RECIPE, TrainConfig, add_train_arguments, config_from_args,
-                               load_config_file, resolve, resume_config)
+from switch_dit.config import (
+    DIGITS_PRESET,
+    PAPER_RECIPE,
+    TrainConfig,
+    add_train_arguments,
+    config_from_args,
+    load_config_file,
+    resolve,
+    resume_config,
+)
 
 
 def parse(*argv):
@@ -23,8 +31,16 @@ def test_digits_is_the_default_and_latents_get_the_paper_recipe():
     paper = TrainConfig(data="latents/imagenet256")
     assert all(getattr(paper, k) == v for k, v in PAPER_RECIPE.items())
     # The paper's recipe (section 5.1).
-    assert (paper.lr, paper.weight_decay, paper.batch_size, paper.ema_decay, paper.lambda_dp, paper.flip,
-            paper.noise_schedule, paper.steps) == (1e-4, 0.0, 256, 0.9999, 1.0, True, "cosine", 400_000)
+    assert (
+        paper.lr,
+        paper.weight_decay,
+        paper.batch_size,
+        paper.ema_decay,
+        paper.lambda_dp,
+        paper.flip,
+        paper.noise_schedule,
+        paper.steps,
+    ) == (1e-4, 0.0, 256, 0.9999, 1.0, True, "cosine", 400_000)
     # Explicit values win over the recipe; None means "the recipe's".
     assert TrainConfig(data="x", lr=3e-4, model=None).lr == 3e-4
     assert TrainConfig(data="x", model=None).model == PAPER_RECIPE["model"]
@@ -52,22 +68,25 @@ def test_only_given_flags_override():
     assert resolve({}, {"lr": 0.01}).steps == DIGITS_PRESET["steps"]
 
 
-@pytest.mark.parametrize("values, needle", [
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"lr": -1.0}, "lr must be a positive finite number"),
-    ({"lr": float("nan")}, "lr must be a positive finite number"),
-    ({"ema_decay": 1.0}, "ema_decay must be a number in [0, 1)"),
-    ({"precision": "fp8"}, "precision must be 'fp32' or 'bf16' or 'fp16'"),
-    ({"parallel": "zero3"}, "parallel must be 'ddp' or 'fsdp'"),
-    ({"model": "Switch-DiT-M/2"}, "model must be one of"),
-    ({"top_k": 4}, "top_k (4) must not exceed num_experts (3)"),
-    ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
-    ({"flip": "yes please"}, "flip must be true or false"),
-    ({"data": "x", "sample": True}, "sample must be false for latents data"),
-    ({"data": "x", "image_size": 100}, "image_size must be a multiple of 8"),
-    ({"precision": "fp16", "parallel": "fsdp"}, "'fp16' is not supported with parallel 'fsdp'"),
-    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lr": -1.0}, "lr must be a positive finite number"),
+        ({"lr": float("nan")}, "lr must be a positive finite number"),
+        ({"ema_decay": 1.0}, "ema_decay must be a number in [0, 1)"),
+        ({"precision": "fp8"}, "precision must be 'fp32' or 'bf16' or 'fp16'"),
+        ({"parallel": "zero3"}, "parallel must be 'ddp' or 'fsdp'"),
+        ({"model": "Switch-DiT-M/2"}, "model must be one of"),
+        ({"top_k": 4}, "top_k (4) must not exceed num_experts (3)"),
+        ({"grad_clip": -1.0}, "grad_clip must be a finite number >= 0"),
+        ({"flip": "yes please"}, "flip must be true or false"),
+        ({"data": "x", "sample": True}, "sample must be false for latents data"),
+        ({"data": "x", "image_size": 100}, "image_size must be a multiple of 8"),
+        ({"precision": "fp16", "parallel": "fsdp"}, "'fp16' is not supported with parallel 'fsdp'"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+    ],
+)
 def test_bad_values_name_the_field(values, needle):
     with pytest.raises(ValueError) as e:
         TrainConfig(**values)
@@ -110,9 +129,11 @@ def test_resume_allows_run_steering_fields_only():
 
 
 def test_cli_flag_errors_are_argparse_errors(capsys):
-    for argv, needle in ((["--steps", "0"], "--steps: must be a positive integer"),
-                         (["--precision", "fp8"], "--precision: invalid choice"),
-                         (["--model", "X"], "--model: unknown model")):
+    for argv, needle in (
+        (["--steps", "0"], "--steps: must be a positive integer"),
+        (["--precision", "fp8"], "--precision: invalid choice"),
+        (["--model", "X"], "--model: unknown model"),
+    ):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert needle in capsys.readouterr().err

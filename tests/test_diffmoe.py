@@ -215,8 +215,9 @@ def test_model_train_and_eval_forward(strategy):
 
 def test_reference_backend_runs_the_public_loops():
     m = _tiny(backend="reference")
-    assert all(layer._strategy(False) == "reference" and layer._strategy(True) == "reference"
-               for layer in m.moe_layers())
+    assert all(
+        layer._strategy(False) == "reference" and layer._strategy(True) == "reference" for layer in m.moe_layers()
+    )
     m.set_backend("auto")
     assert [m.moe_layers()[0]._strategy(t) for t in (True, False)] == ["bmm", "grouped"]
     m.set_strategy("fused")
@@ -265,9 +266,16 @@ def test_bad_input():
 
 def _public_keys(depth, E, moe_blocks):
     """The state-dict keys of the public DiT in models_DiffMoE.py (timm PatchEmbed, Mlp)."""
-    keys = {"x_embedder.proj.weight", "x_embedder.proj.bias", "pos_embed", "y_embedder.embedding_table.weight",
-            "final_layer.linear.weight", "final_layer.linear.bias",
-            "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
+    keys = {
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "pos_embed",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    }
     keys |= {f"t_embedder.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     for b in range(depth):
         p = f"blocks.{b}."
@@ -275,8 +283,9 @@ def _public_keys(depth, E, moe_blocks):
         if b in moe_blocks:
             keys |= {p + "mlp.gate_weight", p + "mlp.expert_threshold", p + "mlp.ema_decay"}
             keys |= {p + f"mlp.capacity_predictor.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
-            keys |= {p + f"mlp.experts.{j}.{f}.{w}"
-                     for j in range(E) for f in ("fc1", "fc2") for w in ("weight", "bias")}
+            keys |= {
+                p + f"mlp.experts.{j}.{f}.{w}" for j in range(E) for f in ("fc1", "fc2") for w in ("weight", "bias")
+            }
         else:
             keys |= {p + f"mlp.{f}.{w}" for f in ("fc1", "fc2") for w in ("weight", "bias")}
     return keys
@@ -383,8 +392,20 @@ def test_cuda_flow_sampling_from_a_cuda_graph_equals_eager():
     from switch_dit import sampling
 
     torch.manual_seed(0)
-    model = models.create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=64, depth=2,
-                          num_heads=4, num_experts=4).cuda().eval()
+    model = (
+        models.create(
+            "DiffMoE-S/4",
+            input_size=8,
+            in_channels=1,
+            num_classes=10,
+            hidden_size=64,
+            depth=2,
+            num_heads=4,
+            num_experts=4,
+        )
+        .cuda()
+        .eval()
+    )
     for layer in model.moe_layers():
         layer.expert_threshold.fill_(0.5)
     labels = torch.arange(4, device="cuda")
@@ -398,13 +419,15 @@ def test_published_checkpoint_loads_and_samples(tmp_path):
     is read off the shapes, the weights and thresholds load, and the model samples."""
     from switch_dit import checkpoint, interop
 
-    src = models.create("DiffMoE-S/2", input_size=8, num_classes=5, hidden_size=32, depth=4, num_heads=4,
-                        num_experts=3).eval()
+    src = models.create(
+        "DiffMoE-S/2", input_size=8, num_classes=5, hidden_size=32, depth=4, num_heads=4, num_experts=3
+    ).eval()
     with torch.no_grad():
         for layer in src.moe_layers():
             layer.expert_threshold.uniform_(0.3, 0.7)
-    torch.save({"model": interop.official_state_dict(src), "ema": interop.official_state_dict(src)},
-               tmp_path / "0050000.pt")
+    torch.save(
+        {"model": interop.official_state_dict(src), "ema": interop.official_state_dict(src)}, tmp_path / "0050000.pt"
+    )
     model, info = checkpoint.load_model(tmp_path / "0050000.pt", num_heads=4)
     assert info["layout"] == "reference" and model.num_experts == 3 and model.moe_blocks == [1, 3]
     assert model.objective == "flow"

@@ -15,13 +15,27 @@ from switch_dit import checkpoint as ck
 from switch_dit import distributed
 from switch_dit.config import TrainConfig
 
-TINY = dict(model="DiffMoE-S/4", objective="flow", hidden_size=16, depth=2, num_heads=2, num_experts=4,
-            image_size=8, batch_size=8, device="cpu", sample=False, progress=False, log_every=1)
+TINY = dict(
+    model="DiffMoE-S/4",
+    objective="flow",
+    hidden_size=16,
+    depth=2,
+    num_heads=2,
+    num_experts=4,
+    image_size=8,
+    batch_size=8,
+    device="cpu",
+    sample=False,
+    progress=False,
+    log_every=1,
+)
 
 
 def _records(run):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_sec", "images_per_sec", "elapsed_s")}
-            for line in (run / "log.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("steps_per_sec", "images_per_sec", "elapsed_s")}
+        for line in (run / "log.jsonl").read_text().splitlines()
+    ]
 
 
 def test_config_objective():
@@ -43,8 +57,9 @@ def test_flow_loss_carries_the_capacity_loss():
     from switch_dit.train import forward_backward
 
     torch.manual_seed(0)
-    model = create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
-                   num_heads=2, num_experts=4).double()
+    model = create(
+        "DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2, num_heads=2, num_experts=4
+    ).double()
     net = distributed.TrainingModule(model)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 10, (4,), generator=g)
@@ -87,8 +102,17 @@ def _tiny_model():
     from switch_dit.models import create
 
     torch.manual_seed(0)
-    return create("DiffMoE-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
-                  num_heads=2, num_experts=4, class_dropout_prob=0.0)
+    return create(
+        "DiffMoE-S/4",
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        num_experts=4,
+        class_dropout_prob=0.0,
+    )
 
 
 def _rank_batch(rank):
@@ -97,8 +121,9 @@ def _rank_batch(rank):
 
 
 def _ddp_worker(rank, world, port, tmp):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ctx = distributed.setup("cpu")
     try:
@@ -154,8 +179,9 @@ def test_dit_trains_with_flow(tmp_path):
     from switch_dit.models import create
     from switch_dit.train import train
 
-    dit = create("DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2, num_heads=2,
-                 objective="flow")
+    dit = create(
+        "DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2, num_heads=2, objective="flow"
+    )
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
     assert dit(x, torch.tensor([0.0, 0.99]), y).shape == (2, 2, 8, 8)
     with pytest.raises(ValueError, match="floating-point"):

@@ -84,7 +84,7 @@ class Oracle(nn.Module):
 
 
 def _tanh_cdf(z):
-    return 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    return 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
 
 
 def _decoder_logp(x, mean, log_scale, cdf=_tanh_cdf):
@@ -99,6 +99,7 @@ def _decoder_logp(x, mean, log_scale, cdf=_tanh_cdf):
 
 # -- schedules ---------------------------------------------------------------
 
+
 def test_linear_schedule_endpoints_and_scaling():
     b = get_beta_schedule("linear", 1000)
     assert b.dtype == F64 and b.shape == (1000,)
@@ -111,6 +112,7 @@ def test_linear_schedule_endpoints_and_scaling():
 def test_cosine_schedule_matches_alpha_bar():
     T = 1000
     b = get_beta_schedule("cosine", T)
+
     def f(s):
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -124,6 +126,7 @@ def test_cosine_schedule_matches_alpha_bar():
 
 
 # -- forward process and posterior ----------------------------------------------
+
 
 def test_q_sample_closed_form():
     d = create_diffusion(noise_schedule="linear")
@@ -145,9 +148,7 @@ def test_posterior_matches_bayes_rule():
     mean, var, log_var = d.q_posterior_mean_variance(x0, xt, t)
     ap, a, bt = acp[t - 1], 1 - b[t], b[t]
     prec = 1 / (1 - ap) + a / bt
-    want_mean = _bcast(1 / prec, x0) * (
-        _bcast(ap.sqrt() / (1 - ap), x0) * x0 + _bcast(a.sqrt() / bt, x0) * xt
-    )
+    want_mean = _bcast(1 / prec, x0) * (_bcast(ap.sqrt() / (1 - ap), x0) * x0 + _bcast(a.sqrt() / bt, x0) * xt)
     _close(mean, want_mean)
     _close(var.flatten(), 1 / prec)
     _close(log_var.flatten(), torch.log(1 / prec))
@@ -160,6 +161,7 @@ def test_posterior_matches_bayes_rule():
 
 
 # -- likelihood helpers ----------------------------------------------------------
+
 
 def test_normal_kl_matches_torch_distributions():
     m1, m2 = torch.randn(7, dtype=F64), torch.randn(7, dtype=F64)
@@ -176,6 +178,7 @@ def test_discretized_log_likelihood_direct():
     got = discretized_gaussian_log_likelihood(x, means, log_scales)
     want = [_decoder_logp(*v) for v in zip(x.tolist(), means.tolist(), log_scales.tolist())]
     _close(got, torch.tensor(want, dtype=F64))
+
     # Close to the exact-erf likelihood too (the tanh CDF is an approximation, off by < 2e-4
     # in probability; compared as probabilities, since in the tails a log magnifies it).
     def exact(z):
@@ -190,6 +193,7 @@ def test_discretized_log_likelihood_direct():
 
 
 # -- training loss --------------------------------------------------------------
+
 
 def test_training_losses_oracle_hand_computed():
     T, lam = 100, 2.5
@@ -213,7 +217,9 @@ def test_training_losses_oracle_hand_computed():
         min_log = math.log(post_var[max(ti, 1)].item())
         log_var = ((v + 1) / 2 * math.log(b[ti].item()) + (1 - (v + 1) / 2) * min_log).expand(1, 2, 3, 3)
         if ti == 0:
-            logp = [_decoder_logp(xv, xv, 0.5 * lv) for xv, lv in zip(x0[i].flatten().tolist(), log_var.flatten().tolist())]
+            logp = [
+                _decoder_logp(xv, xv, 0.5 * lv) for xv, lv in zip(x0[i].flatten().tolist(), log_var.flatten().tolist())
+            ]
             want.append(-sum(logp) / len(logp) / math.log(2))
         else:
             true_log = math.log(post_var[ti].item())
@@ -272,6 +278,7 @@ def test_training_losses_fixed_sigma_is_mse_only():
 
 # -- respacing ---------------------------------------------------------------
 
+
 def test_space_timesteps_small_cases():
     assert space_timesteps(10, "3") == [0, 4, 9]  # stride 4.5, round-half-even
     assert space_timesteps(10, "2,3") == [0, 4, 5, 7, 9]
@@ -299,6 +306,7 @@ def test_respaced_alphas_cumprod_and_model_timesteps():
 
 
 # -- sampling steps ------------------------------------------------------------
+
 
 def _hand_reverse(d, m, x, t, y):
     """x0 prediction and model log-variance from the raw betas of d."""
@@ -341,7 +349,7 @@ def test_ddim_step_by_hand(eta):
         got = d.ddim_sample(m, x, t, {"y": y}, eta=eta, generator=torch.Generator().manual_seed(7))["sample"]
         eps, _, x0, a_t, ap = _hand_reverse(d, m, x, t, y)
     sigma = eta * ((1 - ap) / (1 - a_t) * (1 - a_t / ap)).sqrt()
-    want = ap.sqrt() * x0 + (1 - ap - sigma ** 2).sqrt() * eps
+    want = ap.sqrt() * x0 + (1 - ap - sigma**2).sqrt() * eps
     if eta:
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
         want = want + sigma * z
@@ -350,10 +358,12 @@ def test_ddim_step_by_hand(eta):
 
 # -- loops, determinism, guidance ------------------------------------------------
 
+
 def test_sampling_is_deterministic_per_generator():
     d = create_diffusion(timestep_respacing="6")
     m = StandIn()
     kw = {"y": torch.tensor([0, 3])}
+
     def run(seed, fn, **k):
         return fn(m, (2, 3, 4, 4), kw, generator=torch.Generator().manual_seed(seed), **k)
 
@@ -365,7 +375,10 @@ def test_sampling_is_deterministic_per_generator():
     s1 = sample(m, d, ys, cfg_scale=3.0, generator=torch.Generator().manual_seed(9))
     s2 = sample(m, d, ys, cfg_scale=3.0, generator=torch.Generator().manual_seed(9))
     assert s1.shape == (2, 3, 4, 4) and torch.equal(s1, s2)
-    g1, g2 = d.sample_timesteps(64, "cpu", torch.Generator().manual_seed(3)), d.sample_timesteps(64, "cpu", torch.Generator().manual_seed(3))
+    g1, g2 = (
+        d.sample_timesteps(64, "cpu", torch.Generator().manual_seed(3)),
+        d.sample_timesteps(64, "cpu", torch.Generator().manual_seed(3)),
+    )
     assert g1.dtype == torch.int64 and torch.equal(g1, g2) and 0 <= g1.min() and g1.max() < d.num_timesteps
 
 
@@ -384,12 +397,14 @@ def test_cfg_scale_one_is_conditional_and_guidance_matches_hand_loop():
     m.seen_y.clear()
     guided = sample(m, d, y, cfg_scale=s, method="ddim", noise=noise)
     assert torch.equal(m.seen_y[0], torch.tensor([2, 0, 4, 5, 5, 5]))
+
     # Hand loop: a model whose epsilon is uncond + s * (cond - uncond).
     class Guided(nn.Module):
         def forward(self, x, t, y):
             ec, v = m.eps_v(x, t, y)
             eu, _ = m.eps_v(x, t, torch.full_like(y, 5))
             return torch.cat([eu + s * (ec - eu), v], 1)
+
     want = d.ddim_sample_loop(Guided(), (3, 3, 4, 4), {"y": y}, noise=noise)
     _close(guided, want, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(guided, plain)
@@ -399,6 +414,7 @@ def test_cfg_scale_one_is_conditional_and_guidance_matches_hand_loop():
 
 
 # -- bad input --------------------------------------------------------------------
+
 
 def test_bad_arguments_raise_value_error():
     d = create_diffusion(timestep_respacing="10")

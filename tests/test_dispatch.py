@@ -38,8 +38,12 @@ def fake_op(monkeypatch, tmp_path):
     dispatch.register(OP, "reference", impl("reference", 2.0))
     dispatch.register(OP, "slow", impl("slow", 2.0))
     dispatch.register(OP, "quick", impl("quick", 2.0))
-    dispatch.register(OP, "fused", impl("fused", 2.0),
-                      supports=lambda x, y: "supports float32 only" if x.dtype == torch.float64 else None)
+    dispatch.register(
+        OP,
+        "fused",
+        impl("fused", 2.0),
+        supports=lambda x, y: "supports float32 only" if x.dtype == torch.float64 else None,
+    )
     dispatch.register(OP, "tool", impl("tool", 2.0), tunable=False)
     yield calls
     autotune.clear_memory_cache()
@@ -72,8 +76,14 @@ def xy(dtype=torch.float32, requires_grad=False):
 
 
 def test_every_op_lists_reference_and_fused():
-    for op in ("mixed_linear", "expert_mask", "expert_mask_and_apply", "mask_ln_modulate",
-               "residual_ln_modulate", "gated_residual"):
+    for op in (
+        "mixed_linear",
+        "expert_mask",
+        "expert_mask_and_apply",
+        "mask_ln_modulate",
+        "residual_ln_modulate",
+        "gated_residual",
+    ):
         names = ops.strategies(op)
         assert names[0] == "reference" and "fused" in names, (op, names)
     assert "emulated" in ops.strategies("gated_residual")
@@ -104,8 +114,11 @@ def test_named_strategy_runs_and_triton_is_fused(fake_op):
 
 
 def test_named_strategy_that_cannot_run_says_why(fake_op):
-    with pytest.raises(ValueError, match=r"'fused' cannot run test_dispatch_op on these inputs "
-                                         r"\(torch.float64 on cpu\): supports float32 only"):
+    with pytest.raises(
+        ValueError,
+        match=r"'fused' cannot run test_dispatch_op on these inputs "
+        r"\(torch.float64 on cpu\): supports float32 only",
+    ):
         dispatch.call(OP, "fused", *xy(torch.float64))
 
 
@@ -156,8 +169,9 @@ def test_missing_triton_warns_once_and_auto_uses_the_reference(monkeypatch, fres
     idx, g = torch.tensor([[0, 1], [2, 1]]), torch.rand(2, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once: no second warning
-        torch.testing.assert_close(ops.expert_mask(x, w, None, idx, g),
-                                   ops.mixed_linear_reference(x, w, None, idx, g, add_one=True))
+        torch.testing.assert_close(
+            ops.expert_mask(x, w, None, idx, g), ops.mixed_linear_reference(x, w, None, idx, g, add_one=True)
+        )
         with pytest.raises(ValueError, match="'triton' cannot run expert_mask.*needs Triton, which is not installed"):
             ops.expert_mask(x, w, None, idx, g, backend="triton")
         with pytest.raises(ValueError, match="needs Triton"):
@@ -182,9 +196,14 @@ class _BrokenKernels(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise self.error
 
 
-@pytest.mark.parametrize("error", [NameError("name 'tl' is not defined"),
-                                   ImportError("cannot import name 'tensor_descriptor' from 'triton.language'"),
-                                   ModuleNotFoundError("No module named 'scipy'", name="scipy")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        NameError("name 'tl' is not defined"),
+        ImportError("cannot import name 'tensor_descriptor' from 'triton.language'"),
+        ModuleNotFoundError("No module named 'scipy'", name="scipy"),
+    ],
+)
 def test_broken_kernels_module_raises(monkeypatch, fresh_loader, error):
     monkeypatch.setattr(sys, "meta_path", [_BrokenKernels(error), *sys.meta_path])
     with warnings.catch_warnings():
@@ -238,8 +257,9 @@ def test_a_decided_call_asks_no_strategy_again(fake_op, fake_gpu, monkeypatch):
     dispatch.call(OP, None, x, y)
     asked = []
     fused = dispatch._REGISTRY[OP]["fused"]
-    monkeypatch.setitem(dispatch._REGISTRY[OP], "fused", dispatch.Strategy(
-        "fused", fused.impl, lambda *a: asked.append(1)))
+    monkeypatch.setitem(
+        dispatch._REGISTRY[OP], "fused", dispatch.Strategy("fused", fused.impl, lambda *a: asked.append(1))
+    )
     fake_gpu.clear()
     for _ in range(3):
         dispatch.call(OP, None, torch.randn(3, 4), torch.randn(3, 4))
@@ -319,8 +339,10 @@ def test_corrupt_cache_file_is_ignored(fake_op, fake_gpu, tmp_path):
 def test_table_lookup_by_device_pattern_with_fallbacks():
     available = ["reference", "fused", "bmm"]
     assert strategy_table.lookup("NVIDIA H100 80GB HBM3", "expert_mask", torch.bfloat16, available)[0] == "bmm"
-    assert strategy_table.lookup("NVIDIA H100 80GB HBM3", "expert_mask", torch.bfloat16, ["reference", "fused"])[0] \
+    assert (
+        strategy_table.lookup("NVIDIA H100 80GB HBM3", "expert_mask", torch.bfloat16, ["reference", "fused"])[0]
         == "fused"
+    )
     assert strategy_table.lookup("NVIDIA H100 80GB HBM3", "expert_mask", torch.float32, available)[0] == "bmm"
     name, source = strategy_table.lookup("NVIDIA A100-SXM4-80GB", "mask_ln_modulate", torch.float32, available)
     assert name == "fused" and "A100" in source and "not measured" in source
@@ -409,5 +431,9 @@ def test_backend_for_maps_a_name_the_op_lacks_to_auto():
         assert dispatch.backend_for("gated_residual", name) == name
     assert dispatch.backend_for("gated_residual", "gpu") == "gpu"  # unknown everywhere: the op will say so
     with pytest.raises(ValueError, match="'gpu' is not a strategy of gated_residual"):
-        ops.gated_residual(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4), torch.zeros(1, 4),
-                           backend=dispatch.backend_for("gated_residual", "gpu"))
+        ops.gated_residual(
+            torch.zeros(1, 2, 4),
+            torch.zeros(1, 2, 4),
+            torch.zeros(1, 4),
+            backend=dispatch.backend_for("gated_residual", "gpu"),
+        )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from switch_dit import distributed
@@ -71,8 +70,18 @@ def _grads(net, lambda_dp, x, y, t, noise):
 def _tiny_config(**kw):
     from switch_dit.config import TrainConfig
 
-    return TrainConfig(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
-                       progress=False, log_every=1, **kw)
+    return TrainConfig(
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        image_size=8,
+        batch_size=8,
+        device="cpu",
+        sample=False,
+        progress=False,
+        log_every=1,
+        **kw,
+    )
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -80,8 +89,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     resume of its step-2 checkpoint (one process group for all of it: start-up is slow)."""
     from switch_dit.train import train
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ctx = distributed.setup("cpu")
     tmp = Path(tmp)
@@ -98,11 +108,17 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             # Clipping at 0.2 (gradient norms here are ~0.4): FSDP's clip must act on the global norm.
             # Under FSDP the path figure gathers the sharded EMA (a collective on every rank).
             figure_every = 2 if parallel == "fsdp" and importlib.util.find_spec("matplotlib") else 0
-            train(_tiny_config(parallel=parallel, steps=4, ckpt_every=2, grad_clip=0.2, out=str(full),
-                               figure_every=figure_every), log=lambda *a: None)
-            train(_tiny_config(parallel=parallel, steps=4, grad_clip=0.2, out=str(tmp / f"{parallel}-again")),
-                  log=lambda *a: None,
-                  resume=str(full / "checkpoints" / "ckpt-00000002.pt"))
+            train(
+                _tiny_config(
+                    parallel=parallel, steps=4, ckpt_every=2, grad_clip=0.2, out=str(full), figure_every=figure_every
+                ),
+                log=lambda *a: None,
+            )
+            train(
+                _tiny_config(parallel=parallel, steps=4, grad_clip=0.2, out=str(tmp / f"{parallel}-again")),
+                log=lambda *a: None,
+                resume=str(full / "checkpoints" / "ckpt-00000002.pt"),
+            )
     finally:
         distributed.cleanup()
 
@@ -150,8 +166,10 @@ def test_two_ranks_resume_exactly_and_in_one_process(parallel, two_ranks, tmp_pa
         d, f = load_checkpoint(two_ranks / "ddp-full" / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
         for key in d["ema"]:
             torch.testing.assert_close(f["ema"][key], d["ema"][key], rtol=1e-4, atol=1e-6, msg=key)
-        records = {p: [json.loads(line) for line in (two_ranks / f"{p}-full" / "log.jsonl").read_text().splitlines()]
-                   for p in ("ddp", "fsdp")}
+        records = {
+            p: [json.loads(line) for line in (two_ranks / f"{p}-full" / "log.jsonl").read_text().splitlines()]
+            for p in ("ddp", "fsdp")
+        }
         for rd, rf in zip(records["ddp"], records["fsdp"]):
             assert rf["loss"] == pytest.approx(rd["loss"], rel=1e-4)
             assert rf["grad_norm"] == pytest.approx(rd["grad_norm"], rel=1e-4)
@@ -204,13 +222,39 @@ def test_sampler_is_sharded_resumable_and_world_size_free():
 
 def _torchrun(args, nproc=2, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "switch_dit.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "switch_dit.train",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-TINY_RUN = ["--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--image-size", "8", "--batch-size", "8",
-            "--device", "cpu", "--no-sample", "--no-progress", "--log-every", "1", "--threads", "1"]
+TINY_RUN = [
+    "--hidden-size",
+    "16",
+    "--depth",
+    "2",
+    "--num-heads",
+    "2",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--no-sample",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -112,7 +112,9 @@ def test_triton_float32_matches_unpatched(routing):
     assert torch.isfinite(outf).all()
     assert rel(outf.cpu(), out64) <= 2 * rel(out32, out64) + 1e-6 and rel(outf.cpu(), out64) < 1e-5
     assert abs(auxf - aux64) <= 2 * abs(aux32 - aux64) + 1e-6
-    for (name, p64), (_, p32), (_, pf) in zip(ref64.named_parameters(), ref32.named_parameters(), fast.named_parameters()):
+    for (name, p64), (_, p32), (_, pf) in zip(
+        ref64.named_parameters(), ref32.named_parameters(), fast.named_parameters()
+    ):
         if p64.grad is None:
             assert pf.grad is None, name
             continue
@@ -129,7 +131,9 @@ def test_eval_returns_the_output_only_and_cfg_works():
         assert isinstance(out, torch.Tensor)
         torch.testing.assert_close(out, ref(x, t, y), rtol=1e-10, atol=1e-12)
         y_cfg = torch.tensor([1, 5])  # second half: the null class
-        torch.testing.assert_close(fast.forward_with_cfg(x, t, y_cfg, 1.5), ref.forward_with_cfg(x, t, y_cfg, 1.5), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            fast.forward_with_cfg(x, t, y_cfg, 1.5), ref.forward_with_cfg(x, t, y_cfg, 1.5), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_state_dict_parameters_and_an_earlier_optimizer_survive_the_patch():

@@ -10,8 +10,10 @@ FAST = [s for s in STRATEGIES if s not in ("reference", "fused")]  # with autogr
 
 
 def _weights(E, D, H, dtype, g):
-    return [(torch.randn(*shape, dtype=dtype, generator=g) * scale).requires_grad_()
-            for shape, scale in (((E, H, D), D**-0.5), ((E, H), 1.0), ((E, D, H), H**-0.5), ((E, D), 1.0))]
+    return [
+        (torch.randn(*shape, dtype=dtype, generator=g) * scale).requires_grad_()
+        for shape, scale in (((E, H, D), D**-0.5), ((E, H), 1.0), ((E, D, H), H**-0.5), ((E, D), 1.0))
+    ]
 
 
 def _inputs(kind, S=20, D=16, H=32, E=4, dtype=torch.float64, seed=0):

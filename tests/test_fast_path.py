@@ -47,7 +47,9 @@ def test_fast_model_matches_reference_forward_and_every_gradient(family):
         outs.append(out.detach().cpu())
     assert rel(outs[2], outs[0]) <= 2 * rel(outs[1], outs[0]) + 1e-6
     assert rel(outs[2], outs[0]) < 1e-5
-    for (name, p64), (_, p32), (_, pf) in zip(ref.named_parameters(), ref32.named_parameters(), fast.named_parameters()):
+    for (name, p64), (_, p32), (_, pf) in zip(
+        ref.named_parameters(), ref32.named_parameters(), fast.named_parameters()
+    ):
         if p64.grad is None:
             assert pf.grad is None or pf.grad.abs().sum() == 0, name
             continue
@@ -58,7 +60,9 @@ def test_fast_model_matches_reference_forward_and_every_gradient(family):
 def test_fast_switch_dit_with_b1_and_all_experts():
     ref, fast = pair("Switch-DiT-S/2", num_experts=3, top_k=3)
     x, t, y = batch(ref, B=1, seed=4, dtype=torch.float64)
-    torch.testing.assert_close(fast(x.float().to(DEV), t.to(DEV), y.to(DEV)).cpu().double(), ref(x, t, y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        fast(x.float().to(DEV), t.to(DEV), y.to(DEV)).cpu().double(), ref(x, t, y), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_fast_prior_loss_equals_reference_without_shuffle():
@@ -162,9 +166,14 @@ def test_fast_switch_block_saves_no_more_than_reference_dense_block():
         block = m.blocks[0]
         if m.routing == "switch":
             idx, w = m.route(t_emb)
-            run = lambda: block(h, c, m.routers[0](h, idx[0], w[0]))  # noqa: E731
+
+            def run(block=block, h=h, c=c, router=m.routers[0], idx=idx[0], w=w[0]):
+                return block(h, c, router(h, idx, w))
         else:
-            run = lambda: block(h, c)  # noqa: E731
+
+            def run(block=block, h=h, c=c):
+                return block(h, c)
+
         sizes[(name, backend)] = _saved_activation_bytes(m, run, [h, c])
     assert sizes[("Switch-DiT-S/2", "triton")] <= sizes[("DiT-S/2", "reference")], sizes
     assert sizes[("Switch-DiT-S/2", "triton")] < sizes[("Switch-DiT-S/2", "reference")], sizes

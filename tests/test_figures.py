@@ -90,8 +90,20 @@ def test_training_draws_the_emas_paths_every_k_steps(tmp_path):
     from switch_dit.train import train
 
     out = tmp_path / "run"
-    cfg = TrainConfig(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, steps=4, device="cpu",
-                      sample=False, progress=False, log_every=2, figure_every=2, out=str(out))
+    cfg = TrainConfig(
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        image_size=8,
+        batch_size=8,
+        steps=4,
+        device="cpu",
+        sample=False,
+        progress=False,
+        log_every=2,
+        figure_every=2,
+        out=str(out),
+    )
     train(cfg, log=lambda *a: None)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["paths-0000002.png", "paths-0000004.png"]
     with Image.open(out / "figures" / "paths-0000004.png") as img:
@@ -108,10 +120,13 @@ def write_log(path, records):
 
 
 def test_read_log_columns_and_errors(tmp_path):
-    log = write_log(tmp_path / "log.jsonl", [
-        {"step": 25, "loss": 0.9, "mse": 0.8, "vb": 0.05, "prior": 0.05, "lr": 1e-3},
-        {"step": 50, "loss": 0.5, "mse": 0.45, "vb": 0.04},
-    ])
+    log = write_log(
+        tmp_path / "log.jsonl",
+        [
+            {"step": 25, "loss": 0.9, "mse": 0.8, "vb": 0.05, "prior": 0.05, "lr": 1e-3},
+            {"step": 50, "loss": 0.5, "mse": 0.45, "vb": 0.04},
+        ],
+    )
     cols = figures.read_log(log)
     assert cols["step"] == [25.0, 50.0] and cols["mse"] == [0.8, 0.45]
     assert cols["prior"][0] == 0.05 and cols["prior"][1] != cols["prior"][1]  # missing -> NaN
@@ -129,8 +144,10 @@ def test_loss_curves_png(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    log = write_log(tmp_path / "log.jsonl", [{"step": s, "loss": 1 / s, "mse": 0.9 / s, "vb": 0.1, "prior": 0.0}
-                                              for s in range(1, 20)])
+    log = write_log(
+        tmp_path / "log.jsonl",
+        [{"step": s, "loss": 1 / s, "mse": 0.9 / s, "vb": 0.1, "prior": 0.0} for s in range(1, 20)],
+    )
     with Image.open(figures.plot_loss_curves(log, tmp_path / "loss.png")) as img:
         assert img.format == "PNG"
     with pytest.raises(ValueError, match="loss columns"):
@@ -159,8 +176,9 @@ def test_figure_command_draws_a_runs_paths_and_losses(tiny_checkpoint, tmp_path,
     from switch_dit.cli import main
 
     shutil.copyfile(tiny_checkpoint, tmp_path / "checkpoint.pt")  # a Switch-DiT of depth 2 with 3 experts
-    write_log(tmp_path / "log.jsonl", [{"step": s, "loss": 1 / s, "mse": 1 / s, "vb": 0.1, "prior": 0.01}
-                                        for s in (1, 2, 3)])
+    write_log(
+        tmp_path / "log.jsonl", [{"step": s, "loss": 1 / s, "mse": 1 / s, "vb": 0.1, "prior": 0.01} for s in (1, 2, 3)]
+    )
     assert main(["figure", "--run", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "paths.png (2 blocks x 3 experts over 1000 timesteps" in printed and "loss.png" in printed

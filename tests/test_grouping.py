@@ -32,8 +32,14 @@ def _argsort_groups(index, valid, block_m):
 
 def _cases(device="cpu"):
     g = torch.Generator().manual_seed(0)
-    for E, C, S, block_m, kind in [(4, 6, 10, 2, "mask"), (16, 33, 64, 8, "prefix"), (3, 5, 5, 64, "none"),
-                                   (5, 7, 9, 3, "empty-full"), (1, 1, 1, 1, "none"), (8, 300, 300, 16, "prefix")]:
+    for E, C, S, block_m, kind in [
+        (4, 6, 10, 2, "mask"),
+        (16, 33, 64, 8, "prefix"),
+        (3, 5, 5, 64, "none"),
+        (5, 7, 9, 3, "empty-full"),
+        (1, 1, 1, 1, "none"),
+        (8, 300, 300, 16, "prefix"),
+    ]:
         index = torch.stack([torch.randperm(S, generator=g)[:C] for _ in range(E)])
         if kind == "none":
             valid = None

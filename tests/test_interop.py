@@ -17,7 +17,15 @@ def test_round_trip(family):
         assert "routers.0.f_gate.1.weight" in sd
     if family == "DTR":
         assert sd["routers.0._unit_mapping"].shape == (50, 24)
-    for key in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.1.adaLN_modulation.1.weight", "final_layer.linear.weight"):
+    for key in (
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "y_embedder.embedding_table.weight",
+        "pos_embed",
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.adaLN_modulation.1.weight",
+        "final_layer.linear.weight",
+    ):
         assert key in sd
     dst = load_official(tiny(f"{family}-S/2").eval(), sd)
     x, t, y = batch(src)

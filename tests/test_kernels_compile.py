@@ -18,8 +18,16 @@ from triton.backends.compiler import GPUTarget  # noqa: E402, F401  (triton 3.x 
 
 from switch_dit.kernels import static_check as S  # noqa: E402
 
-KERNELS = {"_mixed_matmul_kernel", "_mixed_wgrad_kernel", "_mask_ln_mod_fwd_kernel", "_mask_ln_mod_bwd_kernel",
-           "_res_ln_mod_fwd_kernel", "_res_ln_mod_bwd_kernel", "_gated_res_fwd_kernel", "_gated_res_bwd_kernel"}
+KERNELS = {
+    "_mixed_matmul_kernel",
+    "_mixed_wgrad_kernel",
+    "_mask_ln_mod_fwd_kernel",
+    "_mask_ln_mod_bwd_kernel",
+    "_res_ln_mod_fwd_kernel",
+    "_res_ln_mod_bwd_kernel",
+    "_gated_res_fwd_kernel",
+    "_gated_res_bwd_kernel",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,9 @@ def test_every_kernel_passes_the_static_check(records):
 
 def test_a_bad_config_fails_the_check(records):
     """One stage (no software pipeline) and a 128x256 tile with 4 warps (spills) on sm_90."""
-    rec = next(r for r in records
-               if r["kernel"] == "_mixed_matmul_kernel" and r["args"]["a_ptr"]["tensor"] == "bfloat16")
+    rec = next(
+        r for r in records if r["kernel"] == "_mixed_matmul_kernel" and r["args"]["a_ptr"]["tensor"] == "bfloat16"
+    )
     bad = dict(BLOCK_L=128, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=1, IEEE=0)
     (res,) = S.run_jobs([(rec, bad, 90)])
     problems = S.failures_of(res)

@@ -186,14 +186,25 @@ def test_missing_vae_says_what_to_do(monkeypatch):
 
 def test_training_on_latents(images, tmp_path):
     """End to end: extract, then a few steps of the trainer on the shards with flips."""
+    from switch_dit.checkpoint import load_checkpoint
     from switch_dit.config import TrainConfig
     from switch_dit.train import train
-    from switch_dit.checkpoint import load_checkpoint
 
     extract(images, tmp_path / "lat")
-    cfg = TrainConfig(data=str(tmp_path / "lat"), model="Switch-DiT-S/2", hidden_size=32, depth=2, num_heads=2,
-                      steps=3, batch_size=4, precision="fp32", device="cpu", out=str(tmp_path / "run"),
-                      progress=False, log_every=1)
+    cfg = TrainConfig(
+        data=str(tmp_path / "lat"),
+        model="Switch-DiT-S/2",
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        steps=3,
+        batch_size=4,
+        precision="fp32",
+        device="cpu",
+        out=str(tmp_path / "run"),
+        progress=False,
+        log_every=1,
+    )
     summary = train(cfg, log=lambda *a: None)
     assert summary["steps"] == 3
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

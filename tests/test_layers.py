@@ -86,7 +86,9 @@ def test_timestep_embedder_features_and_mlp():
     freqs = torch.tensor([math.exp(-math.log(10000.0) * i / 3) for i in range(3)], dtype=F64)
     args = t[:, None].double() * freqs
     feats = torch.cat([torch.cos(args), torch.sin(args)], -1)  # cos half first
-    torch.testing.assert_close(TimestepEmbedder.timestep_embedding(t, 6).double(), feats, rtol=0, atol=1e-5)  # float32 args
+    torch.testing.assert_close(
+        TimestepEmbedder.timestep_embedding(t, 6).double(), feats, rtol=0, atol=1e-5
+    )  # float32 args
     h = TimestepEmbedder.timestep_embedding(t, 6).double() @ te.mlp[0].weight.t() + te.mlp[0].bias
     want = F.silu(h) @ te.mlp[2].weight.t() + te.mlp[2].bias
     torch.testing.assert_close(te(t), want)
@@ -214,7 +216,9 @@ def test_attention_and_mlp_are_the_formulas():
 
 
 def block_by_hand(block, x, c, mask):
-    s1, sc1, g1, s2, sc2, g2 = (F.silu(c) @ block.adaLN_modulation[1].weight.t() + block.adaLN_modulation[1].bias).chunk(6, 1)
+    s1, sc1, g1, s2, sc2, g2 = (
+        F.silu(c) @ block.adaLN_modulation[1].weight.t() + block.adaLN_modulation[1].bias
+    ).chunk(6, 1)
     r = x if mask is None else x * mask
     r = r + g1[:, None] * block.attn(layer_norm(r) * (1 + sc1[:, None]) + s1[:, None])
     r = r + g2[:, None] * block.mlp(layer_norm(r) * (1 + sc2[:, None]) + s2[:, None])
@@ -234,7 +238,11 @@ def test_dit_block_is_the_formula(kind):
 
 def test_dit_block_gradcheck_float64():
     block = randomize(DiTBlock(8, 2, mlp_ratio=1.0, backend="reference").double(), std=0.3)
-    args = (rand(2, 3, 8, seed=1, requires_grad=True), rand(2, 8, seed=2, requires_grad=True), rand(2, 3, 8, seed=3, requires_grad=True))
+    args = (
+        rand(2, 3, 8, seed=1, requires_grad=True),
+        rand(2, 8, seed=2, requires_grad=True),
+        rand(2, 3, 8, seed=3, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(lambda x, c, m: block(x, c, m), args, fast_mode=True)
 
 
@@ -252,7 +260,9 @@ def test_dit_block_triton_matches_reference(kind):
         ms = None if mask is None else mask.to(dev, dt).detach().requires_grad_()
         out = mod(xs[0], xs[1], ms)
         (out * g.to(dev, dt)).sum().backward()
-        grads.append([out] + [a.grad for a in xs] + ([] if ms is None else [ms.grad]) + [p.grad for p in mod.parameters()])
+        grads.append(
+            [out] + [a.grad for a in xs] + ([] if ms is None else [ms.grad]) + [p.grad for p in mod.parameters()]
+        )
     for got, want in zip(grads[1], grads[0]):
         assert rel(got.detach().cpu(), want) < 1e-5
 
@@ -261,7 +271,11 @@ def test_adaln_zero_block_takes_any_branches():
     """The function form: attention and MLP are any callables (here parameter-free)."""
     ada = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(20, 120))
     randomize(ada, std=0.2)
-    x, c, m = rand(2, 5, 20, seed=1, dtype=torch.float32), rand(2, 20, seed=2, dtype=torch.float32), rand(2, 1, 20, seed=3, dtype=torch.float32)
+    x, c, m = (
+        rand(2, 5, 20, seed=1, dtype=torch.float32),
+        rand(2, 20, seed=2, dtype=torch.float32),
+        rand(2, 1, 20, seed=3, dtype=torch.float32),
+    )
     attn, mlp = torch.tanh, torch.sin
     want = adaln_zero_block(x, c, m, ada, attn, mlp, backend="reference")
     got = adaln_zero_block(x.to(DEV), c.to(DEV), m.to(DEV), ada.to(DEV), attn, mlp, backend="triton")
@@ -281,18 +295,30 @@ def test_final_layer_formula_and_triton():
 
 
 def test_bad_backend_and_shapes_raise():
-    for make in (lambda: DiTBlock(8, 2, backend="cuda"), lambda: FinalLayer(8, 2, 3, backend="fast"), lambda: TimestepRouter(8, 3, 2, backend="x")):
+    for make in (
+        lambda: DiTBlock(8, 2, backend="cuda"),
+        lambda: FinalLayer(8, 2, 3, backend="fast"),
+        lambda: TimestepRouter(8, 3, 2, backend="x"),
+    ):
         with pytest.raises(ValueError, match="backend"):
             make()
     with pytest.raises(ValueError, match="backend 'gpu' is not a strategy of mask_ln_modulate"):
-        adaln_zero_block(rand(1, 2, 4), rand(1, 4), None, lambda c: c.repeat(1, 6), lambda h: h, lambda h: h,
-                         backend="gpu")
+        adaln_zero_block(
+            rand(1, 2, 4), rand(1, 4), None, lambda c: c.repeat(1, 6), lambda h: h, lambda h: h, backend="gpu"
+        )
     with pytest.raises(ValueError, match="top_k"):
         TimestepRouter(8, 3, 4)
     with pytest.raises(ValueError, match="m must have shape"):
         f32 = dict(dtype=torch.float32)
-        adaln_zero_block(rand(2, 3, 4, **f32), rand(2, 4, **f32), rand(2, 2, 4, **f32), lambda c: c.repeat(1, 6),
-                         lambda h: h, lambda h: h, backend="triton")
+        adaln_zero_block(
+            rand(2, 3, 4, **f32),
+            rand(2, 4, **f32),
+            rand(2, 2, 4, **f32),
+            lambda c: c.repeat(1, 6),
+            lambda h: h,
+            lambda h: h,
+            backend="triton",
+        )
 
 
 # ---------------------------------------------------------------------------- GPU, bf16
@@ -312,7 +338,9 @@ def test_gpu_bf16_block_and_router(kind):
     router_ref.load_state_dict(router.state_dict())
     x, c, e = torch.randn(B, L, D, device="cuda"), torch.randn(B, D, device="cuda"), torch.randn(B, D, device="cuda")
     idx, w = router_ref.route(router_ref.gate_probs(e))
-    mask = {"dense": None, "switch": router_ref(x, idx, w), "dtr": (torch.rand(B, 1, D, device="cuda") > 0.2).float()}[kind]
+    mask = {"dense": None, "switch": router_ref(x, idx, w), "dtr": (torch.rand(B, 1, D, device="cuda") > 0.2).float()}[
+        kind
+    ]
     with torch.no_grad():
         want = ref(x, c, mask)
         with torch.autocast("cuda", torch.bfloat16):

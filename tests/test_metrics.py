@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from switch_dit import data as digits
 from switch_dit import checkpoint, metrics, models, sampling
+from switch_dit import data as digits
 
 pytest.importorskip("sklearn")
 
@@ -103,14 +103,28 @@ def test_digits_metric_separates_a_trained_model_from_an_untrained_one(tmp_path)
     from switch_dit.config import TrainConfig
     from switch_dit.train import train
 
-    cfg = TrainConfig(model="Switch-DiT-S/4", hidden_size=64, depth=2, num_heads=2, steps=150, batch_size=32,
-                      warmup_steps=10, lr=3e-3, sample=False, progress=False, out=str(tmp_path), device="cpu",
-                      log_every=50, seed=0)
+    cfg = TrainConfig(
+        model="Switch-DiT-S/4",
+        hidden_size=64,
+        depth=2,
+        num_heads=2,
+        steps=150,
+        batch_size=32,
+        warmup_steps=10,
+        lr=3e-3,
+        sample=False,
+        progress=False,
+        out=str(tmp_path),
+        device="cpu",
+        log_every=50,
+        seed=0,
+    )
     train(cfg, log=lambda *a, **k: None)
     trained, _ = checkpoint.load_model(tmp_path / "checkpoint.pt")
     torch.manual_seed(0)
-    untrained = models.create("Switch-DiT-S/4", input_size=16, in_channels=1, num_classes=10, hidden_size=64,
-                              depth=2, num_heads=2).eval()
+    untrained = models.create(
+        "Switch-DiT-S/4", input_size=16, in_channels=1, num_classes=10, hidden_size=64, depth=2, num_heads=2
+    ).eval()
     labels = torch.arange(10).repeat_interleave(10)
     scores = {}
     for name, model in (("trained", trained), ("untrained", untrained)):
@@ -178,15 +192,29 @@ def test_torch_fidelity_gets_uint8_rgb_datasets_and_results_are_renamed(monkeypa
 
     def calculate_metrics(**kwargs):
         seen.update(kwargs)
-        return {"frechet_inception_distance": 12.5, "inception_score_mean": 3.0, "inception_score_std": 0.1,
-                "precision": 0.6, "recall": 0.4, "f_score": 0.48}
+        return {
+            "frechet_inception_distance": 12.5,
+            "inception_score_mean": 3.0,
+            "inception_score_std": 0.1,
+            "precision": 0.6,
+            "recall": 0.4,
+            "f_score": 0.48,
+        }
 
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fake_module("torch_fidelity", calculate_metrics=calculate_metrics))
+    monkeypatch.setitem(
+        sys.modules, "torch_fidelity", fake_module("torch_fidelity", calculate_metrics=calculate_metrics)
+    )
     path = tmp_path / "samples.npz"
     np.savez(path, arr_0=IMAGES[..., :1])  # grey samples from a file
     out = metrics.fidelity_metrics(path, IMAGES, backend="torch-fidelity", weights_path="/w/inception.pth")
-    assert out == {"backend": "torch-fidelity", "fid": 12.5, "inception_score": 3.0, "inception_score_std": 0.1,
-                   "precision": 0.6, "recall": 0.4}
+    assert out == {
+        "backend": "torch-fidelity",
+        "fid": 12.5,
+        "inception_score": 3.0,
+        "inception_score_std": 0.1,
+        "precision": 0.6,
+        "recall": 0.4,
+    }
     item = seen["input1"][0]
     assert len(seen["input1"]) == 6 and item.dtype == torch.uint8 and item.shape == (3, 16, 16)
     assert torch.equal(seen["input2"][2], torch.from_numpy(IMAGES[2]).permute(2, 0, 1))
@@ -198,7 +226,9 @@ def test_weights_that_cannot_be_downloaded_are_explained(monkeypatch):
     def calculate_metrics(**kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setitem(sys.modules, "torch_fidelity", fake_module("torch_fidelity", calculate_metrics=calculate_metrics))
+    monkeypatch.setitem(
+        sys.modules, "torch_fidelity", fake_module("torch_fidelity", calculate_metrics=calculate_metrics)
+    )
     with pytest.raises(RuntimeError, match="could not load or download.*weights_path"):
         metrics.fidelity_metrics(IMAGES, IMAGES, backend="torch-fidelity")
 

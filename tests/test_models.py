@@ -48,7 +48,15 @@ def test_every_name_builds_with_the_paper_sizes():
 # Table 2 (ImageNet 256, latent 32x32x4, patch 2) counts activated parameters, in millions.
 @pytest.mark.parametrize(
     "name,paper_m",
-    [("DiT-S/2", 33), ("Switch-DiT-S/2", 36), ("DiT-B/2", 131), ("Switch-DiT-B/2", 144), ("DiT-XL/2", 675), ("Switch-DiT-XL/2", 749), ("DTR-XL/2", 675)],
+    [
+        ("DiT-S/2", 33),
+        ("Switch-DiT-S/2", 36),
+        ("DiT-B/2", 131),
+        ("Switch-DiT-B/2", 144),
+        ("DiT-XL/2", 675),
+        ("Switch-DiT-XL/2", 749),
+        ("DTR-XL/2", 675),
+    ],
 )
 def test_parameter_counts_match_table_2(name, paper_m):
     with torch.device("meta"):
@@ -175,7 +183,12 @@ def test_smoe_layer_gradcheck_float64():
             out = out + g[:, j, None, None] * (torch.bmm(z, w[idx[:, j]]) + b[idx[:, j]][:, None])
         return out
 
-    args = (z, router.experts.w.detach().clone().requires_grad_(), router.experts.b.detach().clone().requires_grad_(), router.f_gate[1].weight.detach().clone())
+    args = (
+        z,
+        router.experts.w.detach().clone().requires_grad_(),
+        router.experts.b.detach().clone().requires_grad_(),
+        router.f_gate[1].weight.detach().clone(),
+    )
     assert torch.autograd.gradcheck(f, args)
     # the module itself, gradients wrt z and the experts
     idx, w = router.route(router.gate_probs(e))

@@ -37,8 +37,10 @@ F32_TOL = 1e-5
 def poison(monkeypatch):
     """Every buffer a launcher allocates starts as NaN, so an unwritten element fails."""
     if K is not None:
+
         def _nan(shape, dtype, device):
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
         monkeypatch.setattr(K, "_new", _nan)
 
 
@@ -271,7 +273,7 @@ def test_gradcheck_float64(backend):
         fn = mln(backend)
         if mmode is None:
             x, _, s, c = ins
-            assert torch.autograd.gradcheck(lambda x, s, c: fn(x, None, s, c), (x, s, c), **kw)
+            assert torch.autograd.gradcheck(lambda x, s, c, fn=fn: fn(x, None, s, c), (x, s, c), **kw)
         else:
             assert torch.autograd.gradcheck(fn, ins, **kw)
     ins = leafs(make_mln(B, L, D, "full", 21), torch.float64, dev)
@@ -294,11 +296,23 @@ def _op_samples(impl, dev):
         (nm._mask_ln_modulate_op, (x, m, s, c, 1e-6, True, impl)),
         (nm._mask_ln_modulate_op, (x, mb, s, c, 1e-6, False, impl)),
         (nm._mask_ln_modulate_op, (x, None, s, c, 1e-6, True, impl)),
-        (nm._mask_ln_modulate_backward_op, (x.detach(), m.detach(), c.detach(), mean, rstd, dh, dh.clone(), True, f32, impl)),
-        (nm._mask_ln_modulate_backward_op, (x.detach(), mb.detach(), c.detach(), mean, rstd, dh, None, True, f32, impl)),
+        (
+            nm._mask_ln_modulate_backward_op,
+            (x.detach(), m.detach(), c.detach(), mean, rstd, dh, dh.clone(), True, f32, impl),
+        ),
+        (
+            nm._mask_ln_modulate_backward_op,
+            (x.detach(), mb.detach(), c.detach(), mean, rstd, dh, None, True, f32, impl),
+        ),
         (nm._residual_ln_modulate_op, (z, r0, a, g, s2, c2, 1e-6, impl)),
-        (nm._residual_ln_modulate_backward_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, dh.clone(), dh, f32, impl)),
-        (nm._residual_ln_modulate_backward_op, (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, None, dh, f32, impl)),
+        (
+            nm._residual_ln_modulate_backward_op,
+            (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, dh.clone(), dh, f32, impl),
+        ),
+        (
+            nm._residual_ln_modulate_backward_op,
+            (r0.detach(), a.detach(), g.detach(), c2.detach(), mean2, rstd2, None, dh, f32, impl),
+        ),
         (nm._gated_residual_op, (z, a, g, impl)),
         (nm._gated_residual_backward_op, (a.detach(), g.detach(), dh, impl)),
     ]

@@ -70,8 +70,10 @@ def test_reference_does_k_times_the_gemm_flops_of_the_mixed_ones(dtype):
     composition one (plus O(D^2) mixing per sample)."""
     for k in (1, 2, 3):
         shape = dict(XL, k=k)
-        mma = {s: sum(st.mma_flops for st in P.estimate("mixed_linear", s, shape, dtype, "h100").steps)
-               for s in P.STRATEGIES["mixed_linear"]}
+        mma = {
+            s: sum(st.mma_flops for st in P.estimate("mixed_linear", s, shape, dtype, "h100").steps)
+            for s in P.STRATEGIES["mixed_linear"]
+        }
         assert mma["reference"] == pytest.approx(k * mma["dense"])
         assert mma["grouped"] == pytest.approx(k * mma["dense"])
         assert mma["fused"] == pytest.approx(mma["dense"])

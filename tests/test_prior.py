@@ -89,7 +89,9 @@ def test_prior_loss_by_hand():
     q = w_prior[t][:, perm].double() / (k * N)
     mid = (p + q) / 2
     eps = 1e-6
-    want = 0.5 * ((p * ((p + eps).log() - (mid + eps).log())).sum(1) + (q * ((q + eps).log() - (mid + eps).log())).sum(1))
+    want = 0.5 * (
+        (p * ((p + eps).log() - (mid + eps).log())).sum(1) + (q * ((q + eps).log() - (mid + eps).log())).sum(1)
+    )
     torch.testing.assert_close(got, want.mean())
 
 
@@ -118,12 +120,23 @@ def test_prior_loss_gradcheck_float64():
     w_prior = prior.prior_table(20, 3, 3, 2)
     t = torch.tensor([1, 5, 12])
     logits = (torch.randn(20, 3, 3, dtype=torch.float64) * 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda l: prior.prior_loss(torch.softmax(l, -1), w_prior, t, 2, shuffle=False), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda z: prior.prior_loss(torch.softmax(z, -1), w_prior, t, 2, shuffle=False), (logits,)
+    )
 
 
 def test_model_prior_loss_uses_the_gate_table():
-    m = create("Switch-DiT-S/2", input_size=8, in_channels=1, num_classes=3, hidden_size=12, depth=3, num_heads=2,
-               num_timesteps=30, prior="exact").double()
+    m = create(
+        "Switch-DiT-S/2",
+        input_size=8,
+        in_channels=1,
+        num_classes=3,
+        hidden_size=12,
+        depth=3,
+        num_heads=2,
+        num_timesteps=30,
+        prior="exact",
+    ).double()
     t = torch.tensor([0, 10, 29])
     table = m.gate_table()
     assert table.shape == (30, 3, 3)
@@ -139,8 +152,17 @@ def test_model_prior_loss_uses_the_gate_table():
 def test_model_prior_is_matched_by_default_on_every_backend(backend):
     """prior="matched" (the default) does not depend on backend: the one-step-lagged
     assignment, whose first call is the synchronous unshuffled solve."""
-    m = create("Switch-DiT-S/2", input_size=8, in_channels=1, num_classes=3, hidden_size=12, depth=3, num_heads=2,
-               num_timesteps=30, backend=backend).double()
+    m = create(
+        "Switch-DiT-S/2",
+        input_size=8,
+        in_channels=1,
+        num_classes=3,
+        hidden_size=12,
+        depth=3,
+        num_heads=2,
+        num_timesteps=30,
+        backend=backend,
+    ).double()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in m.parameters():

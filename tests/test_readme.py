@@ -31,7 +31,7 @@ def _commands() -> list[list[str]]:
                 out.append(words[1:])
             elif words[:1] == ["torchrun"]:
                 module = words[words.index("-m") + 1]
-                rest = words[words.index("-m") + 2:]
+                rest = words[words.index("-m") + 2 :]
                 out.append(rest if module == "switch_dit.cli" else [module.rsplit(".", 1)[1], *rest])
     return out
 

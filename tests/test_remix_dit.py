@@ -21,8 +21,17 @@ from tests.tolerances import fp32_gradient_ok
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 # D = 40 and L = 9 tokens: not multiples of any tile; N = 8 experts over T = 50 (50 mod 8 = 2).
-TINY = dict(input_size=6, in_channels=3, num_classes=5, hidden_size=40, depth=2, num_heads=2, num_timesteps=50,
-            num_basis=4, num_experts=8)
+TINY = dict(
+    input_size=6,
+    in_channels=3,
+    num_classes=5,
+    hidden_size=40,
+    depth=2,
+    num_heads=2,
+    num_timesteps=50,
+    num_basis=4,
+    num_experts=8,
+)
 
 
 def tiny(mixing="batch", backend="reference", seed=7, **kw):
@@ -95,8 +104,16 @@ def published_forward(sd, x, t, y, *, patch, heads, num_experts, T):
 
 
 def _pub(model, x, t, y):
-    return published_forward(model.state_dict(), x, t, y, patch=model.patch_size, heads=model.num_heads,
-                             num_experts=model.num_experts, T=model.num_timesteps)
+    return published_forward(
+        model.state_dict(),
+        x,
+        t,
+        y,
+        patch=model.patch_size,
+        heads=model.num_heads,
+        num_experts=model.num_experts,
+        T=model.num_timesteps,
+    )
 
 
 def test_names_and_sizes():
@@ -117,8 +134,9 @@ def test_parameter_counts():
         remix, dit = create("Remix-DiT-XL/2"), create("DiT-XL/2")
     counts, dense = count_params(remix), count_params(dit)["total"]
     assert counts["activated"] == dense + 4  # one mixed model: a DiT and one coefficient row
-    mixed = sum(p.numel() for n, p in remix.named_parameters()
-                if n.startswith("blocks.") and (".attn." in n or ".mlp." in n))
+    mixed = sum(
+        p.numel() for n, p in remix.named_parameters() if n.startswith("blocks.") and (".attn." in n or ".mlp." in n)
+    )
     assert counts["total"] == dense + 3 * mixed // 4 + 20 * 4
 
 
@@ -139,8 +157,8 @@ def test_reference_sample_mixing_is_the_published_forward_per_sample():
     t = torch.tensor([2, 25, 44])
     got = model(x, t, y)
     for b in range(3):
-        want = _pub(model, x[b:b + 1], t[b:b + 1], y[b:b + 1])
-        assert rel(got[b:b + 1], want) < 1e-12
+        want = _pub(model, x[b : b + 1], t[b : b + 1], y[b : b + 1])
+        assert rel(got[b : b + 1], want) < 1e-12
     # and not the batch-mixed model
     assert rel(got, _pub(model, x, t, y)) > 1e-3
 
@@ -170,12 +188,14 @@ def test_sampling_passes_one_timestep_and_equals_per_sample(mixing, monkeypatch)
         return forward(self, x, t, y)
 
     monkeypatch.setattr(remix_dit.RemixDiT, "forward", spy)
-    shared = diffusion_lib.sample(model, diff, y, cfg_scale=3.0, method="ddim", noise=noise,
-                                  generator=torch.Generator().manual_seed(7))
+    shared = diffusion_lib.sample(
+        model, diff, y, cfg_scale=3.0, method="ddim", noise=noise, generator=torch.Generator().manual_seed(7)
+    )
     assert shapes == [()] * 5
     monkeypatch.setattr(model, "accepts_shared_timestep", False, raising=False)
-    per_sample = diffusion_lib.sample(model, diff, y, cfg_scale=3.0, method="ddim", noise=noise,
-                                      generator=torch.Generator().manual_seed(7))
+    per_sample = diffusion_lib.sample(
+        model, diff, y, cfg_scale=3.0, method="ddim", noise=noise, generator=torch.Generator().manual_seed(7)
+    )
     assert shapes[5:] == [(4,)] * 5
     assert rel(shared, per_sample) < 1e-10
 
@@ -250,14 +270,27 @@ def test_initialisation_as_published():
 
 
 def test_init_from_dit_repeats_the_mixed_layers_and_matches_the_dit():
-    dit = randomize(create("DiT-S/2", **{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")},
-                           backend="reference"), seed=3, std=0.15).double().eval()
+    dit = (
+        randomize(
+            create(
+                "DiT-S/2",
+                **{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")},
+                backend="reference",
+            ),
+            seed=3,
+            std=0.15,
+        )
+        .double()
+        .eval()
+    )
     for mixing in remix_dit.MIXING:
         model = create("Remix-DiT-S/2", mixing=mixing, backend="reference", **TINY).double().eval()
         coef_before = model.coefficients.weight.detach().clone()
         # a reference-code training checkpoint: the EMA is taken when present, prefixes stripped
-        ckpt = {"model": {"module." + k: torch.zeros_like(v) for k, v in dit.state_dict().items()},
-                "ema": dit.state_dict()}
+        ckpt = {
+            "model": {"module." + k: torch.zeros_like(v) for k, v in dit.state_dict().items()},
+            "ema": dit.state_dict(),
+        }
         interop.init_remix_from_dit(model, ckpt)
         sd = model.state_dict()
         for k, v in dit.state_dict().items():
@@ -275,8 +308,9 @@ def test_init_from_dit_rejects_what_does_not_fit():
     sw = create("Switch-DiT-S/2", **{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")})
     with pytest.raises(ValueError, match="plain DiT"):
         interop.init_remix_from_dit(model, interop.official_state_dict(sw))
-    wide = create("DiT-S/2", **{**{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")},
-                                "hidden_size": 48})
+    wide = create(
+        "DiT-S/2", **{**{k: v for k, v in TINY.items() if k not in ("num_basis", "num_experts")}, "hidden_size": 48}
+    )
     with pytest.raises(ValueError, match="shape mismatch"):
         interop.init_remix_from_dit(model, wide.state_dict())
     with pytest.raises(ValueError, match="load_official"):
@@ -495,8 +529,9 @@ def published_standin(seed=0, **kw):
     from benchmarks.remix_reference_code import PublishedRemixDiT
 
     torch.manual_seed(seed)
-    model = PublishedRemixDiT(input_size=6, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5,
-                              n_basis=4, n_experts=8, **kw)
+    model = PublishedRemixDiT(
+        input_size=6, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5, n_basis=4, n_experts=8, **kw
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in list(model.parameters()):
@@ -547,8 +582,22 @@ def test_accelerate_matches_our_remix_dit_after_load_official():
     import switch_dit
 
     plain = published_standin().double().eval()
-    ours = create("Remix-DiT-S/2", input_size=6, in_channels=3, num_classes=5, hidden_size=40, depth=2, num_heads=2,
-                  num_basis=4, num_experts=8, backend="reference").double().eval()
+    ours = (
+        create(
+            "Remix-DiT-S/2",
+            input_size=6,
+            in_channels=3,
+            num_classes=5,
+            hidden_size=40,
+            depth=2,
+            num_heads=2,
+            num_basis=4,
+            num_experts=8,
+            backend="reference",
+        )
+        .double()
+        .eval()
+    )
     interop.load_official(ours, plain.state_dict())
     switch_dit.accelerate(plain, backend="reference")
     x, t, y = batch(ours, B=3, seed=4, dtype=torch.float64)
@@ -573,33 +622,53 @@ def test_accelerate_rejects_what_it_cannot_patch():
 # Training: config, init from a DiT run, the published recipe, exact resume
 # --------------------------------------------------------------------------------------
 
-TRAIN = dict(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
-             progress=False, log_every=1)
+TRAIN = dict(
+    hidden_size=16,
+    depth=2,
+    num_heads=2,
+    image_size=8,
+    batch_size=8,
+    device="cpu",
+    sample=False,
+    progress=False,
+    log_every=1,
+)
 
 
 def _records(out):
     import json
 
     timing = {"steps_per_sec", "images_per_sec", "elapsed_s"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
-            for line in (out / "log.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in timing}
+        for line in (out / "log.jsonl").read_text().splitlines()
+    ]
 
 
 def test_train_config_family_defaults_and_checks():
     from switch_dit.config import TrainConfig
 
     c = TrainConfig(model="Remix-DiT-S/4")
-    assert (c.num_experts, c.num_basis, c.mixing, c.lambda_dp, c.prior_schedule, c.timestep_sampling, c.coef_lr) == \
-        (20, 4, "batch", 1e-4, "published", "interval", 1e-2)
+    assert (c.num_experts, c.num_basis, c.mixing, c.lambda_dp, c.prior_schedule, c.timestep_sampling, c.coef_lr) == (
+        20,
+        4,
+        "batch",
+        1e-4,
+        "published",
+        "interval",
+        1e-2,
+    )
     d = TrainConfig(model="DiT-S/4")
     assert (d.num_experts, d.lambda_dp, d.prior_schedule, d.timestep_sampling) == (3, 1.0, "constant", "uniform")
     assert TrainConfig(model="Remix-DiT-S/4", mixing="sample", timestep_sampling="uniform").mixing == "sample"
-    for bad, match in ((dict(model="Remix-DiT-S/4", num_experts=6), "multiple of num_basis"),
-                       (dict(model="DiT-S/4", timestep_sampling="interval"), "Remix-DiT models only"),
-                       (dict(model="Switch-DiT-S/4", prior_schedule="published"), "Remix-DiT models only"),
-                       (dict(model="DiT-S/4", init_from="runs/x"), "init_from"),
-                       (dict(model="Remix-DiT-S/4", mixing="token"), "mixing"),
-                       (dict(model="Remix-DiT-S/4", coef_lr=0.0), "coef_lr")):
+    for bad, match in (
+        (dict(model="Remix-DiT-S/4", num_experts=6), "multiple of num_basis"),
+        (dict(model="DiT-S/4", timestep_sampling="interval"), "Remix-DiT models only"),
+        (dict(model="Switch-DiT-S/4", prior_schedule="published"), "Remix-DiT models only"),
+        (dict(model="DiT-S/4", init_from="runs/x"), "init_from"),
+        (dict(model="Remix-DiT-S/4", mixing="token"), "mixing"),
+        (dict(model="Remix-DiT-S/4", coef_lr=0.0), "coef_lr"),
+    ):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
 
@@ -622,15 +691,22 @@ def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_p
     dit_ema = ck.load_checkpoint(tmp_path / "dit" / "checkpoint.pt")["ema"]
 
     # the file loader: the run's EMA weights, each mixed layer repeated K times
-    model = create("Remix-DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
-                   num_heads=2, num_experts=8)
+    model = create(
+        "Remix-DiT-S/4",
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        num_experts=8,
+    )
     interop.init_remix_from_dit_file(model, tmp_path / "dit")
     assert torch.equal(model.blocks[1].mlp.fc2.weight[3], dit_ema["blocks.1.mlp.fc2.weight"])
     assert torch.equal(model.x_embedder.proj.weight, dit_ema["x_embedder.proj.weight"])
 
     lines = []
-    cfg = dict(model="Remix-DiT-S/4", num_experts=8, init_from=str(tmp_path / "dit"), steps=4, ckpt_every=2,
-               **TRAIN)
+    cfg = dict(model="Remix-DiT-S/4", num_experts=8, init_from=str(tmp_path / "dit"), steps=4, ckpt_every=2, **TRAIN)
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("initialised Remix-DiT-S/4 from the DiT" in line for line in lines)
     step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
@@ -662,8 +738,18 @@ def test_train_per_sample_mixing_uniform_timesteps(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sample mixing with uniform timesteps: no warning
-        summary = train(TrainConfig(model="Remix-DiT-S/4", num_experts=4, mixing="sample", timestep_sampling="uniform",
-                                    steps=2, out=str(tmp_path / "s"), **TRAIN), log=lambda *a, **k: None)
+        summary = train(
+            TrainConfig(
+                model="Remix-DiT-S/4",
+                num_experts=4,
+                mixing="sample",
+                timestep_sampling="uniform",
+                steps=2,
+                out=str(tmp_path / "s"),
+                **TRAIN,
+            ),
+            log=lambda *a, **k: None,
+        )
     assert summary is not None and len(_records(tmp_path / "s")) == 2
 
 
@@ -672,8 +758,16 @@ def test_init_from_rejects_a_routed_run(tmp_path):
     from switch_dit.train import train
 
     train(TrainConfig(model="DTR-S/4", steps=1, out=str(tmp_path / "dtr"), **TRAIN), log=lambda *a, **k: None)
-    model = create("Remix-DiT-S/4", input_size=8, in_channels=1, num_classes=10, hidden_size=16, depth=2,
-                   num_heads=2, num_experts=8)
+    model = create(
+        "Remix-DiT-S/4",
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        num_experts=8,
+    )
     with pytest.raises(ValueError, match="holds a DTR model"):
         interop.init_remix_from_dit_file(model, tmp_path / "dtr")
 
@@ -686,12 +780,37 @@ def test_compare_has_a_remix_row_started_from_the_dit_run(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="DiT must come before it"):
         CompareConfig(families=("Remix-DiT", "DiT"))
-    argv = ["compare", "--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--steps", "2", "--batch-size", "8",
-            "--seeds", "0", "--samples-per-class", "1", "--sample-steps", "2", "--eval-every", "2",
-            "--families", "DiT,Remix-DiT", "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "compare",
+        "--hidden-size",
+        "16",
+        "--depth",
+        "2",
+        "--num-heads",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--seeds",
+        "0",
+        "--samples-per-class",
+        "1",
+        "--sample-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--families",
+        "DiT,Remix-DiT",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    table = printed[printed.index("Model"):].splitlines()
+    table = printed[printed.index("Model") :].splitlines()
     assert [line.split()[0] for line in table[2:4]] == ["DiT", "Remix-DiT"]
     assert "Remix-DiT starts from the final EMA weights of the DiT run of the same seed" in printed
     run = ck.load_checkpoint(tmp_path / "Remix-DiT-seed0" / "checkpoint.pt")
@@ -708,8 +827,18 @@ DDP_BATCH = 6
 
 def _ddp_model(mixing):
     torch.manual_seed(0)
-    model = create("Remix-DiT-S/4", input_size=8, in_channels=2, num_classes=5, hidden_size=16, depth=2, num_heads=2,
-                   num_experts=8, mixing=mixing, backend="reference").double()
+    model = create(
+        "Remix-DiT-S/4",
+        input_size=8,
+        in_channels=2,
+        num_classes=5,
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        num_experts=8,
+        mixing=mixing,
+        backend="reference",
+    ).double()
     model.y_embedder.dropout_prob = 0.0  # label dropout would draw different masks on each rank
     return randomize(model, seed=1, std=0.1)
 
@@ -740,8 +869,9 @@ def _ddp_worker(rank, world, port, tmp):
 
     from switch_dit import distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ctx = distributed.setup("cpu")
     try:
@@ -782,8 +912,17 @@ def test_two_ddp_ranks_match_one_process(tmp_path):
 
 def _cuda_model(mixing):
     torch.manual_seed(0)
-    model = create("Remix-DiT-S/2", input_size=8, in_channels=4, num_classes=10, hidden_size=128, depth=2,
-                   num_heads=2, num_experts=8, mixing=mixing)
+    model = create(
+        "Remix-DiT-S/2",
+        input_size=8,
+        in_channels=4,
+        num_classes=10,
+        hidden_size=128,
+        depth=2,
+        num_heads=2,
+        num_experts=8,
+        mixing=mixing,
+    )
     return randomize(model, seed=2, std=0.05).cuda()
 
 

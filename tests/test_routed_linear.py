@@ -16,9 +16,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from switch_dit.kernels import routed_linear as K  # noqa: E402
-from switch_dit.ops import routed_linear as R  # noqa: E402
-from switch_dit.ops.routed_linear import (  # noqa: E402
-    expert_mask, expert_mask_and_apply, mixed_linear, mixed_linear_reference)
+from switch_dit.ops.routed_linear import expert_mask, expert_mask_and_apply, mixed_linear, mixed_linear_reference  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and not K.INTERPRET:
@@ -61,7 +59,7 @@ def routing(B, M, k, mode="random", gen=None):
 def make(B, L, Din, M, k, Dout=None, mode="random", dtype=torch.float32, bias=True, device=DEV):
     Dout = Din if Dout is None else Dout
     x = torch.randn(B, L, Din, dtype=torch.float64)
-    w = torch.randn(M, Din, Dout, dtype=torch.float64) / Din ** 0.5
+    w = torch.randn(M, Din, Dout, dtype=torch.float64) / Din**0.5
     b = torch.randn(M, Dout, dtype=torch.float64) if bias else None
     idx = routing(B, M, k, mode)
     g = torch.rand(B, k, dtype=torch.float64) + 0.05
@@ -78,7 +76,9 @@ def ref64(fn, x, w, b, idx, g, grads_out):
     x, w, b, g = leaves(*(None if t is None else t.double().cpu() for t in (x, w, b, g)))
     outs = fn(x, w, b, idx.cpu(), g, backend="reference")
     outs = outs if isinstance(outs, tuple) else (outs,)
-    sum(((o * go.double().cpu()).sum() for o, go in zip(outs, grads_out)), torch.zeros((), dtype=torch.float64)).backward()
+    sum(
+        ((o * go.double().cpu()).sum() for o, go in zip(outs, grads_out)), torch.zeros((), dtype=torch.float64)
+    ).backward()
     return outs, [None if t is None else t.grad for t in (x, w, b, g)]
 
 
@@ -133,8 +133,9 @@ def test_expert_mask_d384():
     check_against_reference(expert_mask_and_apply, *make(1, 7, 384, 3, 2))
 
 
-@pytest.mark.parametrize("Din,Dout,bias,mode", [
-    (24, 40, True, "random"), (40, 8, False, "random"), (17, 33, True, "duplicate")])
+@pytest.mark.parametrize(
+    "Din,Dout,bias,mode", [(24, 40, True, "random"), (40, 8, False, "random"), (17, 33, True, "duplicate")]
+)
 def test_mixed_linear_rectangular(Din, Dout, bias, mode):
     check_against_reference(mixed_linear, *make(3, 7, Din, 4, 3, Dout=Dout, bias=bias, mode=mode))
 
@@ -167,8 +168,9 @@ def test_forward_kernel_writes_every_element(cfg):
     x, w, b, idx, g = make(3, 19, 40, 4, 2)
     nan = lambda: torch.full((3, 19, 40), float("nan"), device=DEV)  # noqa: E731
     m, r = K.mixed_linear_forward(x, w, b, idx, g, add_one=True, apply=True, out=nan(), out_r=nan(), config=cfg)
-    want = mixed_linear_reference(*(t.double().cpu() if t.is_floating_point() else t.cpu()
-                                    for t in (x, w, b, idx, g)), add_one=True)
+    want = mixed_linear_reference(
+        *(t.double().cpu() if t.is_floating_point() else t.cpu() for t in (x, w, b, idx, g)), add_one=True
+    )
     assert rel(m.cpu(), want) < TOL32
     assert rel(r.cpu(), x.double().cpu() * want) < TOL32
 
@@ -181,24 +183,36 @@ def test_backward_kernels_chunks_and_tiles(chunks):
     gm, gr = torch.randn(B, L, D, device=DEV), torch.randn(B, L, D, device=DEV)
     m = K.mixed_linear_forward(x, w, b, idx, g, add_one=True)
     dx, dw, db, dc = K.mixed_linear_backward(
-        gm, gr, x, m, w, b, idx, g, chunks=chunks,
+        gm,
+        gr,
+        x,
+        m,
+        w,
+        b,
+        idx,
+        g,
+        chunks=chunks,
         config_dx=dict(BLOCK_L=16, BLOCK_N=16, BLOCK_K=16),
-        config_wgrad=dict(BLOCK_I=16, BLOCK_O=32, BLOCK_L=16))
+        config_wgrad=dict(BLOCK_I=16, BLOCK_O=32, BLOCK_L=16),
+    )
     _, want = ref64(expert_mask_and_apply, x, w, b, idx, g, [gm, gr])
     for got, ref in zip((dx, dw, db, dc), want):
         assert rel(got.cpu(), ref) < TOL32
 
 
-@pytest.mark.parametrize("M,k,n_acc,mode", [
-    pytest.param(1, 1, None, "random", id="1-accumulator"),
-    pytest.param(2, 2, None, "random", id="2-accumulators-k=M"),
-    pytest.param(3, 3, None, "duplicate", id="3-accumulators-repeated-idx"),
-    pytest.param(4, 3, None, "unused", id="4-accumulators-unused-expert"),
-    pytest.param(5, 2, None, "random", id="5-accumulators"),
-    pytest.param(8, 3, None, "unused", id="8-accumulators-unused-expert"),
-    pytest.param(3, 2, 0, "random", id="fallback-forced"),
-    pytest.param(9, 2, None, "random", id="fallback-M9"),
-])
+@pytest.mark.parametrize(
+    "M,k,n_acc,mode",
+    [
+        pytest.param(1, 1, None, "random", id="1-accumulator"),
+        pytest.param(2, 2, None, "random", id="2-accumulators-k=M"),
+        pytest.param(3, 3, None, "duplicate", id="3-accumulators-repeated-idx"),
+        pytest.param(4, 3, None, "unused", id="4-accumulators-unused-expert"),
+        pytest.param(5, 2, None, "random", id="5-accumulators"),
+        pytest.param(8, 3, None, "unused", id="8-accumulators-unused-expert"),
+        pytest.param(3, 2, 0, "random", id="fallback-forced"),
+        pytest.param(9, 2, None, "random", id="fallback-M9"),
+    ],
+)
 def test_wgrad_accumulator_variants(M, k, n_acc, mode):
     """Each register-accumulator count (N_ACC = M <= 8) and the read-modify-write fallback
     (N_ACC = 0), over several chunks, rectangular weights and tiles crossing every edge;
@@ -244,11 +258,10 @@ def test_wgrad_plan_and_chunk_model():
     def chunks(D, M, B, sms=132):
         bi, bo, n_acc = K._wgrad_plan(M)
         n_tiles = -(-D // bi) * -(-D // bo)
-        return K._wgrad_chunks(B, 256, n_tiles, bi * bo, 4.0 * M * D * D, 0.0 if n_acc else 16.0 * bi * bo,
-                               "lp", sms)
+        return K._wgrad_chunks(B, 256, n_tiles, bi * bo, 4.0 * M * D * D, 0.0 if n_acc else 16.0 * bi * bo, "lp", sms)
 
-    assert chunks(1152, 3, 32) == 1          # 324 tiles of 64x64
-    assert 2 <= chunks(384, 3, 32) <= 4      # 36 tiles
+    assert chunks(1152, 3, 32) == 1  # 324 tiles of 64x64
+    assert 2 <= chunks(384, 3, 32) <= 4  # 36 tiles
     for B in (1, 2, 5, 31, 33, 200):
         c = chunks(384, 3, B)
         assert 1 <= c <= B and -(-B // -(-B // c)) == c
@@ -297,8 +310,10 @@ for arch, prec, M, cfg in json.loads(sys.argv[1]):
 """
 
 
-@pytest.mark.skipif(os.environ.get("SWITCH_DIT_PTXAS_CHECK", "0") in ("", "0"),
-                    reason="set SWITCH_DIT_PTXAS_CHECK=1 (compiles ~130 kernels for sm_90/sm_80: minutes on CPU)")
+@pytest.mark.skipif(
+    os.environ.get("SWITCH_DIT_PTXAS_CHECK", "0") in ("", "0"),
+    reason="set SWITCH_DIT_PTXAS_CHECK=1 (compiles ~130 kernels for sm_90/sm_80: minutes on CPU)",
+)
 def test_wgrad_kernel_registers_no_spills():
     """The weight-gradient kernel's default configs, and its autotuning candidates for M = 1, 3,
     8 and the fallback, compile for sm_90 and sm_80 (bf16, fp32 TF32, fp32 IEEE) without
@@ -308,8 +323,9 @@ def test_wgrad_kernel_registers_no_spills():
     import sys
 
     def as_dict(c):
-        return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
-                    **({"maxnreg": c.maxnreg} if c.maxnreg else {}))
+        return dict(
+            c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **({"maxnreg": c.maxnreg} if c.maxnreg else {})
+        )
 
     jobs = []
     for arch in (90, 80):
@@ -319,18 +335,27 @@ def test_wgrad_kernel_registers_no_spills():
                 if M in (1, 3, 8, 9):
                     jobs += [(arch, prec, M, as_dict(c)) for c in K._wgrad_configs(prec)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _PTXAS_SCRIPT, json.dumps(jobs)], env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PTXAS_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(jobs)
     for r in rows:
         print(r)
-    bad = [r for r, job in zip(rows, jobs) if r["n_spills"] and (
-        job[3] == K._wgrad_default(job[1])  # a default config: never
-        # an autotuning candidate: only a small spill where ptxas itself capped the registers
-        # at 128 for two programs per SM (no .maxnreg given); the autotuner times it
-        or r["n_regs"] != 128 or r["maxnreg"] or r["n_spills"] > 64)]
+    bad = [
+        r
+        for r, job in zip(rows, jobs)
+        if r["n_spills"]
+        and (
+            job[3] == K._wgrad_default(job[1])  # a default config: never
+            # an autotuning candidate: only a small spill where ptxas itself capped the registers
+            # at 128 for two programs per SM (no .maxnreg given); the autotuner times it
+            or r["n_regs"] != 128
+            or r["maxnreg"]
+            or r["n_spills"] > 64
+        )
+    ]
     assert not bad, bad
     assert all(r["wgmma"] for r in rows if r["arch"] == 90 and r["prec"] != "ieee")
 
@@ -340,8 +365,9 @@ def test_backward_only_some_gradients():
     gy = torch.randn(2, 5, 8, device=DEV)
     _, want = ref64(expert_mask, x, w, b, idx, g, [gy])
     for flags in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 1, 1)]:
-        got = K.mixed_linear_backward(gy, None, x, None, w, b, idx, g, need_dx=flags[0], need_dw=flags[1],
-                                      need_db=flags[2], need_dc=flags[3])
+        got = K.mixed_linear_backward(
+            gy, None, x, None, w, b, idx, g, need_dx=flags[0], need_dw=flags[1], need_db=flags[2], need_dc=flags[3]
+        )
         for f, gt, ref in zip(flags, got, want):
             assert (gt is None) == (not f)
             if f:
@@ -366,10 +392,10 @@ def test_only_some_inputs_require_grad():
 def test_non_contiguous_inputs_and_stride0_grads():
     B, L, D, M, k = 3, 6, 24, 4, 2
     x, w, b, idx, g = make(B, L, D, M, k)
-    xs = x.transpose(0, 1).contiguous().transpose(0, 1)             # (B, L, D) with B stride D
-    ws = w.transpose(1, 2).contiguous().transpose(1, 2)             # column-major experts
-    bs = torch.stack([b, b], -1)[..., 0]                            # stride 2 along D
-    gs = torch.stack([g, g], 1)[:, 0]                               # coef rows strided
+    xs = x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, L, D) with B stride D
+    ws = w.transpose(1, 2).contiguous().transpose(1, 2)  # column-major experts
+    bs = torch.stack([b, b], -1)[..., 0]  # stride 2 along D
+    gs = torch.stack([g, g], 1)[:, 0]  # coef rows strided
     ids = torch.stack([idx, idx], 1)[:, 0]
     assert not any(t.is_contiguous() for t in (xs, ws, bs, gs, ids))
     # .sum() hands the backward an expanded (stride 0) gradient
@@ -395,8 +421,10 @@ def test_float16_forward_and_backward():
     with no absolute slack: measured at 0.5-0.8x; rounding the gate coefficients to bf16 inside the
     kernels gives 3.5-10x, so this test catches it."""
     x, w, b, idx, g = make(3, 7, 40, 4, 2, dtype=torch.float16)
-    gm, gr = torch.randn(3, 7, 40, device=DEV, dtype=torch.float16), torch.randn(3, 7, 40, device=DEV,
-                                                                                 dtype=torch.float16)
+    gm, gr = (
+        torch.randn(3, 7, 40, device=DEV, dtype=torch.float16),
+        torch.randn(3, 7, 40, device=DEV, dtype=torch.float16),
+    )
     outs, grads = run_triton(expert_mask_and_apply, x, w, b, idx, g, [gm, gr])
     routs, rgrads = ref64(expert_mask_and_apply, x, w, b, idx, g, [gm, gr])
     houts, hgrads = _ref_same_dtype(x.cpu(), w.cpu(), b.cpu(), idx.cpu(), g.cpu(), [gm.cpu(), gr.cpu()])
@@ -425,9 +453,17 @@ def test_gradients_bitwise_reproducible():
 
 def test_empty_batch_and_tokens():
     for B, L in ((0, 4), (2, 0)):
-        x, w, b, idx, g = make(B, L, 8, 3, 2) if B else (
-            torch.randn(0, L, 8, device=DEV), torch.randn(3, 8, 8, device=DEV), torch.randn(3, 8, device=DEV),
-            torch.zeros(0, 2, dtype=torch.long, device=DEV), torch.rand(0, 2, device=DEV))
+        x, w, b, idx, g = (
+            make(B, L, 8, 3, 2)
+            if B
+            else (
+                torch.randn(0, L, 8, device=DEV),
+                torch.randn(3, 8, 8, device=DEV),
+                torch.randn(3, 8, device=DEV),
+                torch.zeros(0, 2, dtype=torch.long, device=DEV),
+                torch.rand(0, 2, device=DEV),
+            )
+        )
         x1, w1, b1, g1 = leaves(x, w, b, g)
         m = expert_mask(x1, w1, b1, idx, g1, backend="triton")
         assert m.shape == (B, L, 8)
@@ -533,7 +569,14 @@ def test_bad_input_errors():
         err(r"topk_idx values must be in \[0, 3\)", x.cpu(), w.cpu(), b.cpu(), bad, g.cpu(), backend="reference")
         if not HAS_CUDA:
             err(r"topk_idx values must be in \[0, 3\)", x, w, b, bad, g)
-    err("cannot run expert_mask.*supports x of dtype float16", x.double().cpu(), w.double().cpu(), b.double().cpu(), idx.cpu(), g.cpu())
+    err(
+        "cannot run expert_mask.*supports x of dtype float16",
+        x.double().cpu(),
+        w.double().cpu(),
+        b.double().cpu(),
+        idx.cpu(),
+        g.cpu(),
+    )
     other = "cpu" if HAS_CUDA else "meta"
     err("weight is on", x, w.to(other), b, idx, g)
     err("topk_idx is on", x, w, b, idx.to(other), g)
@@ -563,14 +606,17 @@ def test_gpu_low_precision_vs_same_dtype_torch(D, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("M,k,mode", [
-    pytest.param(5, 2, "random", id="5-accumulators"),
-    pytest.param(6, 3, "duplicate", id="6-accumulators-repeated-idx"),
-    pytest.param(7, 2, "unused", id="7-accumulators-unused-expert"),
-    pytest.param(8, 3, "duplicate", id="8-accumulators-repeated-idx"),
-    pytest.param(9, 3, "duplicate", id="fallback-M9-repeated-idx"),
-    pytest.param(12, 2, "duplicate", id="fallback-M12-repeated-idx"),
-])
+@pytest.mark.parametrize(
+    "M,k,mode",
+    [
+        pytest.param(5, 2, "random", id="5-accumulators"),
+        pytest.param(6, 3, "duplicate", id="6-accumulators-repeated-idx"),
+        pytest.param(7, 2, "unused", id="7-accumulators-unused-expert"),
+        pytest.param(8, 3, "duplicate", id="8-accumulators-repeated-idx"),
+        pytest.param(9, 3, "duplicate", id="fallback-M9-repeated-idx"),
+        pytest.param(12, 2, "duplicate", id="fallback-M12-repeated-idx"),
+    ],
+)
 @pytest.mark.parametrize("D", [200, 1152])  # 200 is no multiple of any tile size
 def test_gpu_accumulators_fallback_and_ragged_D_float32(M, k, mode, D):
     """The compiled (not interpreted) kernels with M = 5..8 accumulator tiles and the M > 8

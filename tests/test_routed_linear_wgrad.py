@@ -22,6 +22,7 @@ def test_wgrad_flushes_at_sample_boundaries(M, n_acc, chunks):
     for name, gt, ref in zip(("weight", "bias", "topk_w"), got[1:], want[1:]):
         assert rel(gt.cpu(), ref) < TOL32, name
     # only the gate gradient (no weight gradient): the per-sample loop without accumulators
-    got = K.mixed_linear_backward(gy, None, x, None, w, b, idx, g, need_dx=False, need_dw=False, need_db=False,
-                                  chunks=chunks, config_wgrad=cfg)
+    got = K.mixed_linear_backward(
+        gy, None, x, None, w, b, idx, g, need_dx=False, need_dw=False, need_db=False, chunks=chunks, config_wgrad=cfg
+    )
     assert rel(got[3].cpu(), want[3]) < TOL32

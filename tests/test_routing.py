@@ -12,8 +12,9 @@ import torch
 from switch_dit import _extension, routing
 from switch_dit.routing import RoutingPlan, block_routing, num_tiles, plan, reference_plan
 
-requires_ext = pytest.mark.skipif(not _extension.available(),
-                                  reason=f"switch_dit._C not built: {_extension.load_error}")
+requires_ext = pytest.mark.skipif(
+    not _extension.available(), reason=f"switch_dit._C not built: {_extension.load_error}"
+)
 requires_cuda = pytest.mark.gpu
 
 EXT_OP = getattr(torch.ops.switch_dit, "routing_plan", None) if _extension.available() else None
@@ -60,8 +61,9 @@ def assert_consistent(p: RoutingPlan, gate_probs, timesteps, k, seq_len, block_l
 def poison_allocator(like: RoutingPlan, device):
     """Free garbage-filled tensors of the plan's sizes, so that an allocator that reuses
     blocks hands them to the op: an element it forgets to write then shows."""
-    junk = [torch.full(x.shape, float("nan") if x.is_floating_point() else -77, dtype=x.dtype,
-                       device=device) for x in like]
+    junk = [
+        torch.full(x.shape, float("nan") if x.is_floating_point() else -77, dtype=x.dtype, device=device) for x in like
+    ]
     del junk
 
 
@@ -240,8 +242,11 @@ def test_opcheck(op):
     torch.library.opcheck(fn, (g, t, 2, 7, 4, False))
     # opcheck's aot-dispatch test sums all outputs into the first (int64) one, which fails
     # for float outputs after integer ones; the other checks still run with gradients.
-    torch.library.opcheck(fn, (g.requires_grad_(), t, 2, 7, 4, False),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        fn,
+        (g.requires_grad_(), t, 2, 7, 4, False),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 def test_fake_tensor_shapes():
@@ -306,13 +311,13 @@ def test_fallback_warns_once_when_extension_disabled():
         "print('warnings', n)\n"
     )
     env = {**os.environ, _extension.DISABLE_ENV: "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "warnings 1" in out.stdout
 
 
 # ---- CUDA (the GPU machine); skipped cleanly elsewhere -----------------------------------------
+
 
 @requires_cuda
 def test_cuda_kernel_is_registered():

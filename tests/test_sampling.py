@@ -63,9 +63,13 @@ def test_cfg_at_scale_one_equals_the_conditional_model(model):
     z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))  # what generate drew
     diffusion = sampling.sampling_diffusion("ddim", 5)
     with torch.no_grad():
-        doubled = diffusion.ddim_sample_loop(model.forward_with_cfg, (8, 1, 16, 16),
-                                             {"y": torch.cat([LABELS, null]), "cfg_scale": 1.0},
-                                             noise=torch.cat([z, z]), clip_denoised=True)
+        doubled = diffusion.ddim_sample_loop(
+            model.forward_with_cfg,
+            (8, 1, 16, 16),
+            {"y": torch.cat([LABELS, null]), "cfg_scale": 1.0},
+            noise=torch.cat([z, z]),
+            clip_denoised=True,
+        )
     torch.testing.assert_close(doubled[:4], plain, rtol=0, atol=1e-5)
     assert not torch.allclose(plain, sampling.generate(model, LABELS, method="ddim", steps=5, cfg_scale=3.0, seed=1))
 
@@ -87,8 +91,16 @@ def test_generate_rejects_bad_arguments(model):
 
 
 def npz(model, out, n=10, **kw):
-    kw = {"batch_size": 4, "method": "ddim", "steps": 3, "cfg_scale": 2.0, "seed": 3, "progress": False,
-          "log": lambda *a: None, **kw}
+    kw = {
+        "batch_size": 4,
+        "method": "ddim",
+        "steps": 3,
+        "cfg_scale": 2.0,
+        "seed": 3,
+        "progress": False,
+        "log": lambda *a: None,
+        **kw,
+    }
     return sampling.sample_to_npz(model, out, n, **kw)
 
 
@@ -145,7 +157,10 @@ def test_npz_ranks_split_the_shards_and_rank0_merges(model, tmp_path):
         npz(model, tmp_path / "two", rank=0, world_size=2)
     assert npz(model, tmp_path / "two", rank=1, world_size=2) is None
     assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("*.npz")) == [
-        "shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+        "shard-000000.npz",
+        "shard-000001.npz",
+        "shard-000002.npz",
+    ]
     merged = sampling.read_npz(npz(model, tmp_path / "two", rank=0, world_size=2))
     assert np.array_equal(single[0], merged[0]) and np.array_equal(single[1], merged[1])  # independent of ranks
     with pytest.raises(ValueError, match="rank"):
@@ -278,8 +293,10 @@ def test_load_model_from_the_reference_layout(tmp_path, name):
     src = tiny_model(name, top_k=1) if name.startswith("Switch") else tiny_model(name)
     ema_sd = official_state_dict(src)
     other = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ema_sd.items()}
-    torch.save({"model": other, "ema": ema_sd, "opt": {}, "args": argparse.Namespace(model=name, image_size=16)},
-               tmp_path / "ref.pt")
+    torch.save(
+        {"model": other, "ema": ema_sd, "opt": {}, "args": argparse.Namespace(model=name, image_size=16)},
+        tmp_path / "ref.pt",
+    )
     with pytest.raises(ValueError, match="num_heads"):
         checkpoint.load_model(tmp_path / "ref.pt")  # width 32 is no named size: heads unknown
     loaded, info = checkpoint.load_model(tmp_path / "ref.pt", num_heads=2)
@@ -296,8 +313,16 @@ def test_load_model_from_the_reference_layout(tmp_path, name):
 def test_infer_model_kwargs_of_a_named_size():
     sd = official_state_dict(models.create("Switch-DiT-S/8", input_size=32, num_classes=1000))
     kw = checkpoint.infer_model_kwargs(sd)
-    assert kw == {"name": "Switch-DiT-S/8", "input_size": 32, "in_channels": 4, "num_classes": 1000,
-                  "learn_sigma": True, "num_timesteps": 1000, "num_experts": 3, "top_k": 2}
+    assert kw == {
+        "name": "Switch-DiT-S/8",
+        "input_size": 32,
+        "in_channels": 4,
+        "num_classes": 1000,
+        "learn_sigma": True,
+        "num_timesteps": 1000,
+        "num_experts": 3,
+        "top_k": 2,
+    }
 
 
 def test_load_model_errors(tmp_path):
@@ -326,8 +351,22 @@ def cli(*argv):
 def test_sample_command_grid_uses_the_runs_sampler(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
 
-    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "g.png", "--sample-steps", "2",
-               "--classes", "1,2", "--samples-per-class", "3") == 0
+    assert (
+        cli(
+            "sample",
+            "--ckpt",
+            tiny_checkpoint,
+            "--out",
+            tmp_path / "g.png",
+            "--sample-steps",
+            "2",
+            "--classes",
+            "1,2",
+            "--samples-per-class",
+            "3",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     # The run sampled with DDIM and guidance 4 (TrainConfig), so does the command by default.
     assert "6 images, 2 classes x 3, EMA weights of step 2, ddim 2 steps, guidance 4.0" in printed
@@ -337,8 +376,24 @@ def test_sample_command_grid_uses_the_runs_sampler(tiny_checkpoint, tmp_path, ca
 
 
 def test_sample_command_npz_set_resumes(tiny_checkpoint, tmp_path, capsys):
-    args = ("sample", "--ckpt", tiny_checkpoint, "--npz", tmp_path / "set", "--num-samples", "12", "--batch-size", "5",
-            "--sample-method", "ddpm", "--sample-steps", "2", "--cfg-scale", "1", "--no-eval")
+    args = (
+        "sample",
+        "--ckpt",
+        tiny_checkpoint,
+        "--npz",
+        tmp_path / "set",
+        "--num-samples",
+        "12",
+        "--batch-size",
+        "5",
+        "--sample-method",
+        "ddpm",
+        "--sample-steps",
+        "2",
+        "--cfg-scale",
+        "1",
+        "--no-eval",
+    )
     assert cli(*args) == 0
     images, labels = sampling.read_npz(tmp_path / "set" / "samples_12x16x16x3.npz")
     assert images.shape == (12, 16, 16, 3) and labels.shape == (12,)
@@ -351,20 +406,38 @@ def test_sample_command_npz_set_resumes(tiny_checkpoint, tmp_path, capsys):
 
 def test_sample_command_reads_the_reference_layout(tmp_path, capsys):
     torch.save({"ema": official_state_dict(tiny_model())}, tmp_path / "ref.pt")
-    assert cli("sample", "--ckpt", tmp_path / "ref.pt", "--num-heads", "2", "--sample-steps", "3",
-               "--samples-per-class", "1", "--out", tmp_path / "g.png", "--no-eval") == 0
+    assert (
+        cli(
+            "sample",
+            "--ckpt",
+            tmp_path / "ref.pt",
+            "--num-heads",
+            "2",
+            "--sample-steps",
+            "3",
+            "--samples-per-class",
+            "1",
+            "--out",
+            tmp_path / "g.png",
+            "--no-eval",
+        )
+        == 0
+    )
     # No run settings in a reference checkpoint: the paper's sampler (DDPM) and guidance 1.5.
     assert "10 images, 10 classes x 1, EMA weights of step ?, ddpm 3 steps, guidance 1.5" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--npz", "x"], "--npz needs --num-samples"),
-    (["--num-samples", "5"], "--num-samples needs --npz"),
-    (["--classes", "3,10"], "--classes must be in [0, 10)"),
-    (["--classes", "a"], "--classes: must be comma-separated integers"),
-    (["--sample-method", "rk4"], "--sample-method: invalid choice"),
-    (["--sample-method", "euler"], "method must be 'ddpm' or 'ddim'"),  # euler/heun: rectified-flow models
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--npz", "x"], "--npz needs --num-samples"),
+        (["--num-samples", "5"], "--num-samples needs --npz"),
+        (["--classes", "3,10"], "--classes must be in [0, 10)"),
+        (["--classes", "a"], "--classes: must be comma-separated integers"),
+        (["--sample-method", "rk4"], "--sample-method: invalid choice"),
+        (["--sample-method", "euler"], "method must be 'ddpm' or 'ddim'"),  # euler/heun: rectified-flow models
+    ],
+)
 def test_sample_command_bad_arguments(tiny_checkpoint, extra, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         cli("sample", "--ckpt", tiny_checkpoint, *extra)
@@ -393,14 +466,43 @@ def test_torchrun_two_ranks_write_the_same_set(tiny_checkpoint, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None or not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torchrun or the gloo backend is not available")
-    common = ["--ckpt", str(tiny_checkpoint), "--num-samples", "9", "--batch-size", "3", "--sample-method", "ddim",
-              "--sample-steps", "2", "--no-eval", "--no-progress", "--device", "cpu"]
+    common = [
+        "--ckpt",
+        str(tiny_checkpoint),
+        "--num-samples",
+        "9",
+        "--batch-size",
+        "3",
+        "--sample-method",
+        "ddim",
+        "--sample-steps",
+        "2",
+        "--no-eval",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert cli("sample", "--npz", tmp_path / "one", *common[:-3]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own process group: on a timeout the workers go down with torchrun.
-    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", "-m", "switch_dit.cli", "sample",
-                             "--npz", str(tmp_path / "two"), *common], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "switch_dit.cli",
+            "sample",
+            "--npz",
+            str(tmp_path / "two"),
+            *common,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -443,12 +545,26 @@ def test_captured_step_replays_the_models_step(model, cfg_scale, monkeypatch):
     calls = []
     monkeypatch.setattr(sampling, "_capture_graph", _graph_on_the_cpu(calls))
     process = sampling.sampling_diffusion("ddim", 4)
-    eager = diffusion.sample(model, process, LABELS, cfg_scale=cfg_scale, method="ddim", clip_denoised=True,
-                             generator=torch.Generator().manual_seed(1))
+    eager = diffusion.sample(
+        model,
+        process,
+        LABELS,
+        cfg_scale=cfg_scale,
+        method="ddim",
+        clip_denoised=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     step = sampling.CapturedStep(model)
     assert diffusion.accepts_shared_timestep(step) and diffusion.accepts_shared_timestep(step.forward_with_cfg)
-    replayed = diffusion.sample(step, process, LABELS, cfg_scale=cfg_scale, method="ddim", clip_denoised=True,
-                                generator=torch.Generator().manual_seed(1))
+    replayed = diffusion.sample(
+        step,
+        process,
+        LABELS,
+        cfg_scale=cfg_scale,
+        method="ddim",
+        clip_denoised=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert calls == [("forward", {})] if cfg_scale == 1.0 else calls == [("forward_with_cfg", {"cfg_scale": 3.0})]
     torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
 
@@ -457,8 +573,10 @@ def test_capture_needs_cuda(model):
     with pytest.raises(ValueError, match="capture needs CUDA"):
         sampling.generate(model, LABELS, steps=2, capture=True)
     # None (the default) is eager on the CPU: the same samples as capture=False.
-    torch.testing.assert_close(sampling.generate(model, LABELS, method="ddim", steps=2),
-                               sampling.generate(model, LABELS, method="ddim", steps=2, capture=False))
+    torch.testing.assert_close(
+        sampling.generate(model, LABELS, method="ddim", steps=2),
+        sampling.generate(model, LABELS, method="ddim", steps=2, capture=False),
+    )
 
 
 def test_sample_command_flags_parse():
@@ -486,10 +604,37 @@ def test_tf32_follows_the_flag(monkeypatch):
 def test_sample_command_sets_tf32_as_asked(tiny_checkpoint, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(distributed, "set_tf32", lambda device, enabled=True: seen.append((device.type, enabled)))
-    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "g.png", "--sample-steps", "2",
-               "--samples-per-class", "1", "--no-eval", "--no-tf32") == 0
-    assert cli("sample", "--ckpt", tiny_checkpoint, "--out", tmp_path / "h.png", "--sample-steps", "2",
-               "--samples-per-class", "1", "--no-eval") == 0
+    assert (
+        cli(
+            "sample",
+            "--ckpt",
+            tiny_checkpoint,
+            "--out",
+            tmp_path / "g.png",
+            "--sample-steps",
+            "2",
+            "--samples-per-class",
+            "1",
+            "--no-eval",
+            "--no-tf32",
+        )
+        == 0
+    )
+    assert (
+        cli(
+            "sample",
+            "--ckpt",
+            tiny_checkpoint,
+            "--out",
+            tmp_path / "h.png",
+            "--sample-steps",
+            "2",
+            "--samples-per-class",
+            "1",
+            "--no-eval",
+        )
+        == 0
+    )
     assert seen == [("cpu", False), ("cpu", True)]
 
 

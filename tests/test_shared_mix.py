@@ -25,19 +25,22 @@ def rel(a, b):
 def make(B, L, D, Dout, M, idx, seed, bias=True, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, L, D, generator=gen, dtype=dtype).requires_grad_()
-    w = (torch.randn(M, D, Dout, generator=gen, dtype=dtype) / D ** 0.5).requires_grad_()
+    w = (torch.randn(M, D, Dout, generator=gen, dtype=dtype) / D**0.5).requires_grad_()
     b = torch.randn(M, Dout, generator=gen, dtype=dtype).requires_grad_() if bias else None
     coef = (torch.rand(len(idx), generator=gen, dtype=dtype) + 0.05).requires_grad_()
     return x, w, b, torch.tensor(idx), coef
 
 
-@pytest.mark.parametrize("B,L,D,Dout,M,idx", [
-    (3, 5, 20, 20, 3, [2, 0]),            # dense coefficients (2k >= M), D not a tile multiple
-    (2, 4, 12, 16, 10, [7, 2]),           # M > 8, gathered experts (2k < M), rectangular
-    (1, 6, 8, 8, 4, [1]),                 # B = 1, k = 1
-    (3, 3, 8, 8, 3, [2, 1, 0]),           # k = M
-    (4, 2, 8, 8, 5, [3, 3]),              # a repeated expert
-])
+@pytest.mark.parametrize(
+    "B,L,D,Dout,M,idx",
+    [
+        (3, 5, 20, 20, 3, [2, 0]),  # dense coefficients (2k >= M), D not a tile multiple
+        (2, 4, 12, 16, 10, [7, 2]),  # M > 8, gathered experts (2k < M), rectangular
+        (1, 6, 8, 8, 4, [1]),  # B = 1, k = 1
+        (3, 3, 8, 8, 3, [2, 1, 0]),  # k = M
+        (4, 2, 8, 8, 5, [3, 3]),  # a repeated expert
+    ],
+)
 @pytest.mark.parametrize("add_one", [False, True])
 def test_shared_equals_per_sample_float64(B, L, D, Dout, M, idx, add_one):
     x, w, b, idx, coef = make(B, L, D, Dout, M, idx, seed=B + M)
@@ -71,8 +74,9 @@ def test_autocast_and_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = shared_mixed_linear(x, w, b, idx, coef)
     assert y.dtype == torch.bfloat16
-    y_ref = mixed_linear_reference(*(t.detach().double() for t in (x, w, b)), idx.expand(2, -1),
-                                   coef.detach().double().expand(2, -1))
+    y_ref = mixed_linear_reference(
+        *(t.detach().double() for t in (x, w, b)), idx.expand(2, -1), coef.detach().double().expand(2, -1)
+    )
     assert rel(y, y_ref) < 2e-2
     gx, gw = torch.autograd.grad(y.float().sum(), (x, w))
     assert gx.dtype == gw.dtype == torch.float32
@@ -210,7 +214,6 @@ def test_sampling_shared_equals_per_sample(method, cfg, monkeypatch):
     per_sample = diffusion_lib.sample(model, diff, y, cfg_scale=cfg, method=method, noise=noise, generator=gen)
     assert shapes[5:] == [(2 if cfg == 1.0 else 4,)] * 5
     assert rel(shared, per_sample) < 1e-10
-
 
 
 @pytest.mark.gpu

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from switch_dit import data as digits
-from switch_dit.cli import main
-from switch_dit.evaluate import DigitsClassifier, sample_accuracy
 from switch_dit.checkpoint import load_checkpoint, model_from_checkpoint
+from switch_dit.cli import main
 from switch_dit.config import TrainConfig
 from switch_dit.distributed import resolve_device
+from switch_dit.evaluate import DigitsClassifier, sample_accuracy
 from switch_dit.train import ema_decay_at, lr_at, update_ema
 
 pytest.importorskip("sklearn")
@@ -35,8 +35,25 @@ def classifier(splits):
 def tiny_run(tmp_path_factory):
     """One tiny end-to-end `switch-dit train`, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    argv = ["train", *TINY, "--steps", "6", "--batch-size", "16", "--log-every", "2", "--sample-steps", "3",
-            "--samples-per-class", "2", "--seed", "3", "--no-progress", "--out", str(out)]
+    argv = [
+        "train",
+        *TINY,
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "2",
+        "--sample-steps",
+        "3",
+        "--samples-per-class",
+        "2",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -163,8 +180,22 @@ def test_train_writes_a_well_formed_run(tiny_run):
 
 
 def test_train_is_deterministic_for_a_seed(tiny_run, tmp_path):
-    argv = ["train", *TINY, "--steps", "6", "--batch-size", "16", "--log-every", "2", "--seed", "3",
-            "--no-sample", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "train",
+        *TINY,
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "2",
+        "--seed",
+        "3",
+        "--no-sample",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     a = load_checkpoint(tiny_run / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -175,8 +206,24 @@ def test_train_is_deterministic_for_a_seed(tiny_run, tmp_path):
 
 def test_sample_command(tiny_run, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    argv = ["sample", "--ckpt", str(tiny_run / "checkpoint.pt"), "--out", str(out), "--sample-steps", "2",
-            "--samples-per-class", "1", "--sample-method", "ddpm", "--cfg-scale", "1", "--no-progress", "--device", "cpu"]
+    argv = [
+        "sample",
+        "--ckpt",
+        str(tiny_run / "checkpoint.pt"),
+        "--out",
+        str(out),
+        "--sample-steps",
+        "2",
+        "--samples-per-class",
+        "1",
+        "--sample-method",
+        "ddpm",
+        "--cfg-scale",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     assert out.is_file()
     printed = capsys.readouterr().out
@@ -251,8 +298,18 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, one_thread):
         return real(model, mode, backend="eager")
 
     monkeypatch.setattr(train_mod, "compile_model", traced)
-    tiny = dict(hidden_size=16, depth=2, num_heads=2, image_size=8, batch_size=8, device="cpu", sample=False,
-                progress=False, log_every=1, steps=3)
+    tiny = dict(
+        hidden_size=16,
+        depth=2,
+        num_heads=2,
+        image_size=8,
+        batch_size=8,
+        device="cpu",
+        sample=False,
+        progress=False,
+        log_every=1,
+        steps=3,
+    )
     train_mod.train(TrainConfig(**tiny, out=str(tmp_path / "eager"), compile="none"), log=lambda *a, **k: None)
     train_mod.train(TrainConfig(**tiny, out=str(tmp_path / "compiled"), compile="default"), log=lambda *a, **k: None)
     assert compiled == ["default"]
@@ -261,7 +318,10 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, one_thread):
         return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
 
     assert losses("compiled") == losses("eager")
-    a, b = load_checkpoint(tmp_path / "eager" / "checkpoint.pt"), load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")
+    a, b = (
+        load_checkpoint(tmp_path / "eager" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "compiled" / "checkpoint.pt"),
+    )
     assert a["model"].keys() == b["model"].keys()
     assert b["config"]["compile"] == "default"
 
@@ -275,8 +335,16 @@ def test_warm_up_keeps_the_fused_ops_in_one_graph(one_thread, monkeypatch):
 
     monkeypatch.setattr(dispatch, "_KERNELS", {})  # as in a fresh process: no kernel module loaded yet
     torch._dynamo.reset()
-    model = create("Switch-DiT-S/4", input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=2,
-                   num_heads=2, backend="triton").train()
+    model = create(
+        "Switch-DiT-S/4",
+        input_size=16,
+        in_channels=1,
+        num_classes=10,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        backend="triton",
+    ).train()
     warm_up(model, 4)
     assert model.training
     x, t, y = torch.randn(4, 1, 16, 16), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))

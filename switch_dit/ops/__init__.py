@@ -5,7 +5,9 @@
 (``switch_dit.ops.dispatch``; docs/design.md §3).
 """
 
+from switch_dit.ops import compiled_reference, composed_linear  # noqa: F401,E402  register their strategies
 from switch_dit.ops.dispatch import explain, register, strategies  # noqa: F401  the registry
+from switch_dit.ops.expert_mlp import expert_mlp  # noqa: F401,E402  DiffMoE's expert MLPs over chosen tokens
 from switch_dit.ops.norm_modulate import (  # noqa: F401  fused block ops
     fused_block,
     gated_residual,
@@ -19,5 +21,3 @@ from switch_dit.ops.routed_linear import (  # noqa: F401  routed expert linear
     mixed_linear,
     mixed_linear_reference,
 )
-from switch_dit.ops import compiled_reference, composed_linear  # noqa: F401,E402  register their strategies
-from switch_dit.ops.expert_mlp import expert_mlp  # noqa: F401,E402  DiffMoE's expert MLPs over chosen tokens

@@ -56,15 +56,17 @@ def _run(name: str, *args):
     return fn(*args)
 
 
-def mask_ln_modulate_compiled(x: Tensor, m: Optional[Tensor], shift: Tensor, scale: Tensor, *,
-                              eps: float = _EPS, return_r0: bool = False):
+def mask_ln_modulate_compiled(
+    x: Tensor, m: Optional[Tensor], shift: Tensor, scale: Tensor, *, eps: float = _EPS, return_r0: bool = False
+):
     """h = modulate(LN(x * m), shift, scale); with return_r0, (r0 = x * m, h). As ops.mask_ln_modulate."""
     r0, h = _run("mask_ln_modulate", x, m, shift, scale, float(eps))
     return (r0, h) if return_r0 else h
 
 
-def residual_ln_modulate_compiled(z: Tensor, r0: Tensor, attn_out: Tensor, gate: Tensor, shift: Tensor,
-                                  scale: Tensor, *, eps: float = _EPS) -> tuple[Tensor, Tensor]:
+def residual_ln_modulate_compiled(
+    z: Tensor, r0: Tensor, attn_out: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, *, eps: float = _EPS
+) -> tuple[Tensor, Tensor]:
     """(zr = z + gate * attn_out, h = modulate(LN(r0 + gate * attn_out), shift, scale))."""
     return _run("residual_ln_modulate", z, r0, attn_out, gate, shift, scale, float(eps))
 

@@ -54,8 +54,16 @@ def _none(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("switch_dit::composed_mixed_linear", mutates_args=())
-def _forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-                add_one: bool, apply: bool, strategy: str) -> tuple[Tensor, Tensor]:
+def _forward_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    add_one: bool,
+    apply: bool,
+    strategy: str,
+) -> tuple[Tensor, Tensor]:
     _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.no_autocast(x.device.type):
         y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one)
@@ -69,10 +77,21 @@ def _(x, weight, bias, idx, coef, add_one, apply, strategy):
 
 
 @torch.library.custom_op("switch_dit::composed_mixed_linear_backward", mutates_args=())
-def _backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, m: Optional[Tensor],
-                 weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, need_dx: bool,
-                 need_dw: bool, need_db: bool, need_dc: bool, strategy: str
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_op(
+    grad_y: Optional[Tensor],
+    grad_r: Optional[Tensor],
+    x: Tensor,
+    m: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_dc: bool,
+    strategy: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with dispatch.no_autocast(x.device.type):
         # r0 = x * m: its gradient reaches m as grad_r * x and x as grad_r * m.
         dA = grad_y.to(x.dtype) if grad_y is not None else None
@@ -80,8 +99,9 @@ def _backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, 
             dA = grad_r * x if dA is None else dA + grad_r * x
         if dA is None:
             dA = x.new_zeros(x.shape[0], x.shape[1], weight.shape[2])
-        dx, dw, db, dc = _impl(strategy).backward(dA, x, weight, bias, idx, coef, need_dx, need_dw,
-                                                  need_db and bias is not None, need_dc)
+        dx, dw, db, dc = _impl(strategy).backward(
+            dA, x, weight, bias, idx, coef, need_dx, need_dw, need_db and bias is not None, need_dc
+        )
         if need_dx and grad_r is not None:
             dx = dx + (grad_r * m).to(x.dtype)
     return tuple(t if t is not None else _none(x) for t in (dx, dw, db, dc))
@@ -89,10 +109,12 @@ def _backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, 
 
 @_backward_op.register_fake
 def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, need_dc, strategy):
-    return (x.new_empty(x.shape) if need_dx else _none(x),
-            weight.new_empty(weight.shape) if need_dw else _none(x),
-            bias.new_empty(bias.shape) if need_db and bias is not None else _none(x),
-            coef.new_empty(coef.shape) if need_dc else _none(x))
+    return (
+        x.new_empty(x.shape) if need_dx else _none(x),
+        weight.new_empty(weight.shape) if need_dw else _none(x),
+        bias.new_empty(bias.shape) if need_db and bias is not None else _none(x),
+        coef.new_empty(coef.shape) if need_dc else _none(x),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -105,10 +127,10 @@ def _backward(ctx, grad_y, grad_r):
     x, weight, bias, idx, coef, m = ctx.saved_tensors
     nx, nw, nb, _, nc = ctx.needs_input_grad[:5]
     nb = nb and bias is not None
-    dx, dw, db, dc = _backward_op(grad_y, grad_r if ctx.returns_r0 else None, x, m, weight, bias, idx, coef,
-                                  nx, nw, nb, nc, ctx.strategy)
-    return (dx if nx else None, dw if nw else None, db if nb else None, None, dc if nc else None,
-            None, None, None)
+    dx, dw, db, dc = _backward_op(
+        grad_y, grad_r if ctx.returns_r0 else None, x, m, weight, bias, idx, coef, nx, nw, nb, nc, ctx.strategy
+    )
+    return (dx if nx else None, dw if nw else None, db if nb else None, None, dc if nc else None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup)
@@ -124,8 +146,16 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return x, weight, bias
 
 
-def composed_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
-                          strategy: str = "bmm", add_one: bool = False) -> Tensor:
+def composed_mixed_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    *,
+    strategy: str = "bmm",
+    add_one: bool = False,
+) -> Tensor:
     """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj] (+ 1 with add_one).
 
     x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
@@ -138,8 +168,9 @@ def composed_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx
     return _forward_op(x, weight, bias, idx, coef, bool(add_one), False, strategy)[0]
 
 
-def composed_expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
-                                   coef: Tensor, *, strategy: str = "bmm") -> tuple[Tensor, Tensor]:
+def composed_expert_mask_and_apply(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *, strategy: str = "bmm"
+) -> tuple[Tensor, Tensor]:
     """(m = 1 + mixed_linear(x, ...), r0 = x * m), both (B, L, D); arguments as composed_mixed_linear."""
     _impl(strategy)
     x, weight, bias = _autocast(x, weight, bias)

@@ -99,8 +99,7 @@ _REGISTRY: dict[str, dict[str, Strategy]] = {}
 _KNOWN_NAMES: set[str] = set()  # every registered strategy name, of any op
 
 
-def register(op: str, name: str, impl: Callable, *, supports: Optional[Callable] = None,
-             tunable: bool = True) -> None:
+def register(op: str, name: str, impl: Callable, *, supports: Optional[Callable] = None, tunable: bool = True) -> None:
     """Add strategy ``name`` of ``op`` (see the module doc); registering a name again replaces it."""
     if name in (AUTO, *ALIASES) or not name or not isinstance(name, str):
         raise ValueError(f"strategy name {name!r} is reserved or empty (reserved: {AUTO!r}, {sorted(ALIASES)})")
@@ -171,8 +170,10 @@ def resolve(op: str, backend: Optional[str], *args, **kw) -> tuple[Strategy, str
     table = _strategies_of(op)
     name = AUTO if backend is None else ALIASES.get(backend, backend)
     if name != AUTO and name not in table:
-        raise ValueError(f"backend {backend!r} is not a strategy of {op}: expected None, 'auto' or one of "
-                         f"{strategies(op)} ('triton' is an alias of 'fused')")
+        raise ValueError(
+            f"backend {backend!r} is not a strategy of {op}: expected None, 'auto' or one of "
+            f"{strategies(op)} ('triton' is an alias of 'fused')"
+        )
     tensors = _tensors(args, kw)
     if any(t.numel() == 0 for t in tensors):
         return table[REFERENCE], "empty input: nothing to compute"
@@ -227,8 +228,12 @@ def kernels(name: str) -> Optional[ModuleType]:
             _KERNELS[name] = None
             if not _warned_no_triton:
                 _warned_no_triton = True
-                warnings.warn("Triton is not installed: the 'fused' strategies are unavailable and backend='auto' "
-                              "uses the others (pip install triton to get them)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "Triton is not installed: the 'fused' strategies are unavailable and backend='auto' "
+                    "uses the others (pip install triton to get them)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _KERNELS[name]
 
 
@@ -240,8 +245,10 @@ def kernels_unavailable(name: str, dtypes: tuple, x: Tensor) -> Optional[str]:
     if x.dtype not in dtypes:
         return f"supports x of dtype {', '.join(str(d).replace('torch.', '') for d in dtypes)}, not {x.dtype}"
     if not x.is_cuda and not module.INTERPRET:
-        return (f"needs CUDA tensors (x is on {x.device}), or TRITON_INTERPRET=1 set before Triton is imported "
-                "to run the kernels on the CPU")
+        return (
+            f"needs CUDA tensors (x is on {x.device}), or TRITON_INTERPRET=1 set before Triton is imported "
+            "to run the kernels on the CPU"
+        )
     return None
 
 

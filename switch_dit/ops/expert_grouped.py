@@ -63,16 +63,19 @@ def native_grouped_mm(dtype: torch.dtype, device: torch.device, d_in: int, d_out
         return False, f"torch {torch.__version__} has no torch._grouped_mm"
     size = torch.empty((), dtype=dtype).element_size()
     if (d_in * size) % 16 or (d_out * size) % 16:
-        return False, (f"grouped GEMM needs rows of a multiple of 16 bytes, got D_in = {d_in}, "
-                       f"D_out = {d_out} in {dtype}")
+        return False, (
+            f"grouped GEMM needs rows of a multiple of 16 bytes, got D_in = {d_in}, D_out = {d_out} in {dtype}"
+        )
     if device.type == "cpu":
         if dtype not in (torch.float32, torch.bfloat16):
             return False, f"torch._grouped_mm on CPU takes float32 or bfloat16, got {dtype}"
         return True, "torch._grouped_mm (CPU)"
     if device.type == "cuda":
         if dtype != torch.bfloat16:
-            return False, (f"torch._grouped_mm is sync-free on CUDA only in bfloat16 (ATen's fallback "
-                           f"copies the offsets to the host), got {dtype}")
+            return False, (
+                f"torch._grouped_mm is sync-free on CUDA only in bfloat16 (ATen's fallback "
+                f"copies the offsets to the host), got {dtype}"
+            )
         major = torch.cuda.get_device_capability(device)[0]
         if major not in (9, 10):
             return False, f"torch._grouped_mm's grouped kernel needs sm90 or sm100, this device is sm{major}x"
@@ -132,8 +135,9 @@ class _Groups:
         return torch.bmm(coef.to(pairs.dtype).view(B, 1, self.k), per_sample).view(B, L, N)
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-            add_one: bool = False) -> Tensor:
+def forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, add_one: bool = False
+) -> Tensor:
     """y (B, L, D_out) in x's dtype; arguments as ``switch_dit.ops.mixed_linear`` (validated, cast)."""
     B, L, D = x.shape
     M, _, Do = weight.shape
@@ -149,8 +153,18 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef
     return y
 
 
-def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-             need_dx: bool, need_dw: bool, need_db: bool, need_dc: bool):
+def backward(
+    dA: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_dc: bool,
+):
     """Gradients (dx, dW, db, dcoef) from dA = dL/dy (B, L, D_out); None where not needed.
 
     dx in x's dtype, dW and db in weight's, dcoef in coef's; dA may have any strides."""
@@ -173,8 +187,9 @@ def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx:
     colsum = dA.sum(1) if (need_db or (need_dc and bias is not None)) else None  # (B, D_out)
     if need_dc:
         if bias is not None:
-            dc = dc + torch.bmm(bias.index_select(0, idx.reshape(-1).long()).view(B, k, Do),
-                                colsum.unsqueeze(2)).view(B, k)
+            dc = dc + torch.bmm(bias.index_select(0, idx.reshape(-1).long()).view(B, k, Do), colsum.unsqueeze(2)).view(
+                B, k
+            )
         dc = dc.to(coef.dtype)
     if need_dw:
         coef_s = coef.reshape(-1).index_select(0, groups.order).to(x.dtype)  # coefficient of each sorted pair

@@ -67,8 +67,9 @@ def check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2) -> None:
     if tuple(gating.shape) != tuple(index.shape):
         raise ValueError(f"gating must have the shape of index {tuple(index.shape)}, got {tuple(gating.shape)}")
     if valid is not None and (tuple(valid.shape) != tuple(index.shape) or valid.dtype != torch.bool):
-        raise ValueError(f"valid must be None or bool of shape {tuple(index.shape)}, "
-                         f"got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be None or bool of shape {tuple(index.shape)}, got {valid.dtype} {tuple(valid.shape)}"
+        )
     if index.shape[1] > S:
         raise ValueError(f"index has C = {index.shape[1]} slots per expert but the pool has only S = {S} tokens")
     for name, t in (("index", index), ("gating", gating), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):

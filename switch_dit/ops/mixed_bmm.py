@@ -67,8 +67,9 @@ def _mixed_bias(c: Tensor, bias: Optional[Tensor], d_out: int, add_one: bool) ->
     return b + 1 if add_one else b
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-            add_one: bool = False) -> Tensor:
+def forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, add_one: bool = False
+) -> Tensor:
     """y (B, L, D_out) in x's dtype; arguments as ``switch_dit.ops.mixed_linear`` (validated, cast)."""
     B, L, _ = x.shape
     M, _, Do = weight.shape
@@ -86,7 +87,7 @@ def _p_chunks(x: Tensor, dA: Tensor):
     Do = dA.shape[2]
     step = max(1, min(B, P_BUDGET // max(1, D * Do)))
     for s in range(0, B, step):
-        yield s, torch.bmm(x[s:s + step].transpose(1, 2), dA[s:s + step])
+        yield s, torch.bmm(x[s : s + step].transpose(1, 2), dA[s : s + step])
 
 
 def _row_scaled_wgrad(x: Tensor, dA: Tensor, c: Tensor) -> Tensor:
@@ -98,11 +99,21 @@ def _row_scaled_wgrad(x: Tensor, dA: Tensor, c: Tensor) -> Tensor:
         xs = (x.unsqueeze(2) * c[:, None, :, None]).reshape(B * L, M * D)  # row-scaled copies of x
         return torch.mm(xs.t(), g2).view(M, D, Do)
     rows = c.repeat_interleave(L, dim=0)  # (B*L, M)
-    return torch.stack([torch.mm((x2 * rows[:, e:e + 1]).t(), g2) for e in range(M)])
+    return torch.stack([torch.mm((x2 * rows[:, e : e + 1]).t(), g2) for e in range(M)])
 
 
-def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-             need_dx: bool, need_dw: bool, need_db: bool, need_dc: bool):
+def backward(
+    dA: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_dc: bool,
+):
     """Gradients (dx, dW, db, dcoef) from dA = dL/dy (B, L, D_out); None where not needed.
 
     dx in x's dtype, dW and db in weight's, dcoef in coef's. dA may have any strides (the
@@ -124,7 +135,7 @@ def backward(dA: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], idx:
             p2 = p.reshape(p.shape[0], D * Do)
             dC.append(torch.mm(p2, w2.t()))
             if need_dw:  # the weight gradient from the same P: (M, n) x (n, D_in*D_out)
-                part = torch.mm(c[s:s + p.shape[0]].t(), p2)
+                part = torch.mm(c[s : s + p.shape[0]].t(), p2)
                 part = part.to(torch.promote_types(part.dtype, torch.float32))  # chunks add in >= fp32
                 acc = part if acc is None else acc + part
         dC = torch.cat(dC)

@@ -143,8 +143,11 @@ def _emulated_residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dz
     du = _ln_grad(dh * (1 + scale.to(compute).unsqueeze(1)), n, rstd)
     da = du if dzr is None else du + dzr.to(compute)
     return (
-        du.to(r0.dtype), (g * da).to(attn_out.dtype), (da * attn).sum(1).to(gate.dtype),
-        dh.sum(1).to(shift_dtype), (dh * n).sum(1).to(scale.dtype),
+        du.to(r0.dtype),
+        (g * da).to(attn_out.dtype),
+        (da * attn).sum(1).to(gate.dtype),
+        dh.sum(1).to(shift_dtype),
+        (dh * n).sum(1).to(scale.dtype),
     )
 
 
@@ -226,12 +229,21 @@ def _(x, m, shift, scale, eps, write_r0, strategy):
 
 @torch.library.custom_op("switch_dit::mask_ln_modulate_backward", mutates_args=())
 def _mask_ln_modulate_backward_op(
-    x: Tensor, m: Optional[Tensor], scale: Tensor, mean: Tensor, rstd: Tensor, dh: Tensor,
-    dr0: Optional[Tensor], need_dm: bool, shift_dtype: torch.dtype, strategy: str,
+    x: Tensor,
+    m: Optional[Tensor],
+    scale: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    dh: Tensor,
+    dr0: Optional[Tensor],
+    need_dm: bool,
+    shift_dtype: torch.dtype,
+    strategy: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with dispatch.on_device(x):
         dx, dm, dshift, dscale = _functions(strategy).mask_ln_modulate_bwd(
-            x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype)
+            x, m, scale, mean, rstd, dh, dr0, need_dm, shift_dtype
+        )
     return dx, (dm if dm is not None else _empty(x, x.dtype)), dshift, dscale
 
 
@@ -259,7 +271,8 @@ def _mask_ln_modulate_backward(ctx, dr0, dh, _dmean, _drstd):
     dr0 = dr0 if ctx.write_r0 else None
     need_dm = m is not None and ctx.needs_input_grad[1]
     dx, dm, dshift, dscale = _mask_ln_modulate_backward_op(
-        x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.strategy)
+        x, m, scale, mean, rstd, dh, dr0, need_dm, ctx.shift_dtype, ctx.strategy
+    )
     return dx, (dm if need_dm else None), dshift, dscale, None, None, None
 
 
@@ -280,27 +293,41 @@ def _(z, r0, attn_out, gate, shift, scale, eps, strategy):
     zr_dtype, h_dtype = _residual_ln_modulate_dtypes(z, r0, attn_out, gate, shift, scale)
     c = _compute_dtype(z, r0, attn_out, gate, shift, scale)
     return (
-        z.new_empty((B, L, D), dtype=zr_dtype), z.new_empty((B, L, D), dtype=h_dtype),
-        z.new_empty((B, L), dtype=c), z.new_empty((B, L), dtype=c),
+        z.new_empty((B, L, D), dtype=zr_dtype),
+        z.new_empty((B, L, D), dtype=h_dtype),
+        z.new_empty((B, L), dtype=c),
+        z.new_empty((B, L), dtype=c),
     )
 
 
 @torch.library.custom_op("switch_dit::residual_ln_modulate_backward", mutates_args=())
 def _residual_ln_modulate_backward_op(
-    r0: Tensor, attn_out: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
-    dzr: Optional[Tensor], dh: Tensor, shift_dtype: torch.dtype, strategy: str,
+    r0: Tensor,
+    attn_out: Tensor,
+    gate: Tensor,
+    scale: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    dzr: Optional[Tensor],
+    dh: Tensor,
+    shift_dtype: torch.dtype,
+    strategy: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with dispatch.on_device(r0):
-        return tuple(_functions(strategy).residual_ln_modulate_bwd(
-            r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype))
+        return tuple(
+            _functions(strategy).residual_ln_modulate_bwd(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype)
+        )
 
 
 @_residual_ln_modulate_backward_op.register_fake
 def _(r0, attn_out, gate, scale, mean, rstd, dzr, dh, shift_dtype, strategy):
     B, L, D = r0.shape
     return (
-        r0.new_empty(r0.shape), attn_out.new_empty(attn_out.shape), gate.new_empty((B, D)),
-        r0.new_empty((B, D), dtype=shift_dtype), scale.new_empty((B, D)),
+        r0.new_empty(r0.shape),
+        attn_out.new_empty(attn_out.shape),
+        gate.new_empty((B, D)),
+        r0.new_empty((B, D), dtype=shift_dtype),
+        scale.new_empty((B, D)),
     )
 
 
@@ -417,8 +444,14 @@ def _check_eps(eps) -> float:
 
 
 def mask_ln_modulate(
-    x: Tensor, m: Optional[Tensor], shift: Tensor, scale: Tensor, *,
-    eps: float = _EPS, return_r0: bool = False, backend: Optional[str] = None,
+    x: Tensor,
+    m: Optional[Tensor],
+    shift: Tensor,
+    scale: Tensor,
+    *,
+    eps: float = _EPS,
+    return_r0: bool = False,
+    backend: Optional[str] = None,
 ):
     """h = modulate(LN(x * m), shift, scale); with return_r0, (r0 = x * m, h).
 
@@ -443,8 +476,15 @@ def mask_ln_modulate(
 
 
 def residual_ln_modulate(
-    z: Tensor, r0: Tensor, attn_out: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, *,
-    eps: float = _EPS, backend: Optional[str] = None,
+    z: Tensor,
+    r0: Tensor,
+    attn_out: Tensor,
+    gate: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    *,
+    eps: float = _EPS,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """(zr = z + gate * attn_out, h = modulate(LN(r0 + gate * attn_out), shift, scale)) in one pass.
 
@@ -493,8 +533,11 @@ def _custom_op_strategy(strategy: str):
     def gated_residual_impl(z, y, gate):
         return _gated_residual_op(z, y, gate, strategy)
 
-    return {"mask_ln_modulate": mask_ln_modulate_impl, "residual_ln_modulate": residual_ln_modulate_impl,
-            "gated_residual": gated_residual_impl}
+    return {
+        "mask_ln_modulate": mask_ln_modulate_impl,
+        "residual_ln_modulate": residual_ln_modulate_impl,
+        "gated_residual": gated_residual_impl,
+    }
 
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -507,9 +550,11 @@ def _fused_unavailable(x, *args, **kw):
     return reason
 
 
-for _op, _reference in (("mask_ln_modulate", _reference_mask_ln_modulate),
-                        ("residual_ln_modulate", _reference_residual_ln_modulate),
-                        ("gated_residual", gated_residual_reference)):
+for _op, _reference in (
+    ("mask_ln_modulate", _reference_mask_ln_modulate),
+    ("residual_ln_modulate", _reference_residual_ln_modulate),
+    ("gated_residual", gated_residual_reference),
+):
     dispatch.register(_op, "reference", _reference)
     dispatch.register(_op, "fused", _custom_op_strategy("fused")[_op], supports=_fused_unavailable)
     # A test tool (checks the hand-written backward in float64, on any device), never faster than reference.
@@ -537,8 +582,13 @@ def reference_block(
 
 
 def fused_block(
-    z: Tensor, m: Optional[Tensor], ada: Sequence[Tensor], attn: Branch, mlp: Branch,
-    eps: float = _EPS, backend: Optional[str] = None,
+    z: Tensor,
+    m: Optional[Tensor],
+    ada: Sequence[Tensor],
+    attn: Branch,
+    mlp: Branch,
+    eps: float = _EPS,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """The same block through the fused ops, by identity (b): out = z + a + f, where
     a = gate_msa * attn(h1) and f = gate_mlp * mlp(h2) and the mask only shapes h1, h2."""

@@ -42,8 +42,9 @@ def _kernels():
 # --------------------------------------------------------------------------- reference
 
 
-def mixed_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-                           add_one: bool = False) -> Tensor:
+def mixed_linear_reference(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, add_one: bool = False
+) -> Tensor:
     """The plain twin: one gathered bmm per slot j, exactly the formula; differentiable by autograd."""
     y = None
     for j in range(idx.shape[1]):
@@ -62,8 +63,9 @@ def mixed_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], id
 
 
 @torch.library.custom_op("switch_dit::mixed_linear", mutates_args=())
-def _mixed_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-                     add_one: bool) -> Tensor:
+def _mixed_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, add_one: bool
+) -> Tensor:
     _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
         return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=add_one)
@@ -75,8 +77,9 @@ def _(x, weight, bias, idx, coef, add_one):
 
 
 @torch.library.custom_op("switch_dit::expert_mask_apply", mutates_args=())
-def _expert_mask_apply_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
-                          coef: Tensor) -> tuple[Tensor, Tensor]:
+def _expert_mask_apply_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor
+) -> tuple[Tensor, Tensor]:
     _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
         return _kernels().mixed_linear_forward(x, weight, bias, idx, coef, add_one=True, apply=True)
@@ -89,14 +92,35 @@ def _(x, weight, bias, idx, coef):
 
 
 @torch.library.custom_op("switch_dit::mixed_linear_backward", mutates_args=())
-def _mixed_linear_backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor], x: Tensor, m: Optional[Tensor],
-                              weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor,
-                              need_dx: bool, need_dw: bool, need_db: bool, need_dc: bool
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mixed_linear_backward_op(
+    grad_y: Optional[Tensor],
+    grad_r: Optional[Tensor],
+    x: Tensor,
+    m: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_dc: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with dispatch.on_device(x), dispatch.no_autocast(x.device.type):
         dx, dw, db, dc = _kernels().mixed_linear_backward(
-            grad_y, grad_r, x, m, weight, bias, idx, coef,
-            need_dx=need_dx, need_dw=need_dw, need_db=need_db and bias is not None, need_dc=need_dc)
+            grad_y,
+            grad_r,
+            x,
+            m,
+            weight,
+            bias,
+            idx,
+            coef,
+            need_dx=need_dx,
+            need_dw=need_dw,
+            need_db=need_db and bias is not None,
+            need_dc=need_dc,
+        )
     # custom ops return tensors only: a fresh empty tensor stands for "not computed"
     # (one each: returns may not alias each other).
     return tuple(t if t is not None else x.new_empty((0,)) for t in (dx, dw, db, dc))
@@ -104,10 +128,12 @@ def _mixed_linear_backward_op(grad_y: Optional[Tensor], grad_r: Optional[Tensor]
 
 @_mixed_linear_backward_op.register_fake
 def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, need_dc):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-            weight.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
-            bias.new_empty(bias.shape) if need_db and bias is not None else x.new_empty((0,)),
-            coef.new_empty(coef.shape) if need_dc else x.new_empty((0,)))
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+        weight.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
+        bias.new_empty(bias.shape) if need_db and bias is not None else x.new_empty((0,)),
+        coef.new_empty(coef.shape) if need_dc else x.new_empty((0,)),
+    )
 
 
 def _setup_linear(ctx, inputs, output):
@@ -118,10 +144,17 @@ def _setup_linear(ctx, inputs, output):
 def _backward_linear(ctx, grad):
     x, weight, bias, idx, coef = ctx.saved_tensors
     nx, nw, nb, _, nc, _ = ctx.needs_input_grad
-    dx, dw, db, dc = _mixed_linear_backward_op(grad, None, x, None, weight, bias, idx, coef, nx, nw,
-                                               nb and bias is not None, nc)
-    return (dx if nx else None, dw if nw else None, db if nb and bias is not None else None, None,
-            dc if nc else None, None)
+    dx, dw, db, dc = _mixed_linear_backward_op(
+        grad, None, x, None, weight, bias, idx, coef, nx, nw, nb and bias is not None, nc
+    )
+    return (
+        dx if nx else None,
+        dw if nw else None,
+        db if nb and bias is not None else None,
+        None,
+        dc if nc else None,
+        None,
+    )
 
 
 def _setup_apply(ctx, inputs, output):
@@ -132,10 +165,10 @@ def _setup_apply(ctx, inputs, output):
 def _backward_apply(ctx, grad_m, grad_r):
     x, weight, bias, idx, coef, m = ctx.saved_tensors
     nx, nw, nb, _, nc = ctx.needs_input_grad
-    dx, dw, db, dc = _mixed_linear_backward_op(grad_m, grad_r, x, m, weight, bias, idx, coef, nx, nw,
-                                               nb and bias is not None, nc)
-    return (dx if nx else None, dw if nw else None, db if nb and bias is not None else None, None,
-            dc if nc else None)
+    dx, dw, db, dc = _mixed_linear_backward_op(
+        grad_m, grad_r, x, m, weight, bias, idx, coef, nx, nw, nb and bias is not None, nc
+    )
+    return (dx if nx else None, dw if nw else None, db if nb and bias is not None else None, None, dc if nc else None)
 
 
 _mixed_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
@@ -202,8 +235,9 @@ def _prepare(x, weight, bias, idx, coef, square):
     return x, weight, bias
 
 
-def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
-                 backend: Optional[str] = None) -> Tensor:
+def mixed_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *, backend: Optional[str] = None
+) -> Tensor:
     """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj].
 
     x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
@@ -214,8 +248,15 @@ def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
     return dispatch.call("mixed_linear", backend, x, weight, bias, idx, coef)
 
 
-def expert_mask(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
-                backend: Optional[str] = None) -> Tensor:
+def expert_mask(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    topk_idx: Tensor,
+    topk_w: Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """m = 1 + sum_j topk_w[b, j] (x_b @ weight[topk_idx[b, j]] + bias[topk_idx[b, j]]).
 
     x (B, L, D), weight (M, D, D), bias (M, D) or None, topk_idx (B, k), topk_w (B, k)
@@ -225,8 +266,15 @@ def expert_mask(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Ten
     return dispatch.call("expert_mask", backend, x, weight, bias, topk_idx, topk_w)
 
 
-def expert_mask_and_apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_idx: Tensor, topk_w: Tensor, *,
-                          backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+def expert_mask_and_apply(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    topk_idx: Tensor,
+    topk_w: Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
     """(m, r0 = x * m) in one pass; shapes as expert_mask. The block's fast path consumes both."""
     x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, square=True)
     return dispatch.call("expert_mask_and_apply", backend, x, weight, bias, topk_idx, topk_w)
@@ -254,9 +302,11 @@ def _fused_unavailable(x, *_):
 dispatch.register("mixed_linear", "reference", _reference_checked)
 dispatch.register("expert_mask", "reference", lambda x, w, b, i, c: _reference_checked(x, w, b, i, c, add_one=True))
 dispatch.register("expert_mask_and_apply", "reference", _reference_mask_and_apply)
-dispatch.register("mixed_linear", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, False),
-                  supports=_fused_unavailable)
-dispatch.register("expert_mask", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, True),
-                  supports=_fused_unavailable)
+dispatch.register(
+    "mixed_linear", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, False), supports=_fused_unavailable
+)
+dispatch.register(
+    "expert_mask", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, True), supports=_fused_unavailable
+)
 dispatch.register("expert_mask_and_apply", "fused", _expert_mask_apply_op, supports=_fused_unavailable)
 dispatch.kernels("routed_linear")  # imported now, not while torch.compile traces a first call

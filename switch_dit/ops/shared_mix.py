@@ -37,27 +37,29 @@ def _check(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor) ->
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if weight.dim() < 2 or not weight.dtype.is_floating_point:
-        raise ValueError(f"weight must be a floating (M, ...) tensor of M experts, got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be a floating (M, ...) tensor of M experts, got {weight.dtype} {tuple(weight.shape)}"
+        )
     M = weight.shape[0]
     if bias is not None and (bias.dim() != 2 or bias.shape[0] != M):
         raise ValueError(f"bias must have shape (M={M}, D_out), got {tuple(bias.shape)}")
     if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be a (k,) int64/int32 tensor (one row for the whole batch), got "
-                         f"{idx.dtype} {tuple(idx.shape)}")
+        raise ValueError(
+            f"idx must be a (k,) int64/int32 tensor (one row for the whole batch), got {idx.dtype} {tuple(idx.shape)}"
+        )
     if not 1 <= idx.shape[0] <= M:
         raise ValueError(f"idx has k = {idx.shape[0]} entries: need 1 <= k <= M = {M}")
     if tuple(coef.shape) != tuple(idx.shape) or not coef.dtype.is_floating_point:
-        raise ValueError(f"coef must be a floating tensor of shape {tuple(idx.shape)} like idx, got "
-                         f"{coef.dtype} {tuple(coef.shape)}")
+        raise ValueError(
+            f"coef must be a floating tensor of shape {tuple(idx.shape)} like idx, got {coef.dtype} {tuple(coef.shape)}"
+        )
     for name, t in (("bias", bias), ("idx", idx), ("coef", coef)):
         if t is not None and t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
     _checks.check_expert_index_values(idx, M, "idx")
 
 
-def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor
-                ) -> tuple[Tensor, Optional[Tensor]]:
+def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """(sum_j coef[j] weight[idx[j]], sum_j coef[j] bias[idx[j]] or None), in the weights' dtype.
 
     weight (M, *S) in any layout, bias (M, D_out) or None, idx (k,), coef (k,); repeated indices add.
@@ -78,8 +80,9 @@ def mix_experts(weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tenso
     return w_mix, b_mix
 
 
-def shared_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *,
-                        add_one: bool = False) -> Tensor:
+def shared_mixed_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *, add_one: bool = False
+) -> Tensor:
     """y = x @ (sum_j coef[j] weight[idx[j]]) + sum_j coef[j] bias[idx[j]] (+ 1): one mix, one GEMM.
 
     x (..., D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (k,), coef (k,) ->
