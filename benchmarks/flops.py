@@ -158,7 +158,7 @@ def _passes(mode: str, fwd: tuple[float, float], bwd: tuple[float, float]) -> di
 
 
 def routed_linear_work(B: int, L: int, D: int, M: int, k: int, elem: int, mode: str) -> dict:
-    """m = 1 + sum_j g_j (x W_j + b_j): one dense GEMM forward, two backward (DESIGN.md §2a).
+    """m = 1 + sum_j g_j (x W_j + b_j): one dense GEMM forward, two backward (docs/design.md §2.1).
 
     Bytes: x in and m out (forward); x, dm in and dx out plus the weights and their
     gradients (backward). Top-k indices and weights are negligible.

@@ -128,7 +128,7 @@ def _patched_reference_model(name: str, overrides: dict, device: torch.device):
 
 def randomize_zero_parameters(model: torch.nn.Module, std: float = 0.02) -> None:
     """adaLN-Zero, the experts and the final layer start at zero; timing on zeros is not
-    representative (DESIGN.md §4), so give every all-zero parameter small random values."""
+    representative (docs/design.md §5), so give every all-zero parameter small random values."""
     with torch.no_grad():
         for p in model.parameters():
             if p.numel() and not p.any():

@@ -89,7 +89,7 @@ def make_row(
 ) -> dict:
     """A complete row; the floor and derived rates follow from ``ms``, ``work`` and ``peaks``.
 
-    floor = max(FLOPs / peak FLOP/s of the dtype, bytes / peak bytes/s) (DESIGN.md §4).
+    floor = max(FLOPs / peak FLOP/s of the dtype, bytes / peak bytes/s) (docs/design.md §5).
     """
     work = dict(work or {"flops": 0.0, "bytes": 0.0})
     floor_ms = over = tflops = gbps = None

@@ -51,7 +51,7 @@ def settings_for(mode: str) -> Settings:
     if mode == "smoke":
         return Settings(
             mode="smoke",
-            op_dtype=torch.float32,  # the Triton interpreter's bf16 dot is wrong (DESIGN.md §3)
+            op_dtype=torch.float32,  # the Triton interpreter's bf16 dot is wrong (docs/design.md §4)
             op_shapes=[{"B": 2, "L": 16, "D": 32}],
             op_quick_D=(32,),
             plan_shapes=[{"N": 2, "T": 50, "M": 3, "B": 4, "k": 2, "L": 16}],
@@ -102,7 +102,7 @@ def settings_for(mode: str) -> Settings:
             {"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256},
             {"N": 12, "T": 1000, "M": 3, "B": 32, "k": 2, "L": 256},
         ],
-        repeats=2,  # DESIGN.md §4: time twice, the spread is the noise (quick rows are kept by --resume)
+        repeats=2,  # docs/design.md §5: time twice, the spread is the noise (quick rows are kept by --resume)
         step_iters=20 if mode == "full" else 10,
     )
 

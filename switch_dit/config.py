@@ -51,6 +51,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("auto", "none", "default", "max-autotune")
 OBJECTIVES = ("diffusion", "flow")
+# Model-wide strategy names (switch_dit.ops.dispatch.backend_for gives each op the name where it has
+# that strategy, else auto); listed here because this module does not import torch.
+BACKENDS = ("auto", "reference", "fused", "triton", "bmm", "grouped", "compiled")
 
 
 @dataclass
@@ -285,7 +288,7 @@ def _validate(c: TrainConfig) -> None:
     need(c.noise_schedule in ("cosine", "linear"), "noise_schedule", "'cosine' or 'linear'")
     need(c.precision in PRECISIONS, "precision", " or ".join(repr(p) for p in PRECISIONS))
     need(c.parallel in PARALLEL, "parallel", " or ".join(repr(p) for p in PARALLEL))
-    need(c.backend in ("auto", "reference", "triton"), "backend", "'auto', 'reference' or 'triton'")
+    need(c.backend in BACKENDS, "backend", " or ".join(repr(b) for b in BACKENDS))
     need(c.objective in OBJECTIVES, "objective", "'diffusion' or 'flow'")
     if c.objective == "flow":
         need(c.sample_method in ("euler", "heun"), "sample_method", "'euler' or 'heun' for objective 'flow'")
@@ -519,7 +522,10 @@ _FLAGS = {
         "Remix-DiT: start from this trained DiT (run folder or checkpoint, ours or the "
         "reference code's; its EMA weights), each mixed layer repeated K times",
     ),
-    "backend": (dict(choices=("auto", "reference", "triton")), "kernels: auto = Triton on CUDA"),
+    "backend": (
+        dict(choices=BACKENDS),
+        "strategy of the fused ops (docs/design.md §3): auto chooses per op; a name an op lacks leaves it on auto",
+    ),
     "compile": (
         dict(choices=COMPILE_MODES),
         "torch.compile mode of the model in training; auto = default on CUDA, none on the CPU",

@@ -149,3 +149,15 @@ def test_the_shipped_paper_config_is_the_recipe():
     cfg = resolve(load_config_file(path))
     recipe = TrainConfig(data=cfg.data, out=cfg.out)
     assert cfg == recipe
+
+
+def test_backend_names_are_the_dispatchs_model_wide_strategies():
+    """config.BACKENDS (kept torch-free for the CLI) lists every strategy name the ops register,
+    except "emulated" (a test tool that auto never takes), so --backend cannot drift from the ops."""
+    import switch_dit.ops  # noqa: F401  registers every op's strategies
+    from switch_dit.config import BACKENDS
+    from switch_dit.ops import dispatch
+
+    assert set(BACKENDS) == dispatch._all_names() - {"emulated"}
+    for name in BACKENDS:
+        dispatch.check_backend(name)  # every listed name is accepted by the models

@@ -16,20 +16,25 @@ D = 1152, M = 3, k = 2, forward + backward), in microseconds,
       H200                   124    189       261         415
 
 and an expert reading of the compiled kernels (TTGIR and cubin reports, sm_90, XL, bf16),
-which sees what the model cannot: the fused weight gradient drains its
-pipeline after every sample (4 MMA steps of L = 256 rows), 140-230 us alone, and forward/dx
-do not overlap the mixing with the MMA, 50-70 us each; fused fwd+bwd is then 240-370 us. So:
+which sees what the model cannot. That reading found the fused weight gradient draining its
+pipeline after every sample (140-230 us alone); the kernel has since been rewritten as one
+pipelined loop over the chunk's rows (kernels/routed_linear.py), which the model puts at 1.09x a
+dense linear for fused fwd+bwd. But forward and dx still wait for each wgmma before mixing the
+next tile (the static check's one listed exception), 50-70 us each by the reading, and the
+rewrite has never been timed. So, until a GPU measures them:
   - bf16/fp16: "bmm" first (cuBLAS, whose model numbers are close to what it reaches; one dense
     linear's FLOPs forward, two backward), then "grouped" (k GEMMs each way), then "fused",
     then the reference. The model's order among the cuBLAS strategies is kept.
-  - fp32 with TF32 off: every fused fp32 ("ieee") config spills registers (the kernels' static
-    check), so "bmm" (cuBLAS SGEMM, the fp32 default of switch_dit.ops.composed_linear), then
-    the reference (cuBLAS bmm too); "grouped" has no sync-free grouped GEMM in fp32 on CUDA and
-    runs its per-pair fallback, so it comes after them; "fused" last.
-  - norm/residual ops: the model puts "compiled" 8-15 % ahead of "fused" (H100 bf16: 64 vs 74,
-    76 vs 91, 46 vs 51 us), within its error. This table decides under CUDA-graph capture and
-    torch.compile tracing, where a first compile of the "compiled" strategy cannot run, so
-    "fused" (one pass, the fewest bytes of the kernels) leads.
+  - fp32 with TF32 off: tensor cores cannot give true fp32, so the fused "ieee" configs (which
+    no longer spill) run FMA loops; "bmm" (cuBLAS SGEMM, the fp32 default of
+    switch_dit.ops.composed_linear) first, then the reference (cuBLAS bmm too); "grouped" has no
+    sync-free grouped GEMM in fp32 on CUDA and runs its per-pair fallback; "fused" last.
+  - norm/residual ops: the model puts "compiled" within 1-3 % of "fused" (H100 bf16: 63.7 vs
+    65.2, 75.7 vs 77.8, 46.1 vs 46.8 us), within its error. This table decides under CUDA-graph
+    capture and torch.compile tracing, where a first compile of the "compiled" strategy cannot
+    run, so "fused" (one pass, the fewest bytes of the kernels) leads.
+The table decides only where auto may not time and has no measured choice cached: the trainer
+runs one eager step before compiling (train.warm_up), whose timing the compiled step then uses.
 When a GPU run measures them, replace the orders with the measured winners and set ``STATUS``
 per device to "measured on <device>, <date>".
 """
@@ -45,7 +50,7 @@ _NORM = ("mask_ln_modulate", "residual_ln_modulate", "gated_residual")
 _HALF = (torch.float16, torch.bfloat16)
 
 _ROUTED_HALF = ("bmm", "grouped", "fused", "reference")  # fused after the compositions: expert reading
-_ROUTED_FP32 = ("bmm", "reference", "grouped", "fused")  # fused fp32 spills; grouped fp32 falls back per pair
+_ROUTED_FP32 = ("bmm", "reference", "grouped", "fused")  # fused fp32 is FMA; grouped fp32 falls back per pair
 _NORM_ANY = ("fused", "compiled", "reference")  # "compiled" cannot compile under capture
 
 # device pattern -> {(op, dtype): order of preference}
