@@ -92,7 +92,8 @@ def test_reference_backend_float64_equals_unpatched(routing):
 def test_triton_float32_matches_unpatched(routing):
     """backend "triton" (interpreter on CPU), float32, prior "matched" against the stand-in
     with a deterministic prior: the patched model's float32 error against the float64
-    stand-in is at most twice the float32 stand-in's, or under the float32 target (docs/design.md §4, tests/tolerances.py)."""
+    stand-in is at most twice the float32 stand-in's, or under the float32 target
+    (docs/design.md §4, tests/tolerances.py)."""
     # Seeded like the inputs: label dropout and g draw from the global generator, which made the
     # result depend on the tests run before. The gate-weight gradients' errors are float32 ulp noise
     # after the softmax backward's cancellation (tests/tolerances.py).
