@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ._checks import check_labels, check_timesteps
 from .flow import check_flow_time
-from .layers import DiTBlock, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .layers import DiTBlock, FinalLayer, Mlp
+from .models import DiT, add_embedders, guided_forward, init_embedders_and_outputs
 from .ops.dispatch import check_backend
 from .ops.expert_mlp import STRATEGIES, expert_mlp
 
@@ -268,11 +269,7 @@ class DiffMoE(nn.Module):
         self.capacity_schedule = tuple(capacity_schedule) if capacity_schedule is not None else None
         self.training_iters = -1  # the step of the capacity schedule: the trainer sets it before each step
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
+        add_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob)
         self.moe_blocks = [i for i in range(depth) if (i % 2 == 1 or not interleave)]
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, backend) for _ in range(depth)])
         for i in self.moe_blocks:
@@ -306,33 +303,17 @@ class DiffMoE(nn.Module):
         return self
 
     def initialize_weights(self) -> None:
+        """DiT's initialisation (xavier on the linears, experts included; see ``models``)."""
+
         def _basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size)
-        self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_embedders_and_outputs(self)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        c, p, h = self.out_channels, self.patch_size, self.x_embedder.grid_size
-        x = x.reshape(x.shape[0], h, h, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, h * p)
+    unpatchify = DiT.unpatchify  # (B, L, p*p*C) -> (B, C, H, W), DiT's layout
 
     def _check_inputs(self, x, t, y) -> None:
         want = (self.in_channels, self.input_size, self.input_size)
@@ -375,9 +356,4 @@ class DiffMoE(nn.Module):
         """DiT-style guidance on a doubled batch (Gaussian diffusion sampling): guides the first
         in_channels. The pool then holds both halves, which changes the eval token choice
         relative to two separate passes (``switch_dit.flow.sample`` runs two passes)."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return guided_forward(self, x, t, y, cfg_scale, self.in_channels)

@@ -125,12 +125,7 @@ class DiT(nn.Module):
         self.num_experts = num_experts if routing == "switch" else 0
         self.top_k = top_k if routing == "switch" else 0
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos embedding, saved in the state dict as the reference does.
-        self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
+        add_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob)
 
         if routing == "switch":
             self.routers = nn.ModuleList(
@@ -179,25 +174,11 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size)
-        self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        init_embedders_and_outputs(self)
         if self.routing == "switch":
             for router in self.routers:
                 nn.init.zeros_(router.experts.w)
                 nn.init.zeros_(router.experts.b)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, p*p*C) -> (B, C, H, W)."""
@@ -224,12 +205,6 @@ class DiT(nn.Module):
             check_timesteps(t, self.num_timesteps, batch=x.shape[0])
         check_labels(y, self.y_embedder.embedding_table.num_embeddings, batch=x.shape[0])
 
-    def _shared_timestep(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        """A Python int timestep -> a 0-d int64 tensor on x's device (a fill, not a host copy)."""
-        if isinstance(t, bool) or not 0 <= t < self.num_timesteps:
-            raise ValueError(f"t (timesteps) must be in [0, {self.num_timesteps}), got {t!r}")
-        return torch.full((), t, dtype=torch.int64, device=x.device)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), y (B,) labels; t (B,) timesteps, or one timestep for the whole batch
         (a Python int or a 0-d tensor, as in sampling): then the timestep is embedded once, and a
@@ -237,7 +212,7 @@ class DiT(nn.Module):
         Under torch.compile or CUDA-graph capture pass a 0-d tensor: an int is a constant of the
         graph (one recompilation per timestep)."""
         if isinstance(t, int):
-            t = self._shared_timestep(t, x)
+            t = shared_timestep(t, self.num_timesteps, x)
         self._check_inputs(x, t, y)
         shared = t.dim() == 0
         t_emb = self.t_embedder(t.reshape(1) if shared else t)  # (B, D), or (1, D) when shared
@@ -271,12 +246,7 @@ class DiT(nn.Module):
         Guidance is applied to the epsilon channels (the first ``in_channels``); the
         guided half is duplicated into both halves, as DiT does.
         """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return guided_forward(self, x, t, y, cfg_scale, self.in_channels)
 
     def gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
         """Gate probabilities of every block: (B, D) timestep embeddings -> (B, N, M), at least float32.
@@ -307,6 +277,76 @@ class DiT(nn.Module):
             # No host sync: the Hungarian matching is solved off the critical path.
             return prior_lib.prior_loss_matched(self.gate_table(), self.w_prior, t, self.top_k, self._matcher)
         return prior_lib.prior_loss(self.gate_table(), self.w_prior, t, self.top_k, generator=generator)
+
+
+#################################################################################
+#          What every family shares: DiT, DTR, Switch-DiT, Remix-DiT, DiffMoE     #
+#################################################################################
+
+
+def add_embedders(
+    model: nn.Module,
+    input_size: int,
+    patch_size: int,
+    in_channels: int,
+    hidden_size: int,
+    num_classes: int,
+    class_dropout_prob: float,
+) -> None:
+    """Give ``model`` DiT's embedders, under DiT's names (state-dict keys): ``x_embedder``,
+    ``t_embedder``, ``y_embedder`` (no label dropout with one class) and the ``pos_embed``
+    buffer (1, L, D), filled by ``init_embedders_and_outputs``."""
+    model.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+    model.t_embedder = TimestepEmbedder(hidden_size)
+    class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
+    model.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+    # Fixed sin-cos embedding, saved in the state dict as the reference does.
+    model.register_buffer("pos_embed", torch.zeros(1, model.x_embedder.num_patches, hidden_size))
+
+
+def init_embedders_and_outputs(model: nn.Module) -> None:
+    """DiT's initialisation after xavier on the linears: the sin-cos ``pos_embed``, the patch
+    embedding as a linear, N(0, 0.02) label and timestep embeddings, and zero adaLN and final
+    linears (every block starts as the identity, adaLN-Zero). Draws in DiT's order."""
+    pos = get_2d_sincos_pos_embed(model.hidden_size, model.x_embedder.grid_size)
+    model.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def shared_timestep(t: int, num_timesteps: int, x: torch.Tensor) -> torch.Tensor:
+    """A Python int timestep -> a 0-d int64 tensor on x's device (a fill, not a host copy)."""
+    if isinstance(t, bool) or not 0 <= t < num_timesteps:
+        raise ValueError(f"t (timesteps) must be in [0, {num_timesteps}), got {t!r}")
+    return torch.full((), t, dtype=torch.int64, device=x.device)
+
+
+def guided_forward(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, channels: int
+) -> torch.Tensor:
+    """Classifier-free guidance of ``model`` on a batch whose second half carries the null label.
+
+    x (B, C, H, W) -> (B, C_out, H, W): the first ``channels`` output channels are guided,
+    uncond + cfg_scale * (cond - uncond), and the guided half is duplicated into both halves,
+    as DiT does; the other channels are the model's own.
+    """
+    half = x[: len(x) // 2]
+    out = model.forward(torch.cat([half, half], dim=0), t, y)
+    eps, rest = out[:, :channels], out[:, channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
 #################################################################################

@@ -49,13 +49,9 @@ from .dropin import _Patched
 from .layers import (
     LN_EPS,
     FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
     adaln_zero_block,
-    get_2d_sincos_pos_embed,
 )
-from .models import SIZES, DiT
+from .models import SIZES, DiT, add_embedders, guided_forward, init_embedders_and_outputs, shared_timestep
 from .ops import mixed_linear
 from .ops.dispatch import backend_for, check_backend, no_autocast, runs_reference
 
@@ -293,11 +289,7 @@ class RemixDiT(nn.Module):
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes = num_classes
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        class_dropout_prob = 0.0 if num_classes == 1 else class_dropout_prob
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))
+        add_embedders(self, input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob)
         self.blocks = nn.ModuleList(
             [MixedDiTBlock(hidden_size, num_heads, mlp_ratio, num_basis, backend) for _ in range(depth)]
         )
@@ -327,21 +319,7 @@ class RemixDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size)
-        self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_embedders_and_outputs(self)
         with torch.no_grad():
             logits = torch.randn_like(self.coefficients.weight)
             self.coefficients.weight.copy_(logits + self.prior * logits.std() * PRIOR_STRENGTH)
@@ -389,7 +367,7 @@ class RemixDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor) -> torch.Tensor:
         if isinstance(t, int):  # one timestep for the batch (docs/design.md §2.3)
-            t = _shared_timestep(t, self.num_timesteps, x)
+            t = shared_timestep(t, self.num_timesteps, x)
         self._check_inputs(x, t, y)
         coef = self.mixing_coefficients(t)  # (K,) or (B, K)
         if t.dim() == 0:  # one timestep for the batch: embed it once
@@ -415,19 +393,7 @@ class RemixDiT(nn.Module):
         n = min(self.cfg_channels, self.out_channels) if channels is None else channels
         if not 1 <= n <= self.out_channels:
             raise ValueError(f"channels must be in [1, {self.out_channels}], got {n}")
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, :n], out[:, n:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
-
-def _shared_timestep(t: int, num_timesteps: int, x: torch.Tensor) -> torch.Tensor:
-    """A Python int timestep -> a 0-d int64 tensor on x's device (a fill, not a host copy)."""
-    if isinstance(t, bool) or not 0 <= t < num_timesteps:
-        raise ValueError(f"t (timesteps) must be in [0, {num_timesteps}), got {t!r}")
-    return torch.full((), t, dtype=torch.int64, device=x.device)
+        return guided_forward(self, x, t, y, cfg_scale, n)
 
 
 #################################################################################
@@ -600,7 +566,7 @@ class _AcceleratedPublishedRemix(_Patched):
     def forward(self, x, t, y):
         per = self.n_timesteps_per_expert
         if isinstance(t, int):
-            t = _shared_timestep(t, per * self.coefficients.num_embeddings, x)
+            t = shared_timestep(t, per * self.coefficients.num_embeddings, x)
         check_index(
             t.reshape(-1),
             per * self.coefficients.num_embeddings,
