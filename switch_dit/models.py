@@ -396,41 +396,28 @@ def create(
         )
     fam_size, patch = name.split("/")
     family, size = fam_size.rsplit("-", 1)
-    if family == "DiffMoE":
-        from . import diffmoe  # late: the MoE model is a separate class
-
-        hidden, depth, heads = diffmoe.SIZES[size]
-        cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
-        cfg.update(kwargs)
-        return diffmoe.DiffMoE(
-            input_size=input_size,
-            patch_size=int(patch),
-            in_channels=in_channels,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
-            class_dropout_prob=class_dropout_prob,
-            num_experts=16 if num_experts is None else num_experts,
-            num_timesteps=num_timesteps,
-            backend=backend,
-            **cfg,
-        )
-    hidden, depth, heads = SIZES[size]
-    cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
-    cfg.update(kwargs)
-    return DiT(
+    common = dict(
         input_size=input_size,
         patch_size=int(patch),
         in_channels=in_channels,
         num_classes=num_classes,
         learn_sigma=learn_sigma,
         class_dropout_prob=class_dropout_prob,
-        routing=FAMILIES[family],
-        num_experts=3 if num_experts is None else num_experts,
-        top_k=top_k,
         num_timesteps=num_timesteps,
         backend=backend,
-        **cfg,
     )
+    if family == "DiffMoE":
+        from . import diffmoe  # late: the MoE model is a separate class
+
+        hidden, depth, heads = diffmoe.SIZES[size]
+        cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
+        cfg.update(kwargs)
+        return diffmoe.DiffMoE(num_experts=16 if num_experts is None else num_experts, **common, **cfg)
+    hidden, depth, heads = SIZES[size]
+    cfg = dict(hidden_size=hidden, depth=depth, num_heads=heads)
+    cfg.update(kwargs)
+    num_experts = 3 if num_experts is None else num_experts
+    return DiT(routing=FAMILIES[family], num_experts=num_experts, top_k=top_k, **common, **cfg)
 
 
 def count_params(model: DiT) -> dict[str, int]:
