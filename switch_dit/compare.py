@@ -177,17 +177,10 @@ def forward_gflops(model, batch: int = 1) -> float:
     counts them: the papers' GFLOPs convention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next(model.parameters()).device
-    x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.full((batch,), model.num_timesteps // 2, device=device)
-    y = torch.zeros(batch, dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x, t, y)
-    finally:
-        model.train(was_training)
+    from .train import forward_zeros
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        forward_zeros(model, batch)
     return counter.get_total_flops() / 2e9
 
 

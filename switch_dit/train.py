@@ -202,12 +202,9 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
     return None if setting == "none" else setting
 
 
-@torch.no_grad()
-def warm_up(model: torch.nn.Module, batch: int) -> None:
-    """One eager forward of a ``batch`` of zeros in eval mode (no label dropout: no random draw),
-    before compiling. It imports the kernel modules and lets ``backend="auto"`` time its
-    strategies for the training shapes outside the trace; a first call inside the trace would
-    break the graph at every op (dynamo does not trace imports) and time under tracing."""
+def forward_zeros(model: torch.nn.Module, batch: int) -> torch.Tensor:
+    """One forward in eval mode (no label dropout: no random draw) of ``batch`` zero latents
+    (B, C, H, W) at the middle timestep, label 0, on the model's device; the mode is restored."""
     device = next(model.parameters()).device
     x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
     t = torch.full((batch,), model.num_timesteps // 2, device=device)
@@ -215,9 +212,18 @@ def warm_up(model: torch.nn.Module, batch: int) -> None:
     was_training = model.training
     model.eval()
     try:
-        model(x, t, y)
+        return model(x, t, y)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def warm_up(model: torch.nn.Module, batch: int) -> None:
+    """One eager ``forward_zeros`` before compiling. It imports the kernel modules and lets
+    ``backend="auto"`` time its strategies for the training shapes outside the trace; a first
+    call inside the trace would break the graph at every op (dynamo does not trace imports)
+    and time under tracing."""
+    forward_zeros(model, batch)
 
 
 def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
