@@ -56,3 +56,24 @@ def check_timesteps(t: torch.Tensor, num_timesteps: int, batch: int | None = Non
 
 def check_labels(y: torch.Tensor, num_rows: int, batch: int | None = None) -> None:
     check_index(y, num_rows, "y (class labels)", batch)
+
+
+def check_sample_args(model, y: torch.Tensor, cfg_scale: float, shape) -> tuple[tuple[int, ...], torch.dtype]:
+    """The samplers' common checks (``diffusion.sample``, ``flow.sample``): y (B,) int64/int32
+    labels and a numeric cfg_scale. Returns the noise's shape (B, C, H, W), from the per-sample
+    ``shape`` (C, H, W) or else the model's in_channels and input_size, and the model's dtype
+    (float32 for a model without parameters)."""
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
+        raise ValueError("y must be an int64 tensor of labels with shape (B,)")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
+        raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
+    if shape is None:
+        try:
+            shape = (model.in_channels, model.input_size, model.input_size)
+        except AttributeError:
+            raise ValueError("shape is required when the model has no in_channels/input_size") from None
+    try:
+        dtype = next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        dtype = torch.float32
+    return (y.shape[0], *shape), dtype

@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from ._checks import check_sample_args
+
 try:  # progress bars are a nicety, never a requirement
     from tqdm.auto import tqdm as _tqdm
 except ImportError:  # pragma: no cover - exercised only without tqdm
@@ -650,24 +652,10 @@ def sample(
     model.input_size). noise: optional initial noise (B, C, H, W).
     Put the model in eval mode first: in training mode DiT drops labels.
     """
-    if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
-        raise ValueError("y must be an int64 tensor of labels with shape (B,)")
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-        raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
-    if shape is None:
-        try:
-            shape = (model.in_channels, model.input_size, model.input_size)
-        except AttributeError:
-            raise ValueError("shape is required when the model has no in_channels/input_size") from None
-    shape = (y.shape[0], *shape)
-    device = y.device
-    try:
-        dtype = next(model.parameters()).dtype
-    except (AttributeError, StopIteration):
-        dtype = torch.float32
-    z = diffusion._initial_noise(shape, noise, generator, device, dtype)
+    shape, dtype = check_sample_args(model, y, cfg_scale, shape)  # (B, C, H, W)
+    z = diffusion._initial_noise(shape, noise, generator, y.device, dtype)
 
     if cfg_scale == 1.0:
         model_fn, kwargs = model, {"y": y}

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from ._checks import _should_check_values
+from ._checks import _should_check_values, check_sample_args
 
 __all__ = ["RectifiedFlow", "check_flow_time", "sample"]
 
@@ -142,26 +142,13 @@ def sample(
     Put the model in eval mode first (training mode drops labels and, for DiffMoE, chooses
     tokens by the training rule).
     """
-    if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype not in (torch.int64, torch.int32):
-        raise ValueError("y must be an int64 tensor of labels with shape (B,)")
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-        raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
     if shape is None and noise is not None:
         shape = tuple(noise.shape[1:])
-    if shape is None:
-        try:
-            shape = (model.in_channels, model.input_size, model.input_size)
-        except AttributeError:
-            raise ValueError("shape is required when the model has no in_channels/input_size") from None
-    shape = (y.shape[0], *shape)
-    try:
-        dtype = next(model.parameters()).dtype
-    except (AttributeError, StopIteration):
-        dtype = torch.float32
+    shape, dtype = check_sample_args(model, y, cfg_scale, shape)  # (B, C, H, W)
     if noise is not None:
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
