@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.reference_code import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, ref_modulate
+from benchmarks.reference_code import FinalLayer, LabelEmbedder, PatchEmbed, RefDiT, TimestepEmbedder, ref_modulate
 
 __all__ = ["MixedLinear", "MixedAttention", "MixedMlp", "MixedDiTBlock", "PublishedRemixDiT"]
 
@@ -118,11 +118,7 @@ class PublishedRemixDiT(nn.Module):
             self.coefficients.weight, self.prior.argmax(1).to(self.coefficients.weight.device), reduction="none"
         )
 
-    def unpatchify(self, x):
-        c, p = self.out_channels, self.x_embedder.patch_size[0]
-        h = int(x.shape[1] ** 0.5)
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, h, p, p, c))
-        return x.reshape(x.shape[0], c, h * p, h * p)
+    unpatchify = RefDiT.unpatchify  # the published DiT's, which Remix-DiT's code repeats
 
     def forward(self, x, t, y):
         coeffs = torch.softmax(self.coefficients(t // self.n_timesteps_per_expert), -1).mean(0)
