@@ -19,46 +19,11 @@ import torch
 
 from switch_dit import checkpoint
 from switch_dit.config import TrainConfig
+from tests.tiny_run import TINY_TRAIN, TINY_TRAIN_ARGS, quiet, records
 
 pytest.importorskip("sklearn")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=16,
-    depth=2,
-    num_heads=2,
-    image_size=8,
-    batch_size=8,
-    device="cpu",
-    sample=False,
-    progress=False,
-    log_every=1,
-)
-TINY_ARGS = [
-    "--hidden-size",
-    "16",
-    "--depth",
-    "2",
-    "--num-heads",
-    "2",
-    "--image-size",
-    "8",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--no-sample",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--threads",
-    "1",
-]
-TIMING = {"steps_per_sec", "images_per_sec", "elapsed_s"}
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 # -- files ---------------------------------------------------------------------------
@@ -107,7 +72,7 @@ def short_run(tmp_path_factory):
     from switch_dit.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(**TINY, steps=4, ckpt_every=2, keep_checkpoints=1, out=str(out)), log=quiet)
+    train(TrainConfig(**TINY_TRAIN, steps=4, ckpt_every=2, keep_checkpoints=1, out=str(out)), log=quiet)
     return out
 
 
@@ -156,12 +121,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "forward_backward", flaky)
     said = []
-    summary = train_mod.train(TrainConfig(**TINY, steps=6, out=str(tmp_path / "a")), log=said.append)
+    summary = train_mod.train(TrainConfig(**TINY_TRAIN, steps=6, out=str(tmp_path / "a")), log=said.append)
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert sum("step skipped" in m for m in said) == 2
-    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert [r["loss"] is None for r in records] == [False, False, True, True, False, False]
-    assert records[-1]["skipped"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in logged] == [False, False, True, True, False, False]
+    assert logged[-1]["skipped"] == 2
     state = checkpoint.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -171,7 +136,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     poisoned.update(range(4, 100))
     with pytest.raises(train_mod.NonFiniteLossError, match="3 steps in a row .* stopped at step 7") as e:
         train_mod.train(
-            TrainConfig(**TINY, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet
+            TrainConfig(**TINY_TRAIN, steps=20, max_bad_steps=3, ckpt_every=4, out=str(tmp_path / "b")), log=quiet
         )
     assert "ckpt-00000007.pt" in str(e.value)
     good = checkpoint.load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000004.pt")
@@ -223,7 +188,7 @@ def test_resume_from_a_copied_run_writes_only_into_the_copy(tmp_path, capsys):
     from switch_dit.train import train
 
     original, copy = tmp_path / "original", tmp_path / "copy"
-    train(TrainConfig(**TINY, steps=4, ckpt_every=2, keep_checkpoints=2, out=str(original)), log=quiet)
+    train(TrainConfig(**TINY_TRAIN, steps=4, ckpt_every=2, keep_checkpoints=2, out=str(original)), log=quiet)
     shutil.copytree(original, copy)
     newest = copy / "checkpoints" / "ckpt-00000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
@@ -240,7 +205,7 @@ def test_resume_from_a_copied_run_writes_only_into_the_copy(tmp_path, capsys):
     assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
     assert checkpoint.load_checkpoint(copy / "checkpoint.pt")["step"] == 4
     # The resumed run repeats steps 3-4 of the original exactly.
-    assert _records(copy) == _records(original)
+    assert records(copy) == records(original)
 
 
 def test_runs_never_write_over_another_runs_checkpoints(short_run, tmp_path):
@@ -250,10 +215,10 @@ def test_runs_never_write_over_another_runs_checkpoints(short_run, tmp_path):
     shutil.copytree(short_run, other)
     before = _files(other)
     with pytest.raises(ValueError, match="holds checkpoints of another run"):
-        train(TrainConfig(**TINY, steps=2, out=str(other)), log=quiet)  # a fresh run
+        train(TrainConfig(**TINY_TRAIN, steps=2, out=str(other)), log=quiet)  # a fresh run
     with pytest.raises(ValueError, match="holds checkpoints of another run"):  # a resume into another run's folder
         train(
-            TrainConfig(**TINY, steps=4, out=str(other)),
+            TrainConfig(**TINY_TRAIN, steps=4, out=str(other)),
             log=quiet,
             resume=str(short_run / "checkpoints" / "ckpt-00000004.pt"),
         )
@@ -288,7 +253,7 @@ def _start(out: Path, steps: int, *extra) -> subprocess.Popen:
         sys.executable,
         "-m",
         "switch_dit.train",
-        *TINY_ARGS,
+        *TINY_TRAIN_ARGS,
         "--steps",
         str(steps),
         "--ckpt-every",
@@ -305,13 +270,6 @@ def _steps_logged(out: Path) -> int:
         return len((out / "log.jsonl").read_text().splitlines())
     except FileNotFoundError:
         return 0
-
-
-def _records(out: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(line).items() if k not in TIMING}
-        for line in (out / "log.jsonl").read_text().splitlines()
-    ]
 
 
 def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
@@ -350,10 +308,10 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
         assert "resumed from" in out
-    want = _records(tmp_path / "ref")
+    want = records(tmp_path / "ref")
     assert [r["step"] for r in want] == list(range(1, steps + 1))
     for name, at in (("killed", kill_at), ("termed", term_at)):
-        got = _records(tmp_path / name)
+        got = records(tmp_path / name)
         assert got == want, f"{name} at step {at}: first difference at step " + str(
             next((a["step"] for a, b in zip(want, got) if a != b), None)
         )
@@ -368,14 +326,14 @@ def test_mixed_precision_and_clipping_resume_exactly(precision, tmp_path):
     resume from step 2 repeats steps 3-4 exactly."""
     from switch_dit.train import train
 
-    cfg = dict(TINY, precision=precision, grad_clip=0.5, steps=4, ckpt_every=2)
+    cfg = dict(TINY_TRAIN, precision=precision, grad_clip=0.5, steps=4, ckpt_every=2)
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
     train(
         TrainConfig(**cfg, out=str(tmp_path / "b")),
         log=quiet,
         resume=str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"),
     )
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert b == a[2:] and all(r["loss"] is not None for r in a)
     state = checkpoint.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     if precision == "fp16":
@@ -389,11 +347,11 @@ def test_fast_path_resume_keeps_the_prior_matching(tmp_path):
     is checkpointed with the run, so a resume from step 2 repeats steps 3-4 exactly."""
     from switch_dit.train import train
 
-    cfg = dict(TINY, backend="triton", steps=4, ckpt_every=2)
+    cfg = dict(TINY_TRAIN, backend="triton", steps=4, ckpt_every=2)
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
     step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
     train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet, resume=str(step2))
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert b == a[2:] and len(a) == 4
     state = checkpoint.load_checkpoint(step2)["prior_matcher"]
     U = 2 * 3  # depth x experts

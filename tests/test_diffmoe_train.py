@@ -3,7 +3,6 @@ and the thresholds' all-reduce over two gloo ranks."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 
@@ -14,28 +13,10 @@ import torch.multiprocessing as mp
 from switch_dit import checkpoint as ck
 from switch_dit import distributed
 from switch_dit.config import TrainConfig
+from tests.tiny_run import TINY_TRAIN, quiet, records
 
-TINY = dict(
-    model="DiffMoE-S/4",
-    objective="flow",
-    hidden_size=16,
-    depth=2,
-    num_heads=2,
-    num_experts=4,
-    image_size=8,
-    batch_size=8,
-    device="cpu",
-    sample=False,
-    progress=False,
-    log_every=1,
-)
-
-
-def _records(run):
-    return [
-        {k: v for k, v in json.loads(line).items() if k not in ("steps_per_sec", "images_per_sec", "elapsed_s")}
-        for line in (run / "log.jsonl").read_text().splitlines()
-    ]
+# The shared tiny run as a DiffMoE flow model.
+TINY = dict(TINY_TRAIN, model="DiffMoE-S/4", objective="flow", num_experts=4)
 
 
 def test_config_objective():
@@ -78,11 +59,10 @@ def test_train_checkpoint_resume_with_thresholds(tmp_path):
     from switch_dit.train import train
 
     cfg = dict(TINY, steps=4, ckpt_every=2)
-    quiet = lambda *a, **k: None  # noqa: E731
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=quiet)
     step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
     train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=quiet, resume=str(step2))
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert len(a) == 4 and b == a[2:]
     assert all(r["prior"] > 0 for r in a)  # the capacity loss is in the step's loss
     s2, s4 = ck.load_checkpoint(step2), ck.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
@@ -190,4 +170,4 @@ def test_dit_trains_with_flow(tmp_path):
         create("Switch-DiT-S/4", hidden_size=16, depth=2, num_heads=2, objective="flow")
     cfg = dict(TINY, model="DiT-S/4", steps=2, sample=True, samples_per_class=1, sample_steps=2)
     summary = train(TrainConfig(**cfg, out=str(tmp_path / "dit")), log=lambda *a, **k: None)
-    assert summary["steps"] == 2 and all(r["loss"] > 0 for r in _records(tmp_path / "dit"))
+    assert summary["steps"] == 2 and all(r["loss"] > 0 for r in records(tmp_path / "dit"))

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from switch_dit import distributed
 from switch_dit.distributed import ShardedBatchSampler
+from tests.tiny_run import TINY_TRAIN, TINY_TRAIN_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, in_channels=2, num_classes=5, hidden_size=16, depth=2, num_heads=2, backend="reference")
@@ -67,26 +68,10 @@ def _grads(net, lambda_dp, x, y, t, noise):
     return grads, float(parts["loss"])
 
 
-def _tiny_config(**kw):
-    from switch_dit.config import TrainConfig
-
-    return TrainConfig(
-        hidden_size=16,
-        depth=2,
-        num_heads=2,
-        image_size=8,
-        batch_size=8,
-        device="cpu",
-        sample=False,
-        progress=False,
-        log_every=1,
-        **kw,
-    )
-
-
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     """Rank ``rank`` of 2: gradients under DDP and FSDP, then for each a 4-step run and a
     resume of its step-2 checkpoint (one process group for all of it: start-up is slow)."""
+    from switch_dit.config import TrainConfig
     from switch_dit.train import train
 
     os.environ.update(
@@ -109,13 +94,21 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             # Under FSDP the path figure gathers the sharded EMA (a collective on every rank).
             figure_every = 2 if parallel == "fsdp" and importlib.util.find_spec("matplotlib") else 0
             train(
-                _tiny_config(
-                    parallel=parallel, steps=4, ckpt_every=2, grad_clip=0.2, out=str(full), figure_every=figure_every
+                TrainConfig(
+                    **TINY_TRAIN,
+                    parallel=parallel,
+                    steps=4,
+                    ckpt_every=2,
+                    grad_clip=0.2,
+                    out=str(full),
+                    figure_every=figure_every,
                 ),
                 log=lambda *a: None,
             )
             train(
-                _tiny_config(parallel=parallel, steps=4, grad_clip=0.2, out=str(tmp / f"{parallel}-again")),
+                TrainConfig(
+                    **TINY_TRAIN, parallel=parallel, steps=4, grad_clip=0.2, out=str(tmp / f"{parallel}-again")
+                ),
                 log=lambda *a: None,
                 resume=str(full / "checkpoints" / "ckpt-00000002.pt"),
             )
@@ -235,28 +228,6 @@ def _torchrun(args, nproc=2, timeout=240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-TINY_RUN = [
-    "--hidden-size",
-    "16",
-    "--depth",
-    "2",
-    "--num-heads",
-    "2",
-    "--image-size",
-    "8",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--no-sample",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--threads",
-    "1",
-]
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
@@ -265,7 +236,7 @@ def test_torchrun_entry_point(tmp_path):
     """`torchrun -m switch_dit.train` (DDP by default); its checkpoint reads in one process."""
     from switch_dit.checkpoint import load_checkpoint, model_from_checkpoint
 
-    r = _torchrun([*TINY_RUN, "--steps", "2", "--out", str(tmp_path)])
+    r = _torchrun([*TINY_TRAIN_ARGS, "--steps", "2", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu (ddp)" in r.stdout
     assert r.stdout.count("run folder") == 1  # rank 0 alone speaks

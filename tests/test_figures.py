@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from switch_dit import figures, models, prior
+from tests.tiny_run import TINY_TRAIN
 
 TINY = dict(input_size=16, in_channels=1, num_classes=10, hidden_size=32, depth=3, num_heads=2)
 
@@ -90,20 +91,7 @@ def test_training_draws_the_emas_paths_every_k_steps(tmp_path):
     from switch_dit.train import train
 
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        hidden_size=16,
-        depth=2,
-        num_heads=2,
-        image_size=8,
-        batch_size=8,
-        steps=4,
-        device="cpu",
-        sample=False,
-        progress=False,
-        log_every=2,
-        figure_every=2,
-        out=str(out),
-    )
+    cfg = TrainConfig(**dict(TINY_TRAIN, log_every=2), steps=4, figure_every=2, out=str(out))
     train(cfg, log=lambda *a: None)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["paths-0000002.png", "paths-0000004.png"]
     with Image.open(out / "figures" / "paths-0000004.png") as img:

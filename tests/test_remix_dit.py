@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from switch_dit import interop, remix_dit
 from switch_dit.models import MODEL_NAMES, create
 from tests.test_models import batch, randomize
+from tests.tiny_run import TINY_TRAIN, records
 from tests.tolerances import fp32_gradient_ok
 
 HAS_CUDA = torch.cuda.is_available()
@@ -622,28 +623,6 @@ def test_accelerate_rejects_what_it_cannot_patch():
 # Training: config, init from a DiT run, the published recipe, exact resume
 # --------------------------------------------------------------------------------------
 
-TRAIN = dict(
-    hidden_size=16,
-    depth=2,
-    num_heads=2,
-    image_size=8,
-    batch_size=8,
-    device="cpu",
-    sample=False,
-    progress=False,
-    log_every=1,
-)
-
-
-def _records(out):
-    import json
-
-    timing = {"steps_per_sec", "images_per_sec", "elapsed_s"}
-    return [
-        {k: v for k, v in json.loads(line).items() if k not in timing}
-        for line in (out / "log.jsonl").read_text().splitlines()
-    ]
-
 
 def test_train_config_family_defaults_and_checks():
     from switch_dit.config import TrainConfig
@@ -687,7 +666,7 @@ def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_p
     from switch_dit.config import TrainConfig
     from switch_dit.train import train
 
-    train(TrainConfig(model="DiT-S/4", steps=2, out=str(tmp_path / "dit"), **TRAIN), log=lambda *a, **k: None)
+    train(TrainConfig(model="DiT-S/4", steps=2, out=str(tmp_path / "dit"), **TINY_TRAIN), log=lambda *a, **k: None)
     dit_ema = ck.load_checkpoint(tmp_path / "dit" / "checkpoint.pt")["ema"]
 
     # the file loader: the run's EMA weights, each mixed layer repeated K times
@@ -706,7 +685,9 @@ def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_p
     assert torch.equal(model.x_embedder.proj.weight, dit_ema["x_embedder.proj.weight"])
 
     lines = []
-    cfg = dict(model="Remix-DiT-S/4", num_experts=8, init_from=str(tmp_path / "dit"), steps=4, ckpt_every=2, **TRAIN)
+    cfg = dict(
+        model="Remix-DiT-S/4", num_experts=8, init_from=str(tmp_path / "dit"), steps=4, ckpt_every=2, **TINY_TRAIN
+    )
     train(TrainConfig(**cfg, out=str(tmp_path / "a")), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert any("initialised Remix-DiT-S/4 from the DiT" in line for line in lines)
     step2 = tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt"
@@ -728,7 +709,7 @@ def test_train_from_a_dit_run_with_the_published_recipe_and_resume_exactly(tmp_p
 
     # resume from step 2: steps 3-4 repeat exactly (interval draws, prior weight schedule, both lr groups)
     train(TrainConfig(**cfg, out=str(tmp_path / "b")), log=lambda *a, **k: None, resume=str(step2))
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert len(a) == 4 and b == a[2:] and all(r["prior"] > 0 for r in a)
 
 
@@ -746,18 +727,18 @@ def test_train_per_sample_mixing_uniform_timesteps(tmp_path):
                 timestep_sampling="uniform",
                 steps=2,
                 out=str(tmp_path / "s"),
-                **TRAIN,
+                **TINY_TRAIN,
             ),
             log=lambda *a, **k: None,
         )
-    assert summary is not None and len(_records(tmp_path / "s")) == 2
+    assert summary is not None and len(records(tmp_path / "s")) == 2
 
 
 def test_init_from_rejects_a_routed_run(tmp_path):
     from switch_dit.config import TrainConfig
     from switch_dit.train import train
 
-    train(TrainConfig(model="DTR-S/4", steps=1, out=str(tmp_path / "dtr"), **TRAIN), log=lambda *a, **k: None)
+    train(TrainConfig(model="DTR-S/4", steps=1, out=str(tmp_path / "dtr"), **TINY_TRAIN), log=lambda *a, **k: None)
     model = create(
         "Remix-DiT-S/4",
         input_size=8,

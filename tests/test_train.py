@@ -14,11 +14,14 @@ from switch_dit.config import TrainConfig
 from switch_dit.distributed import resolve_device
 from switch_dit.evaluate import DigitsClassifier, sample_accuracy
 from switch_dit.train import ema_decay_at, lr_at, update_ema
+from tests.tiny_run import TINY_TRAIN
 
 pytest.importorskip("sklearn")
 
 # A model small enough that a few steps take about a second on one CPU core.
 TINY = ["--model", "Switch-DiT-S/4", "--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--device", "cpu"]
+# The `switch-dit train` run of the tiny_run fixture, less its sampling and output flags.
+TINY_RUN = ["train", *TINY, "--steps", "6", "--batch-size", "16", "--log-every", "2", "--seed", "3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +38,7 @@ def classifier(splits):
 def tiny_run(tmp_path_factory):
     """One tiny end-to-end `switch-dit train`, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    argv = [
-        "train",
-        *TINY,
-        "--steps",
-        "6",
-        "--batch-size",
-        "16",
-        "--log-every",
-        "2",
-        "--sample-steps",
-        "3",
-        "--samples-per-class",
-        "2",
-        "--seed",
-        "3",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
+    argv = [*TINY_RUN, "--sample-steps", "3", "--samples-per-class", "2", "--out", str(out)]
     assert main(argv) == 0
     return out
 
@@ -180,22 +165,7 @@ def test_train_writes_a_well_formed_run(tiny_run):
 
 
 def test_train_is_deterministic_for_a_seed(tiny_run, tmp_path):
-    argv = [
-        "train",
-        *TINY,
-        "--steps",
-        "6",
-        "--batch-size",
-        "16",
-        "--log-every",
-        "2",
-        "--seed",
-        "3",
-        "--no-sample",
-        "--no-progress",
-        "--out",
-        str(tmp_path),
-    ]
+    argv = [*TINY_RUN, "--no-sample", "--out", str(tmp_path)]
     assert main(argv) == 0
     a = load_checkpoint(tiny_run / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -298,18 +268,7 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, one_thread):
         return real(model, mode, backend="eager")
 
     monkeypatch.setattr(train_mod, "compile_model", traced)
-    tiny = dict(
-        hidden_size=16,
-        depth=2,
-        num_heads=2,
-        image_size=8,
-        batch_size=8,
-        device="cpu",
-        sample=False,
-        progress=False,
-        log_every=1,
-        steps=3,
-    )
+    tiny = dict(TINY_TRAIN, steps=3)
     train_mod.train(TrainConfig(**tiny, out=str(tmp_path / "eager"), compile="none"), log=lambda *a, **k: None)
     train_mod.train(TrainConfig(**tiny, out=str(tmp_path / "compiled"), compile="default"), log=lambda *a, **k: None)
     assert compiled == ["default"]
