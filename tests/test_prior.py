@@ -125,8 +125,9 @@ def test_prior_loss_gradcheck_float64():
     )
 
 
-def test_model_prior_loss_uses_the_gate_table():
-    m = create(
+def _tiny_model(**kw):
+    """A float64 Switch-DiT-S/2 small enough for exact checks: depth 3, 30 timesteps, 3 classes."""
+    return create(
         "Switch-DiT-S/2",
         input_size=8,
         in_channels=1,
@@ -135,8 +136,12 @@ def test_model_prior_loss_uses_the_gate_table():
         depth=3,
         num_heads=2,
         num_timesteps=30,
-        prior="exact",
+        **kw,
     ).double()
+
+
+def test_model_prior_loss_uses_the_gate_table():
+    m = _tiny_model(prior="exact")
     t = torch.tensor([0, 10, 29])
     table = m.gate_table()
     assert table.shape == (30, 3, 3)
@@ -152,17 +157,7 @@ def test_model_prior_loss_uses_the_gate_table():
 def test_model_prior_is_matched_by_default_on_every_backend(backend):
     """prior="matched" (the default) does not depend on backend: the one-step-lagged
     assignment, whose first call is the synchronous unshuffled solve."""
-    m = create(
-        "Switch-DiT-S/2",
-        input_size=8,
-        in_channels=1,
-        num_classes=3,
-        hidden_size=12,
-        depth=3,
-        num_heads=2,
-        num_timesteps=30,
-        backend=backend,
-    ).double()
+    m = _tiny_model(backend=backend)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in m.parameters():
