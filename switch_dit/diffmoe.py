@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ._checks import check_labels, check_timesteps
 from .flow import check_flow_time
 from .layers import DiTBlock, FinalLayer, Mlp
-from .models import DiT, add_embedders, guided_forward, init_embedders_and_outputs
+from .models import DiT, add_embedders, guided_forward, init_embedders_and_outputs, init_linear
 from .ops.dispatch import check_backend
 from .ops.expert_mlp import STRATEGIES, expert_mlp
 
@@ -304,13 +304,7 @@ class DiffMoE(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation (xavier on the linears, experts included; see ``models``)."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        self.apply(init_linear)
         init_embedders_and_outputs(self)
 
     unpatchify = DiT.unpatchify  # (B, L, p*p*C) -> (B, C, H, W), DiT's layout

@@ -167,13 +167,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation; experts zero, so that m = 1 and Switch-DiT starts as DiT."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        self.apply(init_linear)
         init_embedders_and_outputs(self)
         if self.routing == "switch":
             for router in self.routers:
@@ -302,6 +296,13 @@ def add_embedders(
     model.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
     # Fixed sin-cos embedding, saved in the state dict as the reference does.
     model.register_buffer("pos_embed", torch.zeros(1, model.x_embedder.num_patches, hidden_size))
+
+
+def init_linear(module: nn.Module) -> None:
+    """DiT's ``_basic_init``, for ``model.apply``: xavier_uniform_ weight and zero bias of an nn.Linear."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def init_embedders_and_outputs(model: nn.Module) -> None:
