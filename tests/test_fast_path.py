@@ -30,6 +30,23 @@ def pair(name, **kw):
     return ref.double().eval(), fast.float().to(DEV).eval()
 
 
+def forward_backward_three_ways(ref, ref32, fast, x, t, y, g):
+    """Forward and backward of the float64 reference ``ref``, its float32 copy ``ref32`` (CPU) and
+    the float32 fast path ``fast`` (on DEV), each on the float64 batch ``x, t, y`` cast to its dtype
+    and device, backward from ``(out * g).sum()`` (``g`` float64, the output's shape): the
+    gradients stay in each model's ``.grad`` for the caller. Asserts every output finite and the
+    fast output's error against float64 at most twice the float32 reference's (plus a small
+    atol) and under 1e-5."""
+    outs = []
+    for model, dtype, dev in ((ref, torch.float64, "cpu"), (ref32, torch.float32, "cpu"), (fast, torch.float32, DEV)):
+        out = model(x.to(dev, dtype), t.to(dev), y.to(dev))
+        assert torch.isfinite(out).all()
+        (out * g.to(dev, dtype)).sum().backward()
+        outs.append(out.detach().cpu())
+    assert rel(outs[2], outs[0]) <= 2 * rel(outs[1], outs[0]) + 1e-6
+    assert rel(outs[2], outs[0]) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["DiT", "DTR", "Switch-DiT"])
 def test_fast_model_matches_reference_forward_and_every_gradient(family):
     """Whole-model errors compound over blocks, so the bar is docs/design.md §4's rule: the fast
@@ -39,14 +56,7 @@ def test_fast_model_matches_reference_forward_and_every_gradient(family):
     ref32 = copy.deepcopy(ref).float()
     x, t, y = batch(ref, B=3, seed=2, dtype=torch.float64)
     g = torch.randn(3, 6, 6, 6, dtype=torch.float64)
-    outs = []
-    for model, dtype, dev in ((ref, torch.float64, "cpu"), (ref32, torch.float32, "cpu"), (fast, torch.float32, DEV)):
-        out = model(x.to(dev, dtype), t.to(dev), y.to(dev))
-        assert torch.isfinite(out).all()
-        (out * g.to(dev, dtype)).sum().backward()
-        outs.append(out.detach().cpu())
-    assert rel(outs[2], outs[0]) <= 2 * rel(outs[1], outs[0]) + 1e-6
-    assert rel(outs[2], outs[0]) < 1e-5
+    forward_backward_three_ways(ref, ref32, fast, x, t, y, g)
     for (name, p64), (_, p32), (_, pf) in zip(
         ref.named_parameters(), ref32.named_parameters(), fast.named_parameters()
     ):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from switch_dit import interop, remix_dit
 from switch_dit.models import MODEL_NAMES, create
+from tests.test_fast_path import forward_backward_three_ways
 from tests.test_models import batch, randomize
 from tests.tiny_run import TINY_TRAIN, records
 from tests.tolerances import fp32_gradient_ok
@@ -361,14 +362,7 @@ def test_fast_path_matches_reference_forward_and_every_gradient(mixing, scalar_t
     x, t, y = batch(ref, B=3, seed=2, dtype=torch.float64)
     t = torch.tensor(21) if scalar_t else torch.tensor([3, 21, 49])
     g = torch.randn(3, 6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    outs = []
-    for model, dtype, dev in ((ref, torch.float64, "cpu"), (ref32, torch.float32, "cpu"), (fast, torch.float32, DEV)):
-        out = model(x.to(dev, dtype), t.to(dev), y.to(dev))
-        assert torch.isfinite(out).all()
-        (out * g.to(dev, dtype)).sum().backward()
-        outs.append(out.detach().cpu())
-    assert rel(outs[2], outs[0]) <= 2 * rel(outs[1], outs[0]) + 1e-6
-    assert rel(outs[2], outs[0]) < 1e-5
+    forward_backward_three_ways(ref, ref32, fast, x, t, y, g)
     params = zip(ref.named_parameters(), ref32.named_parameters(), fast.named_parameters())
     for (name, p64), (_, p32), (_, pf) in params:
         assert p64.grad is not None and pf.grad is not None, name
