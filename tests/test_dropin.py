@@ -27,6 +27,7 @@ import torch.nn as nn
 import switch_dit
 from benchmarks.reference_code import DiTBlock, RefDiT
 from switch_dit.models import create
+from tests.test_models import randomize
 from tests.tolerances import fp32_gradient_ok
 
 HAS_CUDA = torch.cuda.is_available()
@@ -38,12 +39,7 @@ ROUTINGS = ["DMoE", "DTR", "none"]
 
 def build(routing, seed=0, std=0.15, **kw):
     """A stand-in with every parameter (and the frozen pos_embed) random."""
-    model = RefDiT(routing, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+    return randomize(RefDiT(routing, **kw), seed=seed, std=std)
 
 
 def inputs(model, B=3, seed=1, dtype=torch.float32):

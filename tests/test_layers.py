@@ -24,6 +24,7 @@ from switch_dit.layers import (
     is_silu_linear,
     route_top_k,
 )
+from tests.test_models import randomize
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -32,14 +33,6 @@ F64 = torch.float64
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def randomize(module, seed=0, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
 
 
 def rand(*shape, seed=0, dtype=F64, requires_grad=False):

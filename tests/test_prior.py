@@ -7,6 +7,7 @@ import torch
 
 from switch_dit import prior
 from switch_dit.models import create
+from tests.test_models import randomize
 
 
 def test_prior_table_by_hand():
@@ -157,11 +158,7 @@ def test_model_prior_loss_uses_the_gate_table():
 def test_model_prior_is_matched_by_default_on_every_backend(backend):
     """prior="matched" (the default) does not depend on backend: the one-step-lagged
     assignment, whose first call is the synchronous unshuffled solve."""
-    m = _tiny_model(backend=backend)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    m = randomize(_tiny_model(backend=backend), seed=3)
     assert m.prior_mode == "matched"
     t = torch.tensor([0, 10, 29])
     want = prior.prior_loss(m.gate_table(), m.w_prior, t, 2, shuffle=False)

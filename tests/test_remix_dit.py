@@ -527,11 +527,7 @@ def published_standin(seed=0, **kw):
     model = PublishedRemixDiT(
         input_size=6, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5, n_basis=4, n_experts=8, **kw
     )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in list(model.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-    return model
+    return randomize(model, seed=seed, std=0.15)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -14,6 +14,7 @@ from switch_dit import models
 from switch_dit.models import create
 from switch_dit.ops.routed_linear import mixed_linear_reference
 from switch_dit.ops.shared_mix import mix_experts, shared_expert_mask, shared_mixed_linear
+from tests.test_models import randomize
 
 
 def rel(a, b):
@@ -101,12 +102,7 @@ TINY = dict(input_size=8, in_channels=3, num_classes=5, hidden_size=24, depth=2,
 
 def tiny_model(name, seed=0):
     """A float64 model with every parameter random (zero-initialised experts would make m = 1)."""
-    model = create(name, **TINY, backend="reference").double().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    return model
+    return randomize(create(name, **TINY, backend="reference").double().eval(), seed=seed)
 
 
 def inputs(model, B, seed=1):
@@ -218,11 +214,7 @@ def test_sampling_shared_equals_per_sample(method, cfg, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_model_shared_timestep_no_sync_and_graph():
-    model = create("Switch-DiT-S/4", **TINY, backend="auto").cuda().eval()
-    gen = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model = randomize(create("Switch-DiT-S/4", **TINY, backend="auto").cuda().eval(), seed=8)
     x, y = (t.cuda() for t in inputs(model, 4))
     x = x.float()
     t = torch.tensor(37, device="cuda")
