@@ -17,6 +17,7 @@ from switch_dit import interop, remix_dit
 from switch_dit.models import MODEL_NAMES, create
 from tests.test_fast_path import forward_backward_three_ways
 from tests.test_models import batch, randomize
+from tests.test_shared_mix import record_timestep_shapes
 from tests.tiny_run import TINY_TRAIN, records
 from tests.tolerances import fp32_gradient_ok
 
@@ -182,14 +183,7 @@ def test_sampling_passes_one_timestep_and_equals_per_sample(mixing, monkeypatch)
     diff = diffusion_lib.create_diffusion("5", diffusion_steps=50)
     y = torch.tensor([0, 4])
     noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    shapes = []
-    forward = remix_dit.RemixDiT.forward
-
-    def spy(self, x, t, y):
-        shapes.append(tuple(t.shape))
-        return forward(self, x, t, y)
-
-    monkeypatch.setattr(remix_dit.RemixDiT, "forward", spy)
+    shapes = record_timestep_shapes(monkeypatch, remix_dit.RemixDiT)
     shared = diffusion_lib.sample(
         model, diff, y, cfg_scale=3.0, method="ddim", noise=noise, generator=torch.Generator().manual_seed(7)
     )

@@ -188,20 +188,27 @@ def test_samplers_pass_one_timestep_to_models_that_accept_it():
     assert seen == [(2,)] * 4
 
 
+def record_timestep_shapes(monkeypatch, cls):
+    """Patches ``cls.forward`` (for this test) to record the shape of every call's ``t`` in the
+    list it returns: ``()`` for one timestep shared by the batch, ``(B,)`` for one a sample."""
+    shapes = []
+    forward = cls.forward
+
+    def spy(self, x, t, y):
+        shapes.append(tuple(t.shape))
+        return forward(self, x, t, y)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    return shapes
+
+
 @pytest.mark.parametrize("method,cfg", [("ddpm", 1.0), ("ddim", 3.0)])
 def test_sampling_shared_equals_per_sample(method, cfg, monkeypatch):
     model = tiny_model("Switch-DiT-S/4", seed=4)
     diff = diffusion_lib.create_diffusion("5", diffusion_steps=50)
     y = torch.tensor([0, 4])
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    shapes = []
-    forward = models.DiT.forward
-
-    def spy(self, x, t, y):
-        shapes.append(tuple(t.shape))
-        return forward(self, x, t, y)
-
-    monkeypatch.setattr(models.DiT, "forward", spy)
+    shapes = record_timestep_shapes(monkeypatch, models.DiT)
     gen = torch.Generator().manual_seed(7)
     shared = diffusion_lib.sample(model, diff, y, cfg_scale=cfg, method=method, noise=noise, generator=gen)
     assert shapes == [()] * 5
