@@ -4,7 +4,6 @@ and the thresholds' all-reduce over two gloo ranks."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from switch_dit import checkpoint as ck
 from switch_dit import distributed
 from switch_dit.config import TrainConfig
+from tests.gloo import cpu_rank, free_port
 from tests.tiny_run import TINY_TRAIN, quiet, records
 
 # The shared tiny run as a DiffMoE flow model.
@@ -72,12 +72,6 @@ def test_train_checkpoint_resume_with_thresholds(tmp_path):
     assert torch.equal(t4, t4b)  # the resumed run's thresholds continue exactly
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_model():
     from switch_dit.models import create
 
@@ -101,24 +95,17 @@ def _rank_batch(rank):
 
 
 def _ddp_worker(rank, world, port, tmp):
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    ctx = distributed.setup("cpu")
-    try:
+    with cpu_rank(rank, world, port) as ctx:
         net = distributed.wrap(_tiny_model(), ctx, "ddp")
         for _ in range(2):
             out, aux = net(*_rank_batch(rank))
             (out.square().mean() + aux).backward()
         model = distributed.unwrap(net)
         torch.save([layer.expert_threshold.clone() for layer in model.moe_layers()], os.path.join(tmp, f"thr{rank}.pt"))
-    finally:
-        distributed.cleanup()
 
 
 def test_two_gloo_ranks_share_thresholds(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     thr0, thr1 = torch.load(tmp_path / "thr0.pt"), torch.load(tmp_path / "thr1.pt")
     for a, b in zip(thr0, thr1):
         assert torch.equal(a, b)

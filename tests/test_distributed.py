@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,12 @@ import torch.multiprocessing as mp
 
 from switch_dit import distributed
 from switch_dit.distributed import ShardedBatchSampler
+from tests.gloo import cpu_rank, free_port
 from tests.tiny_run import TINY_TRAIN, TINY_TRAIN_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, in_channels=2, num_classes=5, hidden_size=16, depth=2, num_heads=2, backend="reference")
 GLOBAL_BATCH = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch():
@@ -74,13 +68,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     from switch_dit.config import TrainConfig
     from switch_dit.train import train
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    ctx = distributed.setup("cpu")
     tmp = Path(tmp)
-    try:
+    with cpu_rank(rank, world, port) as ctx:
         x, y, t, noise = _batch()
         b = GLOBAL_BATCH // world
         sl = slice(rank * b, (rank + 1) * b)
@@ -112,14 +101,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                 log=lambda *a: None,
                 resume=str(full / "checkpoints" / "ckpt-00000002.pt"),
             )
-    finally:
-        distributed.cleanup()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
     return tmp
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from switch_dit import interop, remix_dit
 from switch_dit.models import MODEL_NAMES, create
+from tests.gloo import cpu_rank, free_port
 from tests.test_fast_path import forward_backward_three_ways
 from tests.test_models import batch, randomize
 from tests.test_shared_mix import record_timestep_shapes
@@ -830,37 +831,23 @@ def _ddp_grads(net, x, y, t, noise):
 
 
 def _ddp_worker(rank, world, port, tmp):
-    import os
-
     from switch_dit import distributed
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    ctx = distributed.setup("cpu")
-    try:
+    with cpu_rank(rank, world, port) as ctx:
         for mixing in remix_dit.MIXING:
             x, y, t, noise = _ddp_batch(mixing)
             sl = slice(rank * DDP_BATCH // world, (rank + 1) * DDP_BATCH // world)
             grads = _ddp_grads(distributed.wrap(_ddp_model(mixing), ctx, "ddp"), x[sl], y[sl], t[sl], noise[sl])
             if rank == 0:
                 torch.save(grads, f"{tmp}/grads-{mixing}.pt")
-    finally:
-        distributed.cleanup()
 
 
 def test_two_ddp_ranks_match_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from switch_dit import distributed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for mixing in remix_dit.MIXING:
         got = torch.load(tmp_path / f"grads-{mixing}.pt", weights_only=True)
         want = _ddp_grads(distributed.TrainingModule(_ddp_model(mixing)), *_ddp_batch(mixing))
