@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cta_scan.cuh"
 #include "routing_plan.h"
 
 namespace switch_dit {
@@ -16,34 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-
-// Exclusive scan of one int per thread over the CTA; every thread gets its prefix and the
-// total. All threads must call it (it synchronises); `warp_sums` holds kWarps ints.
-__device__ __forceinline__ void cta_exclusive_scan(int v, int& prefix, int& total,
-                                                   int* warp_sums) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, d);
-    if (lane >= d) x += y;
-  }
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int s = lane < kWarps ? warp_sums[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < kWarps; d <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, s, d);
-      if (lane >= d) s += y;
-    }
-    if (lane < kWarps) warp_sums[lane] = s;
-  }
-  __syncthreads();
-  prefix = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
-  total = warp_sums[kWarps - 1];
-  __syncthreads();  // warp_sums is reused by the next call
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) routing_plan_kernel(PlanArgs<scalar_t> a) {
@@ -85,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) routing_plan_kernel(PlanArgs<scalar_
     int mine = 0;
     for (int p = b_begin * k; p < b_end * k; ++p) mine += idx[p] == e;
     int prefix, total;
-    cta_exclusive_scan(mine, prefix, total, warp_sums);
+    cta_exclusive_scan<kWarps>(mine, prefix, total, warp_sums);
     int r = base + prefix;
     for (int p = b_begin * k; p < b_end * k; ++p) {
       if (idx[p] == e) {

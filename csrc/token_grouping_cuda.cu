@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cta_scan.cuh"
 #include "token_grouping.h"
 
 namespace switch_dit {
@@ -19,39 +20,13 @@ __device__ __forceinline__ bool slot_valid(const GroupArgs& a, int64_t p) {
   return a.valid == nullptr || a.valid[p];
 }
 
-// Exclusive scan of one int per thread over the CTA (same scheme as routing_plan_cuda.cu).
-__device__ __forceinline__ void cta_scan(int v, int& prefix, int& total, int* warp_sums) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, d);
-    if (lane >= d) x += y;
-  }
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int s = lane < kWarps ? warp_sums[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < kWarps; d <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, s, d);
-      if (lane >= d) s += y;
-    }
-    if (lane < kWarps) warp_sums[lane] = s;
-  }
-  __syncthreads();
-  prefix = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
-  total = warp_sums[kWarps - 1];
-  __syncthreads();
-}
-
 __global__ void __launch_bounds__(kThreads) count_kernel(GroupArgs a) {
   __shared__ int warp_sums[kWarps];
   const int64_t e = blockIdx.x, C = a.capacity;
   int64_t n = 0;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) n += slot_valid(a, e * C + c);
   int prefix, total;
-  cta_scan(static_cast<int>(n), prefix, total, warp_sums);
+  cta_exclusive_scan<kWarps>(static_cast<int>(n), prefix, total, warp_sums);
   if (threadIdx.x == 0) a.counts[e] = total;
 }
 
@@ -85,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) place_kernel(GroupArgs a) {
     const int64_t c = start + threadIdx.x, p = e * C + c;
     const bool on = c < C && slot_valid(a, p);
     int prefix, chunk;
-    cta_scan(on ? 1 : 0, prefix, chunk, warp_sums);
+    cta_exclusive_scan<kWarps>(on ? 1 : 0, prefix, chunk, warp_sums);
     if (c < C) {
       const int64_t r = on ? base + running + prefix : -1;
       a.position[p] = r;
