@@ -1,5 +1,8 @@
 """Tables, chart and the README's performance section, from the kept results files.
 
+(Over 600 lines: one module renders every view of the kept results, the tables, the chart and
+the targets, from the same rows, so they cannot disagree.)
+
     python -m benchmarks.report [FOLDER]             # rewrite FOLDER/README.md and FOLDER/chart.png
     python -m benchmarks.report --section            # and update the performance section of README.md
     python -m benchmarks.report --section --readme X # ... of the file X instead

@@ -1,5 +1,8 @@
 """Fused block kernels: mask + LayerNorm + adaLN modulate, gated residuals.
 
+(Over 600 lines: three forward and three backward kernels that share one row layout and one
+launch configuration; they read best side by side.)
+
 Shapes: row tensors x, z, r0, attn_out, y are (B, L, D); m is (B, L, D) or
 (B, 1, D) or None; shift / scale / gate are (B, D). Any strides are accepted
 (chunked adaLN outputs, expanded stride-0 gradients); every output is a new

@@ -1,5 +1,8 @@
 """Training configuration: one flat dataclass, a YAML/JSON file, command-line overrides.
 
+(Over 600 lines because every field is defined, validated and turned into a flag here, in one
+place, so the file, the flags and the checks cannot drift apart.)
+
 A run's configuration is resolved in three layers, each overriding the one before:
 
     1. the recipe of the data: ``DIGITS_PRESET`` for the embedded digits (the default:

@@ -1,5 +1,8 @@
 """Gaussian diffusion (DDPM with learned variance), as used by DiT / ADM.
 
+(Over 600 lines: the schedule, the losses and both samplers share one process object, as in
+ADM and DiT, whose code this follows step for step; splitting it would scatter that object.)
+
 One process object, `GaussianDiffusion`, holds a beta schedule and everything
 derived from it: the forward process q(x_t | x_0), the true posterior
 q(x_{t-1} | x_t, x_0), the model's reverse step p(x_{t-1} | x_t), the hybrid
