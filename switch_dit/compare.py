@@ -286,11 +286,12 @@ def compare(cfg: CompareConfig, log=print) -> list[dict]:
                 f"[{name} seed {seed}] {row['train_seconds']:.0f} s, final mse {row['final_mse']:.4f}, "
                 f"accuracy {row['sample_accuracy']:.1%}, FD {row['frechet_distance']:.3f}"
             )
-    _score_at_equal_time(rows, cfg, log)
+    budget = _score_at_equal_time(rows, cfg, log)
     record = {
         "config": dataclasses.asdict(cfg),
         "rows": rows,
         "summary": summarize(rows),
+        "equal_time_budget": budget,
         "equal_time_summary": summarize(rows, equal_time=True),
     }
     (out / "compare.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -308,12 +309,12 @@ def _step_seconds(steps_per_sec: list[float]) -> float:
     return times[(len(times) - 1) // 4]
 
 
-def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> None:
+def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> dict:
     """Add row["equal_time"] = {"seconds", "step", "sample_accuracy", "frechet_distance"} to
     every row. The budget is the training time of the fastest family (its steps times its
     seconds per step, ``_step_seconds`` averaged over its seeds); every other family is scored
     at its newest checkpoint within the steps that budget buys it. Then only the final
-    checkpoints are kept."""
+    checkpoints are kept. Returns the budget: {"model": fastest family, "seconds": budget}."""
     from . import checkpoint as ckpt_lib
 
     cost = {
@@ -357,6 +358,7 @@ def _score_at_equal_time(rows: list[dict], cfg: CompareConfig, log) -> None:
                     f"{fastest}): accuracy {scores['sample_accuracy']:.1%}, FD {scores['frechet_distance']:.3f}"
                 )
         ckpt_lib.prune_checkpoints(run_dir / "checkpoints", 1)  # the final one stays (checkpoint.pt links it)
+    return {"model": fastest, "seconds": budget}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
