@@ -275,7 +275,10 @@ def _steps_logged(out: Path) -> int:
 def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path):
     """SIGKILL at a random step, or SIGTERM (checkpoint, exit 143), then --resume: the
     same losses, step for step, as a run that never stopped."""
-    steps = 24
+    # ~10 ms a step here: 96 steps leave the polling loop below about a second after the
+    # latest kill step (14) before a run could end unkilled, even with the three runs
+    # sharing two cores.
+    steps = 96
     rng = random.Random()
     # SIGKILL after step 5 is logged: the step-3 checkpoint exists by then (a kill before
     # it would rightly start afresh, which the "new" run below covers).
