@@ -67,6 +67,7 @@ import torch
 import torch.nn as nn
 
 from . import prior as prior_lib
+from . import routing as routing_lib
 from ._checks import check_timesteps
 from .layers import adaln_zero_block, gate_probs_of_blocks, is_silu_linear, route_top_k
 from .models import PRIOR_MODES
@@ -350,10 +351,11 @@ class _AcceleratedDiT(_Patched):
                 probs = table[t]
             else:
                 probs = self._switch_dit_gate_probs(t_emb)  # (B, N, M)
-            idx, w = route_top_k(probs, self.routers[0].k)  # (B, N, k) each; w not renormalised
+            idx, w, plan = self._switch_dit_route(probs, table, t, h)  # (N, B, k) each; w not renormalised
             for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
                 backend = backend_for("expert_mask", self._switch_dit_backend)
-                m = expert_mask(h, router.experts.w, router.experts.b, idx[:, i], w[:, i], backend=backend)
+                groups = None if plan is None else routing_lib.block_groups(plan, i)
+                m = expert_mask(h, router.experts.w, router.experts.b, idx[i], w[i], backend=backend, groups=groups)
                 h = block(h, c, m)
         elif routing == "DTR":
             for router, block in zip(self.routers, self.blocks):
@@ -367,6 +369,22 @@ class _AcceleratedDiT(_Patched):
         if not dmoe:
             return out, 0
         return out, self.w_JSD * self._switch_dit_prior_loss(table, t)
+
+    def _switch_dit_route(self, probs, table, t, h):
+        """Top-k of every block, (N, B, k) indices and weights, and on the fast path the batch's
+        routing plan (one launch of the extension's op; "grouped" reads its grouping): from the
+        (T, N, M) gate table and the timesteps where training has the table, else from the
+        batch's (B, N, M) probabilities, sample b as "timestep" b. The reference path: no plan."""
+        k = self.routers[0].k
+        if runs_reference(self._switch_dit_backend, h):
+            idx, w = route_top_k(probs, k)  # (B, N, k)
+            return idx.transpose(0, 1), w.transpose(0, 1), None
+        if table is not None:
+            gate, rows = table.transpose(0, 1), t
+        else:
+            gate, rows = probs.transpose(0, 1), torch.arange(probs.shape[0], device=probs.device)
+        plan = routing_lib.plan(gate.contiguous(), rows.long().contiguous(), k, check=False)  # t checked above
+        return plan.topk_idx, plan.topk_w, plan
 
     def _switch_dit_gate_probs(self, t_emb: torch.Tensor) -> torch.Tensor:
         """(R, D) timestep embeddings -> (R, N, M) gate probabilities of every block, >= float32."""

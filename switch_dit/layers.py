@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import prior as prior_lib
 from .ops import expert_mask, expert_mask_and_apply, fused_block, mask_ln_modulate, reference_block
 from .ops.dispatch import backend_for, check_backend, runs_reference
+from .routing import ExpertGroups
 
 __all__ = [
     "PatchEmbed",
@@ -250,7 +251,9 @@ class TimestepRouter(nn.Module):
     mask: m(z) = 1 + sum_j g_j (z @ W_j + b_j), the same g for every token of a sample.
 
     Use: ``idx, w = router.route(router.gate_probs(t_emb))``, then ``router(z, idx, w)``
-    for m, or ``router.mask_and_apply(z, idx, w)`` for (m, z * m) in one pass.
+    for m, or ``router.mask_and_apply(z, idx, w)`` for (m, z * m) in one pass. A model that
+    has the batch's routing plan passes the block's grouping too (``groups=``, see
+    ``switch_dit.routing.block_groups``), which the "grouped" strategy reads.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, backend: str = "auto"):
@@ -273,17 +276,20 @@ class TimestepRouter(nn.Module):
         """(B, M) -> top-k expert indices (B, k) int64 and weights (B, k), ties to the lower index."""
         return route_top_k(probs, self.top_k)
 
-    def forward(self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, groups: ExpertGroups | None = None
+    ) -> torch.Tensor:
         """m(z): z (B, L, D), topk_idx (B, k) int, topk_w (B, k) float -> m (B, L, D) in z's dtype."""
         backend = backend_for("expert_mask", self.backend)
-        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
+        return expert_mask(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend, groups=groups)
 
     def mask_and_apply(
-        self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor
+        self, z: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, groups: ExpertGroups | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, z * m), both (B, L, D), in one pass on the fused path; arguments as forward."""
         backend = backend_for("expert_mask_and_apply", self.backend)
-        return expert_mask_and_apply(z, self.experts.w, self.experts.b, topk_idx, topk_w, backend=backend)
+        w, b = self.experts.w, self.experts.b
+        return expert_mask_and_apply(z, w, b, topk_idx, topk_w, backend=backend, groups=groups)
 
 
 def dtr_mask_table(num_timesteps: int, hidden_size: int, alpha: float = 4.0, beta: float = 0.8) -> torch.Tensor:

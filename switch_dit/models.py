@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import prior as prior_lib
+from . import routing as routing_lib
 from ._checks import check_labels, check_timesteps
 from .flow import check_flow_time
 from .layers import (  # noqa: F401  the building blocks stay importable from here
@@ -217,13 +218,18 @@ class DiT(nn.Module):
         # an H100) to save 27 launches of ~10 us, and nothing at all under CUDA graphs. The
         # gates are different: N * M rows in all, so they do run as one GEMM (gate_probs).
         if self.routing == "switch":
-            topk_idx, topk_w = self.route(t_emb)  # (N, B, k) each, (N, 1, k) when shared
+            if shared:
+                topk_idx, topk_w = self.route(t_emb)  # (N, 1, k) each
+                plan = None
+            else:
+                topk_idx, topk_w, plan = self.route_batch(t_emb)  # (N, B, k) each
             for i, (router, block) in enumerate(zip(self.routers, self.blocks)):
                 if shared:
                     experts = router.experts
                     m = shared_expert_mask(h, experts.w, experts.b, topk_idx[i, 0], topk_w[i, 0])
                 else:
-                    m = router(h, topk_idx[i], topk_w[i])
+                    groups = None if plan is None else routing_lib.block_groups(plan, i)
+                    m = router(h, topk_idx[i], topk_w[i], groups)
                 h = block(h, c, m)
         elif self.routing == "dtr":
             mask = self.dtr_mask[t.expand(x.shape[0]) if shared else t].unsqueeze(1).to(h.dtype)  # (B, 1, D)
@@ -256,6 +262,20 @@ class DiT(nn.Module):
     def route(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts of every block for a batch: (N, B, k) int64 indices and (N, B, k) weights."""
         return route_top_k(self.gate_probs(t_emb).transpose(0, 1), self.top_k)  # from (N, B, M)
+
+    def route_batch(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, routing_lib.RoutingPlan | None]:
+        """``route`` plus, on the fast path, the batch's routing plan (docs/design.md §3): every
+        block's top-k and its (sample, slot) pairs grouped by expert, in one launch of the
+        extension's op (``switch_dit.routing.plan``) that the "grouped" strategy reads. The plan
+        takes the (N, B, M) probabilities as its gate table with "timestep" b for sample b, so its
+        top-k is ``route``'s (ties to the lower index) and its weights are differentiable. The
+        reference path has no plan: (idx, w, None)."""
+        if runs_reference(self.backend, t_emb):
+            return (*self.route(t_emb), None)
+        probs = self.gate_probs(t_emb).transpose(0, 1).contiguous()  # (N, B, M)
+        samples = torch.arange(probs.shape[1], device=probs.device)
+        plan = routing_lib.plan(probs, samples, self.top_k, check=False)  # in range by construction
+        return plan.topk_idx, plan.topk_w, plan
 
     def gate_table(self) -> torch.Tensor:
         """Gate probabilities of every block for every timestep: (T, N, M), at least float32."""

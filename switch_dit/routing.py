@@ -25,6 +25,8 @@ from switch_dit import _extension
 __all__ = [
     "RoutingPlan",
     "BlockRouting",
+    "ExpertGroups",
+    "block_groups",
     "plan",
     "reference_plan",
     "block_routing",
@@ -92,6 +94,24 @@ def block_routing(routing: RoutingPlan, block: int) -> BlockRouting:
     if not -n <= block < n:
         raise IndexError(f"block must be in [-{n}, {n}) for a plan of {n} blocks, got {block}")
     return BlockRouting(routing.topk_idx[block], routing.topk_w[block])
+
+
+class ExpertGroups(NamedTuple):
+    """One block's (sample, slot) pairs grouped by expert, the input of the "grouped" strategy of
+    the routed linear (``switch_dit.ops.expert_mask(..., groups=)``): order (P,), position (P,),
+    offsets (M + 1,), all int64, as in RoutingPlan."""
+
+    order: Tensor
+    position: Tensor
+    offsets: Tensor
+
+
+def block_groups(routing: RoutingPlan, block: int) -> ExpertGroups:
+    """Views (no copy) of block ``block``'s grouping by expert."""
+    n = routing.order.shape[0]
+    if not -n <= block < n:
+        raise IndexError(f"block must be in [-{n}, {n}) for a plan of {n} blocks, got {block}")
+    return ExpertGroups(routing.order[block], routing.position[block], routing.offsets[block])
 
 
 def num_tiles(num_blocks: int, batch: int, top_k: int, seq_len: int, block_l: int) -> int:

@@ -348,3 +348,57 @@ def test_grouped_takes_experts_at_any_address():
     y_ref, leaves = reference64(x, w, b, idx, g)
     assert rel(y, y_ref) < 1e-5
     assert rel(torch.autograd.grad(y.sum(), (w_odd,))[0], torch.autograd.grad(y_ref.sum(), (leaves[1],))[0]) < 1e-5
+
+
+def _plan_of(B, M, k, seed):
+    """A routing plan of one block for B samples (each its own row of a random gate table)."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(1, B, M, generator=gen, dtype=torch.float64), -1)
+    return routing.plan(probs, torch.arange(B), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_reads_the_routing_plans_grouping(dtype, monkeypatch):
+    """With groups= (the plan's), "grouped" does not group by itself (expert_groups unused, forward
+    and backward) and gives what it gives without them, forward and backward; the other
+    strategies take groups= and ignore it."""
+    from switch_dit.ops import expert_mask, expert_mask_and_apply, mixed_linear
+
+    B, L, D, M, k = 5, 4, 16, 4, 2
+    x, w, b, _, g = make(B, L, D, M, k, dtype=dtype, seed=41)
+    plan = _plan_of(B, M, k, seed=42)
+    idx, groups = plan.topk_idx[0], routing.block_groups(plan, 0)
+    gy = torch.randn(B, L, D, generator=torch.Generator().manual_seed(43), dtype=dtype)
+    for op in (mixed_linear, expert_mask, expert_mask_and_apply):
+        for strategy in ("grouped", "bmm", "reference"):
+            outs = []
+            for given in (None, groups):
+                with monkeypatch.context() as patch:
+                    if given is not None:  # the op must not sort idx itself now
+
+                        def no_sorting(*_):
+                            raise AssertionError("expert_groups ran although groups were given")
+
+                        patch.setattr(expert_grouped, "expert_groups", no_sorting)
+                    out = op(x, w, b, idx, g, backend=strategy, groups=given)
+                    out = out[1] if isinstance(out, tuple) else out
+                    outs.append([out, *grads(out, (x, w, b, g), gy)])
+            for got, want in zip(*outs):
+                assert rel(got, want) <= TOL[dtype], (op.__name__, strategy)
+
+
+def test_groups_that_do_not_describe_topk_idx_are_refused():
+    from switch_dit.ops import expert_mask
+
+    x, w, b, _, g = make(5, 3, 8, 4, 2, seed=47)
+    plan, other = _plan_of(5, 4, 2, seed=48), _plan_of(5, 4, 2, seed=49)
+    idx, groups = plan.topk_idx[0], routing.block_groups(plan, 0)
+    assert not torch.equal(plan.order, other.order), "the two plans must differ for the stale case"
+    with pytest.raises(ValueError, match="does not describe topk_idx"):
+        expert_mask(x, w, b, idx, g, backend="grouped", groups=routing.block_groups(other, 0))
+    with pytest.raises(ValueError, match=r"groups.offsets must be an int64 tensor of shape \(5,\)"):
+        expert_mask(x, w, b, idx, g, backend="grouped", groups=groups._replace(offsets=groups.offsets[:-1]))
+    with pytest.raises(ValueError, match=r"groups.order must be an int64 tensor"):
+        expert_mask(x, w, b, idx, g, backend="grouped", groups=groups._replace(order=groups.order.int()))
+    with pytest.raises(TypeError, match="groups must be None or a switch_dit.routing.ExpertGroups"):
+        expert_mask(x, w, b, idx, g, backend="grouped", groups=groups.order)

@@ -63,12 +63,14 @@ def run(model, x, t, y, g, seed=11):
     return out.detach(), float(aux.detach()) if torch.is_tensor(aux) else float(aux)
 
 
+@pytest.mark.parametrize("backend", ["reference", "bmm", "grouped"])
 @pytest.mark.parametrize("routing", ROUTINGS)
-def test_reference_backend_float64_equals_unpatched(routing):
-    """backend "reference" in float64, prior "exact": outputs, aux loss (same random
-    shuffle) and every gradient equal the unpatched model's to rounding."""
+def test_float64_equals_unpatched(routing, backend):
+    """float64, prior "exact": outputs, aux loss (same random shuffle) and every gradient equal the
+    unpatched model's to rounding, on the model as written ("reference") and through the routing
+    plan and the cuBLAS compositions ("bmm", "grouped": the plan's grouping)."""
     ref = build(routing).double().train()
-    fast = switch_dit.accelerate(copy.deepcopy(ref), backend="reference", prior="exact")
+    fast = switch_dit.accelerate(copy.deepcopy(ref), backend=backend, prior="exact")
     x, t, y = inputs(ref, dtype=torch.float64)
     g = torch.randn(3, 6, 6, 6, dtype=torch.float64)
     out_r, aux_r = run(ref, x, t, y, g)

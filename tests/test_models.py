@@ -257,3 +257,27 @@ def test_a_strategy_one_op_family_lacks_applies_to_the_ops_that_have_it(backend)
         outs.append([out] + [p.grad for p in model.parameters()])
     for got, want in zip(outs[1], outs[0]):
         assert ((got - want).norm() / want.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "bmm", "grouped"])
+def test_the_fast_path_routes_through_one_routing_plan(backend, monkeypatch):
+    """Off the reference path, Switch-DiT routes a batch with one call of the extension's routing
+    plan (all blocks), and the "grouped" strategy takes each block's grouping from it: it never
+    sorts the experts itself, forward or backward. The reference path computes no plan."""
+    from switch_dit import routing
+    from switch_dit.ops import expert_grouped
+
+    calls = []
+    real_plan = routing.plan
+    monkeypatch.setattr(routing, "plan", lambda *a, **kw: calls.append(a[0].shape) or real_plan(*a, **kw))
+
+    def no_sorting(*_):
+        raise AssertionError("expert_groups ran although the model has a plan")
+
+    monkeypatch.setattr(expert_grouped, "expert_groups", no_sorting)
+    model = randomize(tiny("Switch-DiT-S/2", backend=backend)).eval()
+    x, t, y = batch(model, B=4)
+    model(x, t, y).square().sum().backward()
+    N, M = model.depth, model.num_experts
+    assert calls == ([] if backend == "reference" else [(N, 4, M)])
+    assert all(p.grad is not None for p in model.routers.parameters())

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from switch_dit import _checks
 from switch_dit.ops import dispatch, expert_grouped, mixed_bmm
+from switch_dit.routing import ExpertGroups
 
 __all__ = ["COMPOSED_STRATEGIES", "composed_mixed_linear", "composed_expert_mask_and_apply"]
 
@@ -46,6 +47,11 @@ def _impl(strategy: str):
         return _IMPLS[strategy]
     except KeyError:
         raise ValueError(f"strategy must be one of {COMPOSED_STRATEGIES}, got {strategy!r}") from None
+
+
+def _given(order: Optional[Tensor], position: Optional[Tensor], offsets: Optional[Tensor]) -> dict:
+    # The routing plan's grouping, for the strategy that groups ("grouped"); {} when not given.
+    return {} if order is None else {"groups": ExpertGroups(order, position, offsets)}
 
 
 def _none(x: Tensor) -> Tensor:
@@ -63,15 +69,18 @@ def _forward_op(
     add_one: bool,
     apply: bool,
     strategy: str,
+    order: Optional[Tensor] = None,
+    position: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     _checks.check_expert_index_values(idx, weight.shape[0])
     with dispatch.no_autocast(x.device.type):
-        y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one)
+        y = _impl(strategy).forward(x, weight, bias, idx, coef, add_one, **_given(order, position, offsets))
         return y, (x * y if apply else _none(x))
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, idx, coef, add_one, apply, strategy):
+def _(x, weight, bias, idx, coef, add_one, apply, strategy, order=None, position=None, offsets=None):
     shape = (x.shape[0], x.shape[1], weight.shape[2])
     return x.new_empty(shape), (x.new_empty(shape) if apply else _none(x))
 
@@ -91,6 +100,9 @@ def _backward_op(
     need_db: bool,
     need_dc: bool,
     strategy: str,
+    order: Optional[Tensor] = None,
+    position: Optional[Tensor] = None,
+    offsets: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with dispatch.no_autocast(x.device.type):
         # r0 = x * m: its gradient reaches m as grad_r * x and x as grad_r * m.
@@ -100,7 +112,17 @@ def _backward_op(
         if dA is None:
             dA = x.new_zeros(x.shape[0], x.shape[1], weight.shape[2])
         dx, dw, db, dc = _impl(strategy).backward(
-            dA, x, weight, bias, idx, coef, need_dx, need_dw, need_db and bias is not None, need_dc
+            dA,
+            x,
+            weight,
+            bias,
+            idx,
+            coef,
+            need_dx,
+            need_dw,
+            need_db and bias is not None,
+            need_dc,
+            **_given(order, position, offsets),
         )
         if need_dx and grad_r is not None:
             dx = dx + (grad_r * m).to(x.dtype)
@@ -108,7 +130,24 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, need_dc, strategy):
+def _(
+    grad_y,
+    grad_r,
+    x,
+    m,
+    weight,
+    bias,
+    idx,
+    coef,
+    need_dx,
+    need_dw,
+    need_db,
+    need_dc,
+    strategy,
+    order=None,
+    position=None,
+    offsets=None,
+):
     return (
         x.new_empty(x.shape) if need_dx else _none(x),
         weight.new_empty(weight.shape) if need_dw else _none(x),
@@ -118,19 +157,21 @@ def _(grad_y, grad_r, x, m, weight, bias, idx, coef, need_dx, need_dw, need_db, 
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, idx, coef, _, apply, strategy = inputs
+    x, weight, bias, idx, coef, _, apply, strategy, order, position, offsets = inputs
     ctx.returns_r0, ctx.strategy = apply, strategy
-    ctx.save_for_backward(x, weight, bias, idx, coef, output[0] if apply else None)
+    ctx.save_for_backward(x, weight, bias, idx, coef, output[0] if apply else None, order, position, offsets)
 
 
 def _backward(ctx, grad_y, grad_r):
-    x, weight, bias, idx, coef, m = ctx.saved_tensors
+    x, weight, bias, idx, coef, m, order, position, offsets = ctx.saved_tensors
     nx, nw, nb, _, nc = ctx.needs_input_grad[:5]
     nb = nb and bias is not None
+    grad_r = grad_r if ctx.returns_r0 else None
     dx, dw, db, dc = _backward_op(
-        grad_y, grad_r if ctx.returns_r0 else None, x, m, weight, bias, idx, coef, nx, nw, nb, nc, ctx.strategy
+        grad_y, grad_r, x, m, weight, bias, idx, coef, nx, nw, nb, nc, ctx.strategy, order, position, offsets
     )
-    return (dx if nx else None, dw if nw else None, db if nb else None, None, dc if nc else None, None, None, None)
+    grads = (dx if nx else None, dw if nw else None, db if nb else None, None, dc if nc else None)
+    return grads + (None,) * 6  # add_one, apply, strategy, order, position, offsets
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup)
@@ -146,6 +187,11 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return x, weight, bias
 
 
+def _plan_args(strategy: str, groups: Optional[ExpertGroups]) -> tuple:
+    # Only "grouped" reads a grouping; the other strategies never see it.
+    return tuple(groups) if strategy == "grouped" and groups is not None else (None, None, None)
+
+
 def composed_mixed_linear(
     x: Tensor,
     weight: Tensor,
@@ -155,6 +201,7 @@ def composed_mixed_linear(
     *,
     strategy: str = "bmm",
     add_one: bool = False,
+    groups: Optional[ExpertGroups] = None,
 ) -> Tensor:
     """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj] (+ 1 with add_one).
 
@@ -162,19 +209,27 @@ def composed_mixed_linear(
     -> (B, L, D_out) in x's dtype; differentiable in x, weight, bias and coef. Arguments are
     expected valid (``switch_dit.ops.mixed_linear`` checks them, then calls this for
     ``backend="bmm"`` / ``"grouped"``); only the strategy name and index values are checked here.
+    ``groups``: idx grouped by expert (the routing plan's, checked by the caller), read by "grouped".
     """
     _impl(strategy)
     x, weight, bias = _autocast(x, weight, bias)
-    return _forward_op(x, weight, bias, idx, coef, bool(add_one), False, strategy)[0]
+    return _forward_op(x, weight, bias, idx, coef, bool(add_one), False, strategy, *_plan_args(strategy, groups))[0]
 
 
 def composed_expert_mask_and_apply(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *, strategy: str = "bmm"
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    *,
+    strategy: str = "bmm",
+    groups: Optional[ExpertGroups] = None,
 ) -> tuple[Tensor, Tensor]:
     """(m = 1 + mixed_linear(x, ...), r0 = x * m), both (B, L, D); arguments as composed_mixed_linear."""
     _impl(strategy)
     x, weight, bias = _autocast(x, weight, bias)
-    m, r0 = _forward_op(x, weight, bias, idx, coef, True, True, strategy)
+    m, r0 = _forward_op(x, weight, bias, idx, coef, True, True, strategy, *_plan_args(strategy, groups))
     return m, r0
 
 
@@ -184,14 +239,14 @@ def composed_expert_mask_and_apply(
 
 
 def _register(strategy: str) -> None:
-    def linear(x, weight, bias, idx, coef):
-        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy)
+    def linear(x, weight, bias, idx, coef, groups=None):
+        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy, groups=groups)
 
-    def mask(x, weight, bias, idx, coef):
-        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy, add_one=True)
+    def mask(x, weight, bias, idx, coef, groups=None):
+        return composed_mixed_linear(x, weight, bias, idx, coef, strategy=strategy, add_one=True, groups=groups)
 
-    def mask_and_apply(x, weight, bias, idx, coef):
-        return composed_expert_mask_and_apply(x, weight, bias, idx, coef, strategy=strategy)
+    def mask_and_apply(x, weight, bias, idx, coef, groups=None):
+        return composed_expert_mask_and_apply(x, weight, bias, idx, coef, strategy=strategy, groups=groups)
 
     dispatch.register("mixed_linear", strategy, linear)
     dispatch.register("expert_mask", strategy, mask)

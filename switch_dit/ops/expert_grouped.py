@@ -26,7 +26,14 @@ expert weights (B*k weight copies, the reference path's cost) and a one-hot GEMM
 per-pair weight gradients per expert in a fixed order. The fallback also covers float64 (gradcheck),
 float16 and row sizes that are not a multiple of 16 bytes (grouped GEMM's alignment). The fallback
 is correct everywhere and fast nowhere: ``auto`` only picks ``grouped`` where it measured it fastest.
-No host sync in either path: the grouping is argsort + scatter on the device.
+No host sync in either path.
+
+The grouping (order, position, offsets) is the routing plan's (``switch_dit.routing.plan``, the
+C++/CUDA extension's counting sort, one launch for all N blocks): a Switch-DiT model on a fast
+path computes the plan once per forward and hands each block's ``ExpertGroups`` to its routed
+linear (``groups=``), forward and backward. Called without it (the op used on its own, or
+expert indices that repeat within a sample, which no plan describes), this module groups by
+itself with an argsort + scatter on the device (``expert_groups``), the same order.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 from torch import Tensor
 
 from switch_dit.ops.mixed_bmm import dense_coefficients
+from switch_dit.routing import ExpertGroups
 
 __all__ = ["expert_groups", "native_grouped_mm", "forward", "backward"]
 
@@ -115,9 +123,10 @@ def _wgrad(a: Tensor, g: Tensor, experts: Tensor, row_offsets: Tensor, num_exper
 class _Groups:
     """The grouping of one call, in the form the GEMMs want it."""
 
-    def __init__(self, idx: Tensor, num_experts: int, seq_len: int, native: bool):
+    def __init__(self, idx: Tensor, num_experts: int, seq_len: int, native: bool, given: Optional[ExpertGroups] = None):
         self.k = idx.shape[1]
-        self.order, self.position, offsets = expert_groups(idx, num_experts)
+        # The routing plan's grouping where the caller has it, else our own (the same order).
+        self.order, self.position, offsets = given if given is not None else expert_groups(idx, num_experts)
         self.samples = self.order // self.k  # sample of each sorted pair
         self.experts = idx.reshape(-1).long().index_select(0, self.order)  # expert of each sorted pair
         # End row of every group (grouped GEMM's offs): int32, on the device.
@@ -136,14 +145,21 @@ class _Groups:
 
 
 def forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, add_one: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    add_one: bool = False,
+    groups: Optional[ExpertGroups] = None,
 ) -> Tensor:
-    """y (B, L, D_out) in x's dtype; arguments as ``switch_dit.ops.mixed_linear`` (validated, cast)."""
+    """y (B, L, D_out) in x's dtype; arguments as ``switch_dit.ops.mixed_linear`` (validated, cast),
+    ``groups`` the grouping of idx when the caller has it (the routing plan's), else None."""
     B, L, D = x.shape
     M, _, Do = weight.shape
     native = native_grouped_mm(x.dtype, x.device, D, Do)[0]
     weight = _aligned(weight) if native else weight
-    groups = _Groups(idx, M, L, native)
+    groups = _Groups(idx, M, L, native, groups)
     y = groups.combine(_mm(groups.gather(x), weight, groups.experts, groups.rows, native), coef)
     if bias is not None:  # y is ours (inside the op): add in place, one pass
         b = torch.mm(dense_coefficients(idx, coef, M, x.dtype), bias)
@@ -164,17 +180,19 @@ def backward(
     need_dw: bool,
     need_db: bool,
     need_dc: bool,
+    groups: Optional[ExpertGroups] = None,
 ):
     """Gradients (dx, dW, db, dcoef) from dA = dL/dy (B, L, D_out); None where not needed.
 
-    dx in x's dtype, dW and db in weight's, dcoef in coef's; dA may have any strides."""
+    dx in x's dtype, dW and db in weight's, dcoef in coef's; dA may have any strides; ``groups``
+    as in ``forward``."""
     B, L, D = x.shape
     M, _, Do = weight.shape
     k = idx.shape[1]
     dA = dA.to(x.dtype)
     native = native_grouped_mm(x.dtype, x.device, D, Do)[0]
     weight = _aligned(weight) if native else weight
-    groups = _Groups(idx, M, L, native)
+    groups = _Groups(idx, M, L, native, groups)
     dA_s = groups.gather(dA)  # (P, L, D_out)
     dx = dw = db = dc = None
     if need_dx or need_dc:

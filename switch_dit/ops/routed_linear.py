@@ -7,7 +7,9 @@
 Shapes: x (B, L, D_in); weight (M, D_in, D_out) stored (in, out); bias (M, D_out) or None;
 idx (B, k) int64/int32 with values in [0, M) and 1 <= k <= M; coef (B, k) float (any float
 dtype, may differ from x's: gate probabilities are often float32 under bf16 autocast).
-Outputs in x's dtype. expert_mask* need D_in == D_out.
+Outputs in x's dtype. expert_mask* need D_in == D_out. ``groups`` (optional): idx's (sample,
+slot) pairs grouped by expert, ``switch_dit.routing.ExpertGroups`` of the routing plan; the
+"grouped" strategy reads it instead of sorting idx itself, the others ignore it.
 
 Strategies (``backend=``, see switch_dit.ops.dispatch; ``strategies("mixed_linear")`` lists
 them all): "reference" (plain PyTorch, a per-slot loop of gathered bmm: the ground truth, any
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from switch_dit import _checks
 from switch_dit.ops import dispatch
+from switch_dit.routing import ExpertGroups
 
 __all__ = ["mixed_linear", "expert_mask", "expert_mask_and_apply", "mixed_linear_reference"]
 
@@ -210,6 +213,44 @@ def _validate(x, weight, bias, idx, coef, square: bool) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _validate_groups(groups, idx: Tensor, num_experts: int) -> None:
+    """``groups`` must be None or an ExpertGroups of idx: order, position (B*k,) and offsets
+    (M + 1,), int64, on idx's device; where values are checked (CPU, or the project switch on
+    CUDA: a host sync), equal to idx's own grouping, so a stale plan fails loudly."""
+    if groups is None:
+        return
+    if not isinstance(groups, tuple) or len(groups) != 3:
+        raise TypeError(f"groups must be None or a switch_dit.routing.ExpertGroups, got {type(groups).__name__}")
+    P = idx.numel()
+    for name, t, n in zip(ExpertGroups._fields, groups, (P, P, num_experts + 1)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (n,) or t.device != idx.device:
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"groups.{name} must be an int64 tensor of shape ({n},) on {idx.device}, got {got}")
+    if _checks._should_check_values(idx) and P:
+        _checks.check_expert_index_values(idx, num_experts)  # (before idx indexes anything here)
+        # The one grouping of idx: order a permutation sorting the pairs by expert, stably;
+        # position its inverse; offsets the prefix sum of the pairs per expert. O(P), no sort.
+        order, position, offsets = groups
+        flat = idx.reshape(-1).long()
+        rank = torch.arange(P, device=idx.device)
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, rank * 0 + 1)
+        ok = bool(((order >= 0) & (order < P)).all())
+        if ok:
+            e = flat[order]
+            same = e[1:] == e[:-1]
+            ok = (
+                torch.equal(position[order], rank)
+                and bool((e[1:] >= e[:-1]).all())
+                and bool((~same | (order[1:] > order[:-1])).all())
+                and torch.equal(offsets, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+            )
+        if not ok:
+            raise ValueError(
+                "groups does not describe topk_idx (a plan of another batch or block?): groups must be "
+                "topk_idx's pairs sorted by expert, as switch_dit.routing.plan gives them"
+            )
+
+
 def _check_dtypes(x, weight, bias) -> None:
     # After the autocast cast: under autocast, mixed input dtypes are fine (as for F.linear).
     if weight.dtype != x.dtype:
@@ -228,24 +269,38 @@ def _autocast(x, weight, bias):
     return x, weight, bias
 
 
-def _prepare(x, weight, bias, idx, coef, square):
+def _prepare(x, weight, bias, idx, coef, square, groups=None):
     _validate(x, weight, bias, idx, coef, square)
+    _validate_groups(groups, idx, weight.shape[0])
     x, weight, bias = _autocast(x, weight, bias)
     _check_dtypes(x, weight, bias)
     return x, weight, bias
 
 
+def _groups_kw(groups: Optional[ExpertGroups]) -> dict:
+    # Passed on only when given: every strategy of these ops takes groups=None.
+    return {} if groups is None else {"groups": ExpertGroups(*groups)}
+
+
 def mixed_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, coef: Tensor, *, backend: Optional[str] = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    idx: Tensor,
+    coef: Tensor,
+    *,
+    backend: Optional[str] = None,
+    groups: Optional[ExpertGroups] = None,
 ) -> Tensor:
     """y_b = x_b @ (sum_j coef_bj weight[idx_bj]) + sum_j coef_bj bias[idx_bj].
 
     x (B, L, D_in), weight (M, D_in, D_out), bias (M, D_out) or None, idx (B, k), coef (B, k)
     -> (B, L, D_out) in x's dtype. Differentiable in x, weight, bias and coef.
     backend: a name of ``switch_dit.ops.strategies("mixed_linear")``, "auto" or None.
+    groups: idx grouped by expert (``switch_dit.routing.block_groups`` of the batch's plan) or None.
     """
-    x, weight, bias = _prepare(x, weight, bias, idx, coef, square=False)
-    return dispatch.call("mixed_linear", backend, x, weight, bias, idx, coef)
+    x, weight, bias = _prepare(x, weight, bias, idx, coef, False, groups)
+    return dispatch.call("mixed_linear", backend, x, weight, bias, idx, coef, **_groups_kw(groups))
 
 
 def expert_mask(
@@ -256,14 +311,15 @@ def expert_mask(
     topk_w: Tensor,
     *,
     backend: Optional[str] = None,
+    groups: Optional[ExpertGroups] = None,
 ) -> Tensor:
     """m = 1 + sum_j topk_w[b, j] (x_b @ weight[topk_idx[b, j]] + bias[topk_idx[b, j]]).
 
     x (B, L, D), weight (M, D, D), bias (M, D) or None, topk_idx (B, k), topk_w (B, k)
-    -> m (B, L, D) in x's dtype.
+    -> m (B, L, D) in x's dtype. groups: as in mixed_linear.
     """
-    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, square=True)
-    return dispatch.call("expert_mask", backend, x, weight, bias, topk_idx, topk_w)
+    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, True, groups)
+    return dispatch.call("expert_mask", backend, x, weight, bias, topk_idx, topk_w, **_groups_kw(groups))
 
 
 def expert_mask_and_apply(
@@ -274,15 +330,16 @@ def expert_mask_and_apply(
     topk_w: Tensor,
     *,
     backend: Optional[str] = None,
+    groups: Optional[ExpertGroups] = None,
 ) -> tuple[Tensor, Tensor]:
     """(m, r0 = x * m) in one pass; shapes as expert_mask. The block's fast path consumes both."""
-    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, square=True)
-    return dispatch.call("expert_mask_and_apply", backend, x, weight, bias, topk_idx, topk_w)
+    x, weight, bias = _prepare(x, weight, bias, topk_idx, topk_w, True, groups)
+    return dispatch.call("expert_mask_and_apply", backend, x, weight, bias, topk_idx, topk_w, **_groups_kw(groups))
 
 
 # --------------------------------------------------------------------------- strategies
 # Each impl takes the op's arguments (x, weight, bias, idx, coef) after validation and the
-# autocast cast; see switch_dit.ops.dispatch.
+# autocast cast, and groups=None (read only by "grouped"); see switch_dit.ops.dispatch.
 
 
 def _reference_checked(x, weight, bias, idx, coef, add_one=False):
@@ -290,23 +347,36 @@ def _reference_checked(x, weight, bias, idx, coef, add_one=False):
     return mixed_linear_reference(x, weight, bias, idx, coef, add_one=add_one)
 
 
-def _reference_mask_and_apply(x, weight, bias, idx, coef):
+def _reference_mask_and_apply(x, weight, bias, idx, coef, groups=None):
     m = _reference_checked(x, weight, bias, idx, coef, add_one=True)
     return m, x * m
 
 
-def _fused_unavailable(x, *_):
+def _fused_unavailable(x, *_, **__):
     return dispatch.kernels_unavailable("routed_linear", _FUSED_DTYPES, x)
 
 
-dispatch.register("mixed_linear", "reference", _reference_checked)
-dispatch.register("expert_mask", "reference", lambda x, w, b, i, c: _reference_checked(x, w, b, i, c, add_one=True))
+dispatch.register("mixed_linear", "reference", lambda x, w, b, i, c, groups=None: _reference_checked(x, w, b, i, c))
+dispatch.register(
+    "expert_mask", "reference", lambda x, w, b, i, c, groups=None: _reference_checked(x, w, b, i, c, add_one=True)
+)
 dispatch.register("expert_mask_and_apply", "reference", _reference_mask_and_apply)
 dispatch.register(
-    "mixed_linear", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, False), supports=_fused_unavailable
+    "mixed_linear",
+    "fused",
+    lambda x, w, b, i, c, groups=None: _mixed_linear_op(x, w, b, i, c, False),
+    supports=_fused_unavailable,
 )
 dispatch.register(
-    "expert_mask", "fused", lambda x, w, b, i, c: _mixed_linear_op(x, w, b, i, c, True), supports=_fused_unavailable
+    "expert_mask",
+    "fused",
+    lambda x, w, b, i, c, groups=None: _mixed_linear_op(x, w, b, i, c, True),
+    supports=_fused_unavailable,
 )
-dispatch.register("expert_mask_and_apply", "fused", _expert_mask_apply_op, supports=_fused_unavailable)
+dispatch.register(
+    "expert_mask_and_apply",
+    "fused",
+    lambda x, w, b, i, c, groups=None: _expert_mask_apply_op(x, w, b, i, c),
+    supports=_fused_unavailable,
+)
 dispatch.kernels("routed_linear")  # imported now, not while torch.compile traces a first call
