@@ -295,12 +295,6 @@ def _validate(c: TrainConfig) -> None:
     need(c.objective in OBJECTIVES, "objective", "'diffusion' or 'flow'")
     if c.objective == "flow":
         need(c.sample_method in ("euler", "heun"), "sample_method", "'euler' or 'heun' for objective 'flow'")
-        need(
-            c.model.startswith(("DiffMoE-", "DiT-")),
-            "model",
-            "a DiffMoE or DiT model for objective 'flow' "
-            "(DTR, Switch-DiT and Remix-DiT index tables by integer timesteps)",
-        )
     else:
         need(c.sample_method in ("ddpm", "ddim"), "sample_method", "'ddpm' or 'ddim'")
     need(c.compile in COMPILE_MODES, "compile", " or ".join(repr(m) for m in COMPILE_MODES))
@@ -575,7 +569,10 @@ _FLAGS = {
         "(figures/paths-<step>.png, needs matplotlib) every K steps; 0 = never",
     ),
     "sample": (dict(action=argparse.BooleanOptionalAction), "sample and score after training (digits)"),
-    "objective": (dict(choices=OBJECTIVES), "training objective: Gaussian diffusion, or rectified flow (DiffMoE)"),
+    "objective": (
+        dict(choices=OBJECTIVES),
+        "training objective: Gaussian diffusion, or rectified flow (DiffMoE's; any family)",
+    ),
     "sample_method": (dict(choices=("ddpm", "ddim", "euler", "heun")), "sampler (euler/heun: objective flow)"),
     "sample_steps": (dict(type=_positive_int), "sampling steps, respaced from 1000"),
     "cfg_scale": (dict(type=_guidance), "classifier-free guidance scale, 1 = none"),

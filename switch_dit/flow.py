@@ -11,10 +11,13 @@ steps; guidance mixes two forward passes, v = v_uncond + cfg * (v_cond - v_uncon
 channels. The two passes are separate calls (not one doubled batch) because a DiffMoE eval
 forward chooses tokens over the whole batch: batching them together would change the result.
 
-Model contract: ``model(z, t, y) -> (B, C or 2C, H, W)`` with t float (B,) in [0, 1]; models
-built with ``objective="flow"`` accept such t: DiffMoE (its default) and plain DiT. DTR,
-Switch-DiT and Remix-DiT keep Gaussian diffusion (their masks, prior and intervals are tables
-over the integer timesteps); DiT and DiffMoE train with either objective.
+Model contract: ``model(z, t, y) -> (B, C or 2C, H, W)`` with t float (B,) in [0, 1]; every
+family built with ``objective="flow"`` accepts such t (DiffMoE's default). The timestep embedder
+takes the float t, as DiffMoE's does. DTR's masks, Switch-DiT's gate table and prior, and
+Remix-DiT's expert intervals are tables over T integer timesteps; a flow model reads them at
+``timestep_index(t)``, the diffusion step that plays t's part (the noise end t = 0 is step T - 1,
+the data end t = 1 is step 0), and evaluates a table row i at the flow time ``index_times(T)[i]``,
+the middle of the times that map to i.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from ._checks import _should_check_values, check_sample_args
 
-__all__ = ["RectifiedFlow", "check_flow_time", "sample"]
+__all__ = ["RectifiedFlow", "check_flow_time", "sample", "timestep_index", "index_times", "flow_times_of_index"]
 
 Tensor = torch.Tensor
 
@@ -51,6 +54,29 @@ def check_flow_time(t: Tensor, batch: Optional[int] = None, *, closed: bool = Fa
         if lo < 0.0 or bad_hi or lo != lo or hi != hi:
             interval = "[0, 1]" if closed else "[0, 1)"
             raise ValueError(f"{name} values must lie in {interval}, got range [{lo}, {hi}]")
+
+
+def timestep_index(t: Tensor, num_timesteps: int) -> Tensor:
+    """Flow times t (any shape) in [0, 1] -> the integer timesteps of the same role, int64:
+    floor((1 - t) * T) clipped to [0, T - 1]. Flow runs from noise (t = 0) to data (t = 1),
+    Gaussian diffusion from data (0) to noise (T - 1), so the two ends meet: t = 0 -> T - 1,
+    t = 1 -> 0. Step i covers the flow times (1 - (i + 1) / T, 1 - i / T]."""
+    return ((1 - t.float()) * num_timesteps).floor().clamp_(0, num_timesteps - 1).long()
+
+
+def index_times(num_timesteps: int, device=None) -> Tensor:
+    """The flow time of every integer timestep: (T,) float32, 1 - (i + 0.5) / T, the middle of
+    the times step i covers (``timestep_index(index_times(T), T)`` is arange(T))."""
+    return 1 - (torch.arange(num_timesteps, device=device, dtype=torch.float64) + 0.5).div(num_timesteps).float()
+
+
+def flow_times_of_index(index: Tensor, num_timesteps: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Flow times drawn uniformly inside the times of each integer timestep (B,): float32 in
+    (0, 1), with ``timestep_index`` of them equal to ``index``. For Remix-DiT's interval sampling
+    under the flow objective. The draw keeps 1 % of each step's width from its edges, so that
+    rounding t to float32 (an error of up to 6e-8, i.e. 6e-8 * T steps) never crosses one."""
+    u = torch.rand(index.shape, device=index.device, generator=generator, dtype=torch.float64) * 0.98 + 0.01
+    return (1 - (index.double() + u) / num_timesteps).float()
 
 
 def _mean_flat(x: Tensor) -> Tensor:

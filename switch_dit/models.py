@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import prior as prior_lib
 from . import routing as routing_lib
 from ._checks import check_labels, check_timesteps
-from .flow import check_flow_time
+from .flow import check_flow_time, index_times, timestep_index
 from .layers import (  # noqa: F401  the building blocks stay importable from here
     Attention,
     DiTBlock,
@@ -93,9 +93,6 @@ class DiT(nn.Module):
         super().__init__()
         if objective not in ("diffusion", "flow"):
             raise ValueError(f"objective must be 'diffusion' or 'flow', got {objective!r}")
-        if objective == "flow" and routing != "none":
-            # DTR's masks and Switch-DiT's prior are tables over the T integer timesteps.
-            raise ValueError(f"objective 'flow' (float t in [0, 1]) needs routing 'none' (plain DiT), got {routing!r}")
         if prior not in PRIOR_MODES:
             raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
         if routing not in ("none", "dtr", "switch"):
@@ -232,7 +229,8 @@ class DiT(nn.Module):
                     m = router(h, topk_idx[i], topk_w[i], groups)
                 h = block(h, c, m)
         elif self.routing == "dtr":
-            mask = self.dtr_mask[t.expand(x.shape[0]) if shared else t].unsqueeze(1).to(h.dtype)  # (B, 1, D)
+            steps = self.timestep_index(t.expand(x.shape[0]) if shared else t)
+            mask = self.dtr_mask[steps].unsqueeze(1).to(h.dtype)  # (B, 1, D)
             for block in self.blocks:
                 h = block(h, c, mask)
         else:
@@ -277,15 +275,29 @@ class DiT(nn.Module):
         plan = routing_lib.plan(probs, samples, self.top_k, check=False)  # in range by construction
         return plan.topk_idx, plan.topk_w, plan
 
+    def timestep_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The integer timesteps that index DTR's masks and Switch-DiT's prior: t itself, or for a
+        flow model the step of the same role (``switch_dit.flow.timestep_index``)."""
+        return timestep_index(t, self.num_timesteps) if self.objective == "flow" else t
+
     def gate_table(self) -> torch.Tensor:
-        """Gate probabilities of every block for every timestep: (T, N, M), at least float32."""
-        t_all = torch.arange(self.num_timesteps, device=self.pos_embed.device)
+        """Gate probabilities of every block for every timestep: (T, N, M), at least float32.
+        A flow model's row i is its gate at the flow time of step i (``switch_dit.flow.index_times``)."""
+        dev = self.pos_embed.device
+        if self.objective == "flow":
+            t_all = index_times(self.num_timesteps, dev)
+        else:
+            t_all = torch.arange(self.num_timesteps, device=dev)
         return self.gate_probs(self.t_embedder(t_all))
 
     def prior_loss(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Diffusion prior loss L_dp for a batch's timesteps (B,); a zero scalar for DiT and DTR."""
+        """Diffusion prior loss L_dp for a batch's timesteps (B,) (a flow model's: its float flow
+        times, read at ``timestep_index``); a zero scalar for DiT and DTR."""
         if self.routing != "switch":
             return torch.zeros((), device=self.pos_embed.device)
+        if self.objective == "flow":  # float flow times: the prior's rows are integer timesteps
+            check_flow_time(t, closed=True)
+            t = timestep_index(t, self.num_timesteps)
         check_timesteps(t, self.num_timesteps)
         if self.prior_mode == "matched":
             # No host sync: the Hungarian matching is solved off the critical path.

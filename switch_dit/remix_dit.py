@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from . import dropin
 from ._checks import check_index, check_labels
 from .dropin import _Patched
+from .flow import check_flow_time, timestep_index
 from .layers import (
     LN_EPS,
     FinalLayer,
@@ -255,8 +256,11 @@ class RemixDiT(nn.Module):
         num_timesteps: int = 1000,
         cfg_channels: int = 3,
         backend: str = "auto",
+        objective: str = "diffusion",
     ):
         super().__init__()
+        if objective not in ("diffusion", "flow"):
+            raise ValueError(f"objective must be 'diffusion' or 'flow', got {objective!r}")
         if mixing not in MIXING:
             raise ValueError(f"mixing must be one of {MIXING}, got {mixing!r}")
         if num_basis < 1:
@@ -278,6 +282,7 @@ class RemixDiT(nn.Module):
         if cfg_channels < 1:
             raise ValueError(f"cfg_channels must be >= 1, got {cfg_channels}")
         self.backend = check_backend(backend)
+        self.objective = objective  # "flow": float t in [0, 1], the intervals read at timestep_index(t)
         self.mixing = mixing
         self.num_basis, self.num_experts, self.num_timesteps = num_basis, num_experts, num_timesteps
         self.timesteps_per_expert = num_timesteps // num_experts
@@ -334,8 +339,10 @@ class RemixDiT(nn.Module):
 
     def mixing_coefficients(self, t: torch.Tensor) -> torch.Tensor:
         """Coefficients of the K bases, at least float32: (K,) when one model serves the batch
-        (mixing="batch": the batch mean of the softmaxes, as published; or a 0-d t), else (B, K)."""
-        logits = self.coefficients(self.expert_ids(t))
+        (mixing="batch": the batch mean of the softmaxes, as published; or a 0-d t), else (B, K).
+        A flow model's float t picks its expert by ``switch_dit.flow.timestep_index``."""
+        steps = timestep_index(t, self.num_timesteps) if self.objective == "flow" else t
+        logits = self.coefficients(self.expert_ids(steps))
         coef = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         if t.dim() == 0 or self.mixing == "sample":
             return coef
@@ -359,7 +366,10 @@ class RemixDiT(nn.Module):
             raise ValueError(f"x must be (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(getattr(x, 'shape', ()))}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-        if isinstance(t, torch.Tensor) and t.dim() == 0:
+        if self.objective == "flow":  # float flow times (switch_dit.flow); 1 is Heun's last point
+            zero_d = isinstance(t, torch.Tensor) and t.dim() == 0
+            check_flow_time(t.reshape(1) if zero_d else t, None if zero_d else x.shape[0], closed=True)
+        elif isinstance(t, torch.Tensor) and t.dim() == 0:
             check_index(t.reshape(1), self.num_timesteps, "t (timesteps)")
         else:
             check_index(t, self.num_timesteps, "t (timesteps)", batch=x.shape[0])

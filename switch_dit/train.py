@@ -74,7 +74,7 @@ from .config import (
 from .data import NUM_CLASSES, data_info, open_training_data
 from .diffusion import GaussianDiffusion, create_diffusion
 from .evaluate import evaluate_samples
-from .flow import RectifiedFlow
+from .flow import RectifiedFlow, flow_times_of_index
 from .interop import init_remix_from_dit_file
 from .runlog import RunLog
 from .sampling import generate, grid_labels, save_grid
@@ -204,10 +204,14 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
 
 def forward_zeros(model: torch.nn.Module, batch: int) -> torch.Tensor:
     """One forward in eval mode (no label dropout: no random draw) of ``batch`` zero latents
-    (B, C, H, W) at the middle timestep, label 0, on the model's device; the mode is restored."""
+    (B, C, H, W) at the middle timestep (flow time 0.5 for a flow model), label 0, on the model's
+    device; the mode is restored."""
     device = next(model.parameters()).device
     x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.full((batch,), model.num_timesteps // 2, device=device)
+    if getattr(model, "objective", "diffusion") == "flow":
+        t = torch.full((batch,), 0.5, device=device)
+    else:
+        t = torch.full((batch,), model.num_timesteps // 2, device=device)
     y = torch.zeros(batch, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
@@ -483,9 +487,12 @@ class _Run:
             self.model.training_iters = self.step
         t = None  # uniform, drawn in forward_backward
         if cfg.timestep_sampling == "interval":  # Remix-DiT: the batch from one expert's interval
+            T = self.model.num_timesteps
             t = remix_dit.sample_interval_timesteps(
-                x.shape[0], self.diffusion.num_timesteps, cfg.num_experts, device=dev, generator=self.gens["step"]
+                x.shape[0], T, cfg.num_experts, device=dev, generator=self.gens["step"]
             )
+            if cfg.objective == "flow":  # flow times inside those timesteps' (switch_dit.flow)
+                t = flow_times_of_index(t, T, generator=self.gens["step"])
         self.opt.zero_grad(set_to_none=True)
         parts = forward_backward(
             self.net, self.diffusion, x, y, self.gens["step"], self.prior_gen, cfg.precision, self.scaler, t=t

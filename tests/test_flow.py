@@ -162,3 +162,96 @@ def test_sampler_bad_arguments():
         flow.sample(model, y, noise=torch.zeros(3, 3, 4, 4))
     with pytest.raises(ValueError, match="labels"):
         flow.sample(model, y.float())
+
+
+# --------------------------------------------------------------------------- every family with flow
+
+
+def test_timestep_index_meets_diffusion_at_both_ends():
+    T = 50
+    assert flow.timestep_index(torch.tensor([0.0, 1.0, 1 - 0.5 / T, 1 - 1.5 / T]), T).tolist() == [T - 1, 0, 0, 1]
+    assert torch.equal(flow.timestep_index(flow.index_times(T), T), torch.arange(T))
+    gen = torch.Generator().manual_seed(3)
+    for T in (50, 1000, 4000):
+        index = torch.randint(0, T, (20000,), generator=gen)
+        t = flow.flow_times_of_index(index, T, generator=gen)
+        assert t.dtype == torch.float32 and bool(((t > 0) & (t < 1)).all())
+        assert torch.equal(flow.timestep_index(t, T), index)
+
+
+FAMILY_NAMES = ["DiT-S/4", "DTR-S/4", "Switch-DiT-S/4", "Remix-DiT-S/4"]
+TINY_MODEL = dict(input_size=8, in_channels=1, num_classes=5, hidden_size=16, depth=2, num_heads=2, num_timesteps=40)
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_flow_model_reads_its_tables_at_the_timestep_of_its_flow_time(name):
+    """A flow model of every family equals its diffusion twin (same weights) fed timestep_index(t),
+    with the twin's embedder shown the flow times: so DTR's mask, Switch-DiT's gates and prior and
+    Remix-DiT's experts are read at timestep_index(t), and only the embedder sees the float t.
+    float64, forward, backward and (Switch-DiT) the prior loss."""
+    from switch_dit.models import create
+
+    extra = dict(num_experts=4, mixing="sample") if name.startswith("Remix") else {}
+    if name.startswith("Switch"):
+        extra = dict(prior="exact")
+    fl = _randomize(create(name, objective="flow", **TINY_MODEL, **extra), seed=1).double().eval()
+    twin = create(name, **TINY_MODEL, **extra).double().eval()
+    twin.load_state_dict(fl.state_dict())
+    T = TINY_MODEL["num_timesteps"]
+    times = flow.index_times(T).double()
+    embed = fl.t_embedder
+    twin.t_embedder.forward = lambda steps: embed(times[steps])  # the twin's steps -> the flow times
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g)
+    steps = torch.tensor([0, 7, 23, T - 1])
+    outs = []
+    for model, t in ((fl, times[steps]), (twin, steps)):
+        out = model(x, t, y)
+        loss = out.square().sum()
+        if name.startswith("Switch"):
+            loss = loss + model.prior_loss(t, generator=torch.Generator().manual_seed(5))
+        # (the twin's own embedder is bypassed: its stand-in is the flow model's)
+        params = [p for n, p in model.named_parameters() if not n.startswith("t_embedder.")]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        outs.append((out, loss, grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(outs[0][2], outs[1][2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if not name.startswith("DiT"):  # the tables do depend on t: another step, another output
+        assert not torch.allclose(twin(x, steps, y), twin(x, steps.flip(0), y))
+    with pytest.raises(ValueError, match="floating-point"):
+        fl(x, steps, y)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fl(x, torch.tensor([0.0, 0.5, 1.5, 0.2], dtype=torch.float64), y)
+
+
+@pytest.mark.parametrize("name", ["DTR-S/4", "Switch-DiT-S/4", "Remix-DiT-S/4"])
+def test_every_family_trains_and_samples_with_flow(name, tmp_path):
+    """`switch-dit train --objective flow` for the families with timestep tables (DiT and DiffMoE:
+    tests/test_diffmoe_train.py): a run completes, with a prior term where the family has one and
+    Remix-DiT's interval sampling in flow times, and samples with Euler."""
+    pytest.importorskip("sklearn")
+    from switch_dit.config import TrainConfig
+    from switch_dit.train import train
+    from tests.tiny_run import TINY_TRAIN, records
+
+    cfg = dict(TINY_TRAIN, model=name, objective="flow", num_experts=4, steps=2)
+    cfg.update(sample=True, samples_per_class=1, sample_steps=2)
+    tc = TrainConfig(**cfg, out=str(tmp_path / "run"))
+    assert tc.sample_method == "euler"
+    summary = train(tc, log=lambda *a, **k: None)
+    rows = records(tmp_path / "run")
+    assert summary["steps"] == 2 and all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    if not name.startswith("DTR"):
+        assert all(r["prior"] > 0 for r in rows)
