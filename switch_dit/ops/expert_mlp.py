@@ -22,10 +22,11 @@ Strategies (all compute the same function; autograd flows to x, gating and the w
                capturable. Where ``torch._grouped_mm`` cannot run (float64, misaligned
                strides) "bmm" stands in on CUDA, and on the CPU a per-expert loop over the
                same packed rows (host reads).
-  "fused"      forward only (evaluation, sampling): the Triton kernels of
-               ``switch_dit.kernels.expert_mlp`` over the same packing, gather fused into the
-               fc1 loads, bias + GELU and bias + score scaling in the GEMM epilogues, launched
-               over the static tile schedule of ``group_tokens`` (CUDA-graph capturable).
+  "fused"      the Triton kernels of ``switch_dit.kernels.expert_mlp`` over the same packing,
+               forward and backward: gathers fused into the GEMMs' loads, bias + GELU (and its
+               derivative) and the score scaling in the epilogues, the weight gradients as
+               per-expert reductions over the packed rows; launched over the static tile
+               schedule of ``group_tokens`` (CUDA-graph capturable), no float atomics.
 The combine is deterministic in every strategy (no float atomics): each token gathers its E
 candidate rows, zero where an expert did not choose it, and sums them over the experts in
 expert order, as the public code's (E*S, D) scatter-and-sum does.
@@ -159,21 +160,82 @@ def _grouped(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     return _combine(o, slot)
 
 
-def _fused(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
-    kern = dispatch.kernels("expert_mlp")
+def _fused_plan(index: Tensor, valid: Optional[Tensor], gating: Tensor, x: Tensor, kern):
+    """The packing, each packed row's gate score (0 past the used rows) and the (E, S) slots."""
     plan = grouping.group_tokens(index, valid, block_m=kern.BLOCK_M)
     used = plan.tokens >= 0
     scale = torch.where(used, gating.reshape(-1)[plan.pair.clamp(min=0)], 0).to(x.dtype)
+    slot = torch.full((index.shape[0], x.shape[0]), -1, dtype=torch.int64, device=x.device)
+    return plan, used, scale, slot.scatter_(1, index, plan.position)
+
+
+class _FusedExpertMLP(torch.autograd.Function):
+    """The Triton kernels, forward and backward (no float atomics anywhere):
+
+    forward   a = x[tok] w1^T + b1 (kept), h = gelu(a) (kept)      fc1_gelu, gather in the prologue
+              z = h w2^T + b2 (kept), o = gating * z               fc2_scale (unscaled), then one multiply
+              y = sum over experts of o, per token                 _combine (gather and sum)
+    backward  dgating[pair(r)] = <dy[tok r], z_r>                  a row dot
+              da = gating * (dy[tok] w2) * gelu'(a)                fc2_backward, gather in the prologue
+              dw2[e] = sum_r (gating dy[tok])_r^T h_r, db2         weight_grad, gather and scale in the loads
+              dw1[e] = sum_r da_r^T x[tok r], db1                  weight_grad, gather in the loads
+              dx = sum over experts of da w1                       fc1_backward, then _combine
+    """
+
+    @staticmethod
+    def forward(ctx, x, gating, w1, b1, w2, b2, index, valid):
+        kern = dispatch.kernels("expert_mlp")
+        x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
+        plan, used, scale, slot = _fused_plan(index, valid, gating, x, kern)
+        pre = torch.empty(plan.tokens.shape[0], w1.shape[1], device=x.device, dtype=x.dtype)
+        with dispatch.on_device(x):
+            h = kern.fc1_gelu(x, plan.tokens, w1, b1, plan.tiles, plan.offsets, pre=pre)
+            z = kern.fc2_scale(h, w2, b2, None, plan.tiles, plan.offsets)
+        o = torch.where(used.unsqueeze(-1), z * scale.unsqueeze(-1), 0)  # rows past the packing unwritten
+        ctx.save_for_backward(
+            x, gating, w1, w2, plan.tokens, plan.pair, plan.offsets, plan.tiles, used, scale, slot, pre, h, z
+        )
+        return _combine(o, slot)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gating, w1, w2, tokens, pair, offsets, tiles, used, scale, slot, pre, h, z = ctx.saved_tensors
+        kern = dispatch.kernels("expert_mlp")
+        dy = dy.to(x.dtype).contiguous()
+        tok = tokens.clamp(min=0)
+        with dispatch.on_device(x):
+            da = kern.fc2_backward(dy, tokens, w2, scale, pre, tiles, offsets)
+            dw2, db2 = kern.weight_grad(dy, tokens, scale, h, None, offsets)
+            dw1, db1 = kern.weight_grad(da, None, None, x, tokens, offsets)
+            dx = _combine(torch.where(used.unsqueeze(-1), kern.fc1_backward(da, w1, tiles, offsets), 0), slot)
+        ds = torch.where(used, (dy[tok].float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
+        E, C = gating.shape
+        dgating = ds.new_zeros(E * C + 1).scatter_(0, torch.where(used, pair, E * C), ds)[: E * C]
+        return (
+            dx.to(x.dtype),
+            dgating.view(E, C).to(gating.dtype),
+            dw1.to(w1.dtype),
+            db1.to(w1.dtype),
+            dw2.to(w2.dtype),
+            db2.to(w2.dtype),
+            None,
+            None,
+        )
+
+
+def _fused(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gating, w1, b1, w2, b2)):
+        return _FusedExpertMLP.apply(x, gating, w1, b1, w2, b2, index, valid)
+    # Evaluation and sampling: nothing kept, the gate score in fc2's epilogue.
+    kern = dispatch.kernels("expert_mlp")
+    plan, _, scale, slot = _fused_plan(index, valid, gating, x, kern)
     with dispatch.on_device(x):
         h = kern.fc1_gelu(x.contiguous(), plan.tokens, w1.contiguous(), b1.contiguous(), plan.tiles, plan.offsets)
         o = kern.fc2_scale(h, w2.contiguous(), b2.contiguous(), scale, plan.tiles, plan.offsets)
-    slot = torch.full((index.shape[0], x.shape[0]), -1, dtype=torch.int64, device=x.device)
-    return _combine(o, slot.scatter_(1, index, plan.position))
+    return _combine(o, slot)
 
 
 def _fused_unsupported(x, index, gating, w1, b1, w2, b2, valid=None):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gating, w1, b1, w2, b2)):
-        return "is forward only (evaluation and sampling); training runs 'bmm' or 'grouped'"
     return dispatch.kernels_unavailable("expert_mlp", (torch.float16, torch.bfloat16, torch.float32), x)
 
 
