@@ -6,11 +6,11 @@ contiguous, a tile schedule of (expert, first row) per block of BLOCK_M rows):
   fc1:           h[r] = gelu_tanh(x[tokens[r]] @ w1[e].T + b1[e])   gather fused into the A loads
                  (training also stores the pre-activation a[r])
   fc2:           o[r] = (h[r] @ w2[e].T + b2[e]) * scale[r]         the gate score in the epilogue
-  fc2_backward:  da[r] = scale[r] (dy[tokens[r]] @ w2[e]) gelu'(a[r])
+  fc2_backward:  da[r] = scale[r] (dy_packed[r] @ w2[e]) gelu'(a[r])
   fc1_backward:  dx rows[r] = da[r] @ w1[e]
-  weight_grad:   dw[e] = sum over e's rows of g[r]^T a[r] (+ db[e] = sum of g[r]), gathers and
-                 the score in the loads; one program per (expert, tile of dw) walks the expert's
-                 rows in a fixed order: deterministic, no atomics.
+  weight_grad:   dw[e] = sum over e's rows of g[r]^T a[r] (+ db[e] = sum of g[r]), the score in
+                 the loads, rows packed by the caller; one program per (expert, tile of dw)
+                 walks the expert's rows in a fixed order: deterministic, no atomics.
 
 The GEMM grid is (max tiles, column blocks), fixed by (E, C) on the host; a tile row of -1 (past
 the experts' real tiles) exits at once, so the launch needs no count from the device and is
@@ -28,12 +28,27 @@ import triton
 import triton.language as tl
 
 from switch_dit.kernels import INTERPRET
+from switch_dit.kernels.routed_linear import _ieee
 
-__all__ = ["BLOCK_M", "fc1_gelu", "fc2_scale", "fc2_backward", "fc1_backward", "weight_grad"]
+__all__ = [
+    "BLOCK_M",
+    "GPU_BLOCKS",
+    "IEEE_WGRAD_ROWS",
+    "fc1_gelu",
+    "fc2_scale",
+    "fc2_backward",
+    "fc1_backward",
+    "weight_grad",
+]
 
-BLOCK_M = 64 if not INTERPRET else 16  # rows per tile: group_tokens(..., block_m=BLOCK_M)
-_BLOCK_N = 64 if not INTERPRET else 16
-_BLOCK_K = 32 if not INTERPRET else 16
+# Tiles on a GPU (what the static check compiles) and under the interpreter (small: it is slow).
+GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+_BLOCKS = GPU_BLOCKS if not INTERPRET else dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+BLOCK_M = _BLOCKS["BLOCK_M"]  # rows per tile: group_tokens(..., block_m=BLOCK_M)
+# Rows per step of the weight gradients' reduction in true fp32: the FMA products of 64 rows
+# spill on sm_80 (static check: 7.7 KB); 16 rows use 96-127 registers and no spill.
+IEEE_WGRAD_ROWS = 16
+_BLOCK_N, _BLOCK_K = _BLOCKS["BLOCK_N"], _BLOCKS["BLOCK_K"]
 
 
 @triton.jit
@@ -77,6 +92,7 @@ def _grouped_kernel(
     GELU: tl.constexpr,
     SCALE: tl.constexpr,
     GELU_GRAD: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -111,7 +127,10 @@ def _grouped_kernel(
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, w)
+        if IEEE:  # fp32 in true fp32 unless PyTorch allows TF32, as the routed linear
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         bias = tl.load(b_ptr + e.to(tl.int64) * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -132,10 +151,8 @@ def _grouped_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     g_ptr,
-    g_rowmap_ptr,
     scale_ptr,
     a_ptr,
-    a_rowmap_ptr,
     dw_ptr,
     db_ptr,
     offsets_ptr,
@@ -143,18 +160,19 @@ def _grouped_wgrad_kernel(
     K,
     stride_g,
     stride_a,
-    GATHER_G: tl.constexpr,
     SCALE_G: tl.constexpr,
-    GATHER_A: tl.constexpr,
     HAS_DB: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # dw[e] (N, K) = sum over expert e's packed rows r of g_r^T a_r, db[e] (N,) = sum of g_r, where
-    # g_r = g[src_g(r)] (* scale[r]) and a_r = a[src_a(r)]. One program per (expert, N block, K
-    # block) walks its expert's rows offsets[e]:offsets[e+1] (bounds read on the device): a
-    # fixed-order reduction, no atomics, and an expert without rows writes zeros.
+    # dw[e] (N, K) = sum over expert e's packed rows r of g_r^T a_r, db[e] (N,) = sum of g_r, with
+    # g_r = g[r] (* scale[r]). One program per (expert, N block, K block) walks its expert's rows
+    # offsets[e]:offsets[e+1] (bounds read on the device): a fixed-order reduction, no atomics,
+    # and an expert without rows writes zeros. The rows come packed (gathered by the caller): a
+    # gather inside this loop, an index load feeding the addresses, keeps Triton from
+    # pipelining it (static check), while the GEMMs' gathers sit outside their K loops.
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -167,26 +185,17 @@ def _grouped_wgrad_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < end
-        if GATHER_G:
-            src_g = tl.load(g_rowmap_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            src_g = rows.to(tl.int64)
-        if GATHER_A:
-            src_a = tl.load(a_rowmap_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            src_a = rows.to(tl.int64)
-        g = tl.load(
-            g_ptr + src_g[:, None] * stride_g + cols_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0
-        )
+        g = tl.load(g_ptr + rows[:, None] * stride_g + cols_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE_G:
             s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             g = (g.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
-        a = tl.load(
-            a_ptr + src_a[:, None] * stride_a + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        acc += tl.dot(tl.trans(g), a)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), a, acc)
         if HAS_DB:
             acc_b += tl.sum(g.to(tl.float32), axis=0)
     e64 = e.to(tl.int64)
@@ -236,6 +245,7 @@ def _launch(a, rowmap, w, b, scale, out, tiles, offsets, *, gather, gelu, pre=No
         GELU=int(gelu),
         SCALE=int(scale is not None),
         GELU_GRAD=int(gelu_grad),
+        IEEE=_ieee(a.dtype, a.device),
         BLOCK_M=BLOCK_M,
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
@@ -260,12 +270,15 @@ def fc2_scale(h, w2, b2, scale, tiles, offsets):
     return _launch(h, h, w2, b2, scale, o, tiles, offsets, gather=False, gelu=False)
 
 
-def fc2_backward(dy, tokens, w2, scale, pre, tiles, offsets):
-    """da (R, H) = scale[r] * (dy[tokens[r]] @ w2[e]) * gelu'(pre[r]): the gradient at fc1's
-    pre-activation; dy (S, D) gathered in the prologue, w2 (E, D, H), pre (R, H) from fc1_gelu."""
-    da = torch.empty(tokens.shape[0], w2.shape[2], device=dy.device, dtype=dy.dtype)
+def fc2_backward(dy_packed, w2, scale, pre, tiles, offsets):
+    """da (R, H) = scale[r] * (dy_packed[r] @ w2[e]) * gelu'(pre[r]): the gradient at fc1's
+    pre-activation; dy_packed (R, D) the output gradient of each packed row's token, w2 (E, D, H),
+    pre (R, H) from fc1_gelu."""
+    da = torch.empty(dy_packed.shape[0], w2.shape[2], device=dy_packed.device, dtype=dy_packed.dtype)
     w2t = w2.transpose(1, 2)  # (E, H, D) view: row n = h of w2[e]^T
-    return _launch(dy, tokens, w2t, None, scale, da, tiles, offsets, gather=True, gelu=False, pre=pre, gelu_grad=True)
+    return _launch(
+        dy_packed, dy_packed, w2t, None, scale, da, tiles, offsets, gather=False, gelu=False, pre=pre, gelu_grad=True
+    )
 
 
 def fc1_backward(da, w1, tiles, offsets):
@@ -274,21 +287,20 @@ def fc1_backward(da, w1, tiles, offsets):
     return _launch(da, da, w1.transpose(1, 2), None, None, dx, tiles, offsets, gather=False, gelu=False)
 
 
-def weight_grad(g, g_rows, scale, a, a_rows, offsets, with_bias=True):
-    """(dw (E, N, K), db (E, N) or None) with dw[e] = sum over e's packed rows r of g_r^T a_r,
-    g_r = g[g_rows[r]] * scale[r] (g_rows/scale None: row r itself, unscaled), a_r likewise.
-    g (*, N), a (*, K); offsets (E + 1,) the packing's; float32 results (cast by the caller)."""
+def weight_grad(g, scale, a, offsets, with_bias=True):
+    """(dw (E, N, K), db (E, N) or None), float32: dw[e] = sum over e's packed rows r of
+    (g[r] * scale[r])^T a[r] (scale None: unscaled), db[e] the sum of the scaled g rows.
+    g (R, N), a (R, K) packed rows (contiguous), offsets (E + 1,) the packing's."""
     _check(g)
     E, N, K = offsets.shape[0] - 1, g.shape[1], a.shape[1]
     dw = torch.empty(E, N, K, device=g.device, dtype=torch.float32)
     db = torch.empty(E, N, device=g.device, dtype=torch.float32) if with_bias else None
     grid = (E, triton.cdiv(N, _BLOCK_N), triton.cdiv(K, _BLOCK_K))
+    ieee = _ieee(g.dtype, g.device)
     _grouped_wgrad_kernel[grid](
         g,
-        g_rows if g_rows is not None else offsets,
         scale if scale is not None else g,
         a,
-        a_rows if a_rows is not None else offsets,
         dw,
         db if db is not None else dw,
         offsets,
@@ -296,11 +308,10 @@ def weight_grad(g, g_rows, scale, a, a_rows, offsets, with_bias=True):
         K,
         g.stride(0),
         a.stride(0),
-        GATHER_G=int(g_rows is not None),
         SCALE_G=int(scale is not None),
-        GATHER_A=int(a_rows is not None),
         HAS_DB=int(with_bias),
-        BLOCK_R=BLOCK_M,
+        IEEE=ieee,
+        BLOCK_R=min(BLOCK_M, IEEE_WGRAD_ROWS) if ieee else BLOCK_M,
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
     )

@@ -135,6 +135,18 @@ for dtype in (torch.bfloat16, torch.float32):
     (zr.float().sum() + h.float().sum()).backward()
     ops.gated_residual(z, y, gate, backend="triton").float().sum().backward()
 
+    # DiffMoE's expert MLPs, training (forward kernels with the pre-activation kept, backward
+    # kernels) and evaluation (the score in fc2's epilogue).
+    from switch_dit.ops.expert_mlp import expert_mlp
+    S, D, H, E = 24, 32, 48, 4
+    xs = rnd(S, D)
+    gating, index = torch.topk(torch.rand(E, S), 8, dim=1)
+    gating = gating.to(dtype).requires_grad_(True)
+    ws = [rnd(E, H, D), rnd(E, H), rnd(E, D, H), rnd(E, D)]
+    expert_mlp(xs, index, gating, *ws, backend="fused").float().sum().backward()
+    with torch.no_grad():
+        expert_mlp(xs, index, gating, *ws, backend="fused")
+
 json.dump(records, sys.stdout)
 """
 
@@ -164,6 +176,19 @@ def gpu_configs(rec: dict, full: bool) -> list[dict]:
         from switch_dit.kernels.norm_modulate import rows_per_program
 
         return [dict(rec["options"], ROWS=rows_per_program(32, 256, 132, name.endswith("_bwd_kernel")))]
+    if rec["module"].endswith("expert_mlp"):  # the GPU's tiles (the interpreter's are smaller)
+        from switch_dit.kernels.expert_mlp import GPU_BLOCKS, IEEE_WGRAD_ROWS
+
+        wgrad = name == "_grouped_wgrad_kernel"
+        fp32 = a["g_ptr" if wgrad else "a_ptr"]["tensor"] == "float32"
+        out = []
+        for ieee in (0, 1) if fp32 else (0,):
+            blocks = dict(GPU_BLOCKS)
+            if wgrad:  # the launcher's rows per reduction step
+                rows = blocks.pop("BLOCK_M")
+                blocks["BLOCK_R"] = min(rows, IEEE_WGRAD_ROWS) if ieee else rows
+            out.append(dict(rec["options"], **blocks, IEEE=ieee))
+        return out
     if name not in ("_mixed_matmul_kernel", "_mixed_wgrad_kernel"):
         return [dict(rec["options"])]
     module = importlib.import_module(rec["module"])

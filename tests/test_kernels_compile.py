@@ -27,6 +27,8 @@ KERNELS = {
     "_res_ln_mod_bwd_kernel",
     "_gated_res_fwd_kernel",
     "_gated_res_bwd_kernel",
+    "_grouped_kernel",  # DiffMoE's expert MLP: fc1, fc2 and their backward
+    "_grouped_wgrad_kernel",
 }
 
 

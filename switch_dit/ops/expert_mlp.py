@@ -176,9 +176,9 @@ class _FusedExpertMLP(torch.autograd.Function):
               z = h w2^T + b2 (kept), o = gating * z               fc2_scale (unscaled), then one multiply
               y = sum over experts of o, per token                 _combine (gather and sum)
     backward  dgating[pair(r)] = <dy[tok r], z_r>                  a row dot
-              da = gating * (dy[tok] w2) * gelu'(a)                fc2_backward, gather in the prologue
-              dw2[e] = sum_r (gating dy[tok])_r^T h_r, db2         weight_grad, gather and scale in the loads
-              dw1[e] = sum_r da_r^T x[tok r], db1                  weight_grad, gather in the loads
+              da = gating * (dy[tok] w2) * gelu'(a)                fc2_backward (dy[tok] packed once)
+              dw2[e] = sum_r (gating dy[tok])_r^T h_r, db2         weight_grad, the score in the loads
+              dw1[e] = sum_r da_r^T x[tok r], db1                  weight_grad (x[tok] packed)
               dx = sum over experts of da w1                       fc1_backward, then _combine
     """
 
@@ -201,14 +201,15 @@ class _FusedExpertMLP(torch.autograd.Function):
     def backward(ctx, dy):
         x, gating, w1, w2, tokens, pair, offsets, tiles, used, scale, slot, pre, h, z = ctx.saved_tensors
         kern = dispatch.kernels("expert_mlp")
-        dy = dy.to(x.dtype).contiguous()
         tok = tokens.clamp(min=0)
+        # The rows packed once (the weight gradients' reductions pipeline only over packed rows).
+        dy_p = dy.to(x.dtype)[tok].contiguous()  # (R, D): each packed row's output gradient
         with dispatch.on_device(x):
-            da = kern.fc2_backward(dy, tokens, w2, scale, pre, tiles, offsets)
-            dw2, db2 = kern.weight_grad(dy, tokens, scale, h, None, offsets)
-            dw1, db1 = kern.weight_grad(da, None, None, x, tokens, offsets)
+            da = kern.fc2_backward(dy_p, w2, scale, pre, tiles, offsets)
+            dw2, db2 = kern.weight_grad(dy_p, scale, h, offsets)
+            dw1, db1 = kern.weight_grad(da, None, x[tok].contiguous(), offsets)
             dx = _combine(torch.where(used.unsqueeze(-1), kern.fc1_backward(da, w1, tiles, offsets), 0), slot)
-        ds = torch.where(used, (dy[tok].float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
+        ds = torch.where(used, (dy_p.float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
         E, C = gating.shape
         dgating = ds.new_zeros(E * C + 1).scatter_(0, torch.where(used, pair, E * C), ds)[: E * C]
         return (
