@@ -132,3 +132,25 @@ def test_bad_input():
         expert_mlp(x, index, gating, ws[0], ws[1], ws[2][:, 1:], ws[3])
     with pytest.raises(ValueError, match="valid must be None or bool"):
         expert_mlp(x, index, gating, *ws, valid=torch.ones(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_x_gradient_has_no_scatter_add(backend):
+    """The gather of the chosen tokens must not differentiate as index_put/index_add (float atomics
+    on CUDA: a token chosen by several experts would get its gradient in a varying order); its
+    backward is the combine's fixed-order sum (_GatherRows). Read from the autograd graph: every
+    node that hands x its gradient is a _GatherRows backward."""
+    x, index, gating, ws, valid = _inputs("fixed")
+    assert torch.bincount(index.flatten()).max() > 1  # tokens chosen by several experts
+    y = expert_mlp(x, index, gating, *ws, backend=backend)
+    seen, stack, into_x = set(), [y.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for next_fn, _ in node.next_functions:
+            if getattr(next_fn, "variable", None) is x:
+                into_x.append(type(node).__name__)
+            stack.append(next_fn)
+    assert into_x and set(into_x) == {"_GatherRowsBackward"}, into_x

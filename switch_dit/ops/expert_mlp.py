@@ -29,7 +29,8 @@ Strategies (all compute the same function; autograd flows to x, gating and the w
                schedule of ``group_tokens`` (CUDA-graph capturable), no float atomics.
 The combine is deterministic in every strategy (no float atomics): each token gathers its E
 candidate rows, zero where an expert did not choose it, and sums them over the experts in
-expert order, as the public code's (E*S, D) scatter-and-sum does.
+expert order, as the public code's (E*S, D) scatter-and-sum does. The gather of the chosen
+tokens has the same sum as its backward (``_GatherRows``), so x's gradient is deterministic too.
 """
 
 from __future__ import annotations
@@ -102,17 +103,34 @@ def _combine(rows: Tensor, slot: Tensor) -> Tensor:
     return padded[torch.where(slot >= 0, slot, rows.shape[0])].sum(0)
 
 
+class _GatherRows(torch.autograd.Function):
+    """x[rows] (R, D), with a backward that sums each token's rows by ``_combine`` (fixed order, no
+    atomics) instead of index_put's scatter-add, which uses float atomics on CUDA whenever a token
+    was chosen by several experts. slot (E, S): the gathered row of (expert, token), or -1; a row
+    missing from slot must get a zero gradient (an unused or invalid row: its score is 0)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, slot):
+        ctx.save_for_backward(slot)
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot,) = ctx.saved_tensors
+        return _combine(grad, slot), None, None
+
+
 def _bmm(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     E, C = index.shape
-    xg = x[index]  # (E, C, D)
-    h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), approximate="tanh")
-    o = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (E, C, D)
-    g = gating if valid is None else torch.where(valid, gating, 0)
-    o = o * g.unsqueeze(-1).to(o.dtype)
     rows = torch.arange(E * C, device=x.device).view(E, C)
     if valid is not None:
         rows = torch.where(valid, rows, -1)
     slot = torch.full((E, x.shape[0]), -1, dtype=torch.int64, device=x.device).scatter_(1, index, rows)
+    xg = _GatherRows.apply(x, index.reshape(-1), slot).view(E, C, -1)  # (E, C, D)
+    h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xg, w1.transpose(1, 2)), approximate="tanh")
+    o = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (E, C, D)
+    g = gating if valid is None else torch.where(valid, gating, 0)
+    o = o * g.unsqueeze(-1).to(o.dtype)
     return _combine(o.reshape(E * C, -1), slot)
 
 
@@ -148,15 +166,15 @@ def _grouped(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
     eid = plan.row_expert.clamp(min=0)  # expert of each packed row
     # The GEMMs leave rows past offsets[E] unwritten, forward and backward: the selects keep
     # them out of every result and gradient (a select drops, where a product would keep, NaN).
+    slot = torch.full((E, x.shape[0]), -1, dtype=torch.int64, device=x.device)
+    slot = slot.scatter_(1, index, plan.position)  # position is -1 for invalid pairs
     rows_used = used.unsqueeze(-1)
-    xs = torch.where(rows_used, x[tok], 0)
+    xs = torch.where(rows_used, _GatherRows.apply(x, tok, slot), 0)
     h = F.gelu(_grouped_linear(xs, w1, plan.offsets[1:]) + b1[eid], approximate="tanh")
     h = torch.where(rows_used, h, 0)
     o = _grouped_linear(h, w2, plan.offsets[1:]) + b2[eid]
     g = torch.where(used, gating.reshape(-1)[plan.pair.clamp(min=0)], 0)
     o = o * g.unsqueeze(-1).to(o.dtype)
-    slot = torch.full((E, x.shape[0]), -1, dtype=torch.int64, device=x.device)
-    slot = slot.scatter_(1, index, plan.position)  # position is -1 for invalid pairs
     return _combine(o, slot)
 
 
