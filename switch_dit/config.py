@@ -87,6 +87,10 @@ class TrainConfig:
     num_basis: int = 4
     mixing: str = "batch"
     init_from: str | None = None
+    # DiffMoE (switch_dit.diffmoe): tokens per expert per step as a multiple of S / E, and MoE MLPs
+    # in the odd blocks (the published layout) or in every block
+    capacity: float = 1.0
+    interleave: bool = True
     backend: str = "auto"
     compile: str = "auto"  # torch.compile mode of the training step: auto = "default" on CUDA, "none" on the CPU
     tf32: bool = True  # TF32 for fp32 matmuls and convolutions on CUDA (training and the samples after it)
@@ -327,6 +331,12 @@ def _validate(c: TrainConfig) -> None:
                 raise ValueError(f"{name} {getattr(c, name)!r} applies to Remix-DiT models only, not {c.model}")
         if c.init_from is not None:
             raise ValueError(f"init_from applies to Remix-DiT models (initialised from a DiT), not {c.model}")
+    need(
+        _is_number(c.capacity) and c.capacity > 0, "capacity", "a positive number (tokens per expert: capacity * S / E)"
+    )
+    need(isinstance(c.interleave, bool), "interleave", "True or False")
+    if not c.model.startswith("DiffMoE-") and (c.capacity != 1.0 or not c.interleave):
+        raise ValueError(f"capacity and interleave apply to DiffMoE models only, not {c.model}")
     if c.data == "digits" and c.image_size and c.image_size < 8:
         raise ValueError(f"image_size must be >= 8 for the digits (they are 8x8), got {c.image_size!r}")
     if c.data != "digits" and c.image_size and c.image_size % 8:
@@ -514,6 +524,14 @@ _FLAGS = {
     "top_k": (dict(type=_positive_int), "k, experts per sample"),
     "num_basis": (dict(type=_positive_int), "Remix-DiT: K, basis models"),
     "mixing": (dict(choices=("batch", "sample")), "Remix-DiT: one mixed model per batch (published) or per sample"),
+    "capacity": (
+        dict(type=_positive_float),
+        "DiffMoE: tokens per expert per step, as a multiple of S / E (published 1)",
+    ),
+    "interleave": (
+        dict(action=argparse.BooleanOptionalAction),
+        "DiffMoE: MoE MLPs in the odd blocks (published); --no-interleave: in every block",
+    ),
     "init_from": (
         dict(),
         "Remix-DiT: start from this trained DiT (run folder or checkpoint, ours or the "

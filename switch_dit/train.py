@@ -118,6 +118,10 @@ def model_kwargs(cfg: TrainConfig, data_info: dict | None = None) -> dict:
             kw[key] = getattr(cfg, key)
     if cfg.model.startswith("DiffMoE") or cfg.objective == "flow":
         kw["objective"] = cfg.objective  # the model checks its t (float flow times or int steps)
+    if cfg.capacity != 1.0:  # (DiffMoE only, TrainConfig checks; the published values stay implicit)
+        kw["capacity"] = cfg.capacity
+    if not cfg.interleave:
+        kw["interleave"] = False
     return kw
 
 

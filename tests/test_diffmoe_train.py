@@ -155,3 +155,23 @@ def test_dit_trains_with_flow(tmp_path):
     cfg = dict(TINY, model="DiT-S/4", steps=2, sample=True, samples_per_class=1, sample_steps=2)
     summary = train(TrainConfig(**cfg, out=str(tmp_path / "dit")), log=lambda *a, **k: None)
     assert summary["steps"] == 2 and all(r["loss"] > 0 for r in records(tmp_path / "dit"))
+
+
+def test_capacity_and_interleave_from_the_command_line(tmp_path):
+    """`switch-dit train --capacity --no-interleave` reaches the model, its checkpoint rebuilds it,
+    and bad values (or the flags on another family) are refused by name."""
+    pytest.importorskip("sklearn")
+    from switch_dit.cli import main
+    from tests.tiny_run import TINY_TRAIN_ARGS
+
+    with pytest.raises(ValueError, match="capacity"):
+        TrainConfig(**{**TINY, "capacity": 0.0})
+    with pytest.raises(ValueError, match="capacity and interleave apply to DiffMoE models only"):
+        TrainConfig(**{**TINY, "model": "DiT-S/4", "interleave": False})
+    out = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN_ARGS, "--model", "DiffMoE-S/4", "--objective", "flow", "--num-experts", "4"]
+    argv += ["--capacity", "0.5", "--no-interleave", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    model = ck.model_from_checkpoint(ck.load_checkpoint(out / "checkpoint.pt"), device="cpu")
+    assert model.capacity == 0.5 and model.moe_blocks == [0, 1]  # depth 2, every block
+    assert all(r["prior"] > 0 for r in records(out))
