@@ -3,10 +3,10 @@
 One step as the official training script runs it, at the paper's per-GPU batch (32):
 autocast (bf16, or fp16 with a GradScaler as the official code trains), the hybrid
 diffusion loss plus the diffusion prior loss, backward, AdamW (lr 1e-4, no weight
-decay; the fused implementation on CUDA), EMA update (decay 0.9999, one foreach lerp). Figures: step time (CUDA events around each step,
-back to back), images/s, model FLOP utilisation (the analytic model FLOPs of
-``flops.train_step_flops`` over the dtype's datasheet peak and over the peak measured in the
-same run), peak memory, host syncs per step.
+decay; the fused implementation on CUDA), EMA update (decay 0.9999, one foreach lerp).
+Figures: step time (CUDA events around each step, back to back), images/s, model FLOP
+utilisation (the analytic model FLOPs of ``flops.train_step_flops`` over the dtype's datasheet
+peak and over the peak measured in the same run), peak memory, host syncs per step.
 """
 
 from __future__ import annotations

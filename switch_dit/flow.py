@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from ._checks import _should_check_values, check_sample_args
+from .diffusion import accepts_shared_timestep
 
 __all__ = ["RectifiedFlow", "check_flow_time", "sample", "timestep_index", "index_times", "flow_times_of_index"]
 
@@ -189,8 +190,12 @@ def sample(
                 raise ValueError("null_class is required when the model has no num_classes")
         y_null = torch.full_like(y, null_class)
 
+    # One 0-d flow time per step where the model takes it (``accepts_shared_timestep``: DiT, DTR,
+    # Switch-DiT, Remix-DiT): one row of gates and one mixed weight per block (docs/design.md §2.3).
+    per_step = () if accepts_shared_timestep(model) else None
+
     def velocity(z: Tensor, t: float) -> Tensor:
-        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.float32)
+        tt = torch.full(per_step if per_step is not None else (z.shape[0],), t, device=z.device, dtype=torch.float32)
         v = _velocity(model(z, tt, y), z)
         if y_null is not None:
             vu = _velocity(model(z, tt, y_null), z)

@@ -255,3 +255,28 @@ def test_every_family_trains_and_samples_with_flow(name, tmp_path):
     assert summary["steps"] == 2 and all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in rows)
     if not name.startswith("DTR"):
         assert all(r["prior"] > 0 for r in rows)
+
+
+def test_flow_sampling_passes_one_flow_time_per_step_where_the_model_takes_it():
+    """A flow model with ``accepts_shared_timestep`` (Switch-DiT here) is sampled with one 0-d flow
+    time per step (its shared path: experts mixed once per block), and gives what per-sample
+    times give (float64, Euler and Heun with guidance)."""
+    from switch_dit.models import create
+
+    model = _randomize(create("Switch-DiT-S/4", objective="flow", **TINY_MODEL), seed=4).double().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[1].dim()))
+    y = torch.tensor([0, 3, 4])
+    for method in ("euler", "heun"):
+        noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        seen.clear()
+        shared = flow.sample(model, y, steps=3, method=method, cfg_scale=2.0, noise=noise)
+        assert seen and set(seen) == {0}
+        type(model).accepts_shared_timestep = False  # the per-sample path, for comparison
+        try:
+            seen.clear()
+            per_sample = flow.sample(model, y, steps=3, method=method, cfg_scale=2.0, noise=noise)
+            assert set(seen) == {1}
+        finally:
+            type(model).accepts_shared_timestep = True
+        torch.testing.assert_close(shared, per_sample, rtol=1e-10, atol=1e-12)
