@@ -13,8 +13,9 @@ table (timestep MLP and every layer's gate on all T timesteps), counted once per
 image: the routing of every sample reads its row, and the prior loss uses the whole table.
 
 The op floors use the *least* work that computes the op (one dense GEMM for the routed
-linear, whatever k is) and the fewest bytes: every input read once, every output
-written once. Every variant of one op shares that work, so time / floor compares them.
+linear, whatever k is; the chosen rows' two GEMMs for the expert MLP) and the fewest bytes:
+every input read once, every output written once. Every variant of one op shares that work,
+so time / floor compares them.
 """
 
 from __future__ import annotations
@@ -166,6 +167,23 @@ def routed_linear_work(B: int, L: int, D: int, M: int, k: int, elem: int, mode: 
     act, w = B * L * D * elem, M * (D * D + D) * elem
     fwd = (2.0 * B * L * D * D, 2 * act + w)
     bwd = (4.0 * B * L * D * D, 3 * act + 2 * w)
+    return _passes(mode, fwd, bwd)
+
+
+def expert_mlp_work(S: int, D: int, H: int, E: int, C: int, elem: int, mode: str) -> dict:
+    """DiffMoE's expert MLP: E experts (D -> H -> D) over C chosen tokens each of a pool of S.
+
+    FLOPs: the two GEMMs over the E * C (expert, token) rows, forward 2 * 2 R D H, backward
+    twice that (dx and dW of both layers); at capacity 1 (R = S) exactly the dense MLP's. GELU,
+    the gate scaling and the combine are elementwise, not counted (as everywhere here).
+    Bytes: the pool x in and y out, the weights (forward); dy, x in and dx out, the weights in
+    and their gradients out (backward). The (R, H) hidden activations are not counted: the
+    fewest bytes keep them on chip (recomputed); the index and gate scores are negligible.
+    """
+    R = E * C
+    act, w = S * D * elem, E * (2 * D * H + H + D) * elem
+    fwd = (4.0 * R * D * H, 2 * act + w)
+    bwd = (8.0 * R * D * H, 3 * act + 2 * w)
     return _passes(mode, fwd, bwd)
 
 

@@ -14,8 +14,9 @@ a killed case stays as a "did not finish" row). The phases, in order:
 
   build  the C++/CUDA extension for this device's architecture, with every core; no download
   tests  pytest -m gpu: every CUDA-only test (the interpreter tests are not selected)
-  ops    every strategy of every op (``switch_dit.ops.strategies``) at the S, B and XL widths,
-         with the dense cuBLAS floor and the baselines (eager, compiled, max-autotune, official)
+  ops    every strategy of every op (``switch_dit.ops.strategies``) at the S, B and XL widths
+         (DiffMoE's expert MLP at XL only, last), with the dense cuBLAS floors and the baselines
+         (eager, compiled, max-autotune, official)
   block  1-block models: fast vs reference Switch-DiT, dense DiT
   step   S/2 and XL/2 training steps, the patched reference-code model included
 
@@ -357,6 +358,7 @@ def missing_fields(data: dict) -> list[str]:
         ("ops", "routed_linear", "reference"),
         ("ops", "routed_linear", "reference+compile"),
         ("ops", "routed_linear", "official"),
+        ("ops", "expert_mlp", "dense_mlp"),
         ("block", "Switch-DiT block", "reference"),
         ("block", "DiT block", "reference"),
         ("step", "train_step", "reference"),
@@ -369,6 +371,7 @@ def missing_fields(data: dict) -> list[str]:
         ("ops", "routed_linear"),
         ("ops", "mask_ln_modulate"),
         ("ops", "gated_residual_ln_modulate"),
+        ("ops", "expert_mlp"),
         ("block", "Switch-DiT block"),
         ("step", "train_step"),
     ):

@@ -34,6 +34,7 @@ TARGETS = {
     "xl_mfu": 0.55,
     "xl_vs_compile": 1.3,
     "s_vs_compile": 2.0,
+    "moe_vs_dense_mlp": 1.3,  # DiffMoE expert MLP fwd+bwd / dense MLP of equal activated size, at most
 }
 
 
@@ -511,6 +512,25 @@ def targets(rows) -> list[dict]:
         }
     )
 
+    # DiffMoE: E experts at capacity 1 process S rows, the dense MLP's activated work
+    moe_Ds = sorted({r["shape"]["D"] for r in _ok(rows) if r["bench"] == "expert_mlp"})
+    moe = dict(bench="expert_mlp", mode="fwd+bwd")
+    add(
+        "DiffMoE expert MLP fwd+bwd: fast time / one dense MLP of equal activated size",
+        [
+            (
+                f"D={D}",
+                _ratio(
+                    _ms(_best_fast(rows, **moe, shape={"D": D})),
+                    _ms(_find(rows, variant="dense_mlp", **moe, shape={"D": D})),
+                ),
+            )
+            for D in moe_Ds
+        ],
+        "<=",
+        TARGETS["moe_vs_dense_mlp"],
+    )
+
     sizes = sorted({r["shape"]["model"].rsplit("-", 1)[1] for r in _ok(rows) if r["suite"] == "block"})
 
     def blk(fam, size):
@@ -595,7 +615,10 @@ PREDICTED_OPS = {
     "routed_linear": "expert_mask",
     "mask_ln_modulate": "mask_ln_modulate",
     "gated_residual_ln_modulate": "residual_ln_modulate",
+    "expert_mlp": "expert_mlp",
 }
+# the floor rows, which the model calls "dense"
+FLOOR_VARIANTS = ("dense_linear", "dense_mlp")
 
 
 def prediction_ms(row, device: str) -> tuple[float | None, str]:
@@ -604,7 +627,7 @@ def prediction_ms(row, device: str) -> tuple[float | None, str]:
     op = PREDICTED_OPS.get(row["bench"])
     if op is None or row["mode"] not in ("fwd", "bwd", "fwd+bwd"):
         return None, "no model"
-    strategy = "dense" if row["variant"] == "dense_linear" else row["variant"]
+    strategy = "dense" if row["variant"] in FLOOR_VARIANTS else row["variant"]
     if strategy == "triton":
         strategy = "fused"
     try:

@@ -3,7 +3,8 @@
 full  (GPU) every benchmark at the paper's sizes;
 quick (GPU) the cases that decide the targets (they also run first in full mode);
 gpu   (GPU) the plan of ``make gpu`` (benchmarks/gpu.py): every op strategy at the S, B and XL
-      widths, block rows, S/2 and XL/2 training steps, shorter timing loops to fit its budget;
+      widths (DiffMoE's expert MLP at XL only), block rows, S/2 and XL/2 training steps, shorter
+      timing loops to fit its budget;
 smoke (CPU) tiny shapes, fp32, a few iterations: checks the harness, not the speed (``make gpu DRY=1``).
 """
 
@@ -23,6 +24,10 @@ class Settings:
     op_shapes: list  # dicts B, L, D (M and k below)
     op_quick_D: tuple
     plan_shapes: list  # dicts N, T, M, B, k, L (tokens, for the tile schedule); the first is quick
+    # dicts B, L, D of DiffMoE's expert MLP (bench "expert_mlp"), None: the op shapes. Its 16
+    # experts of 4D hidden units cost several times a routed linear: make gpu runs the XL width
+    # only, the smoke run a narrower shape (the interpreted fused kernels take seconds per call)
+    moe_shapes: list | None = None
     M: int = 3
     k: int = 2
     input_sets: int = 4
@@ -53,7 +58,8 @@ def settings_for(mode: str) -> Settings:
             mode="smoke",
             op_dtype=torch.float32,  # the Triton interpreter's bf16 dot is wrong (docs/design.md §4)
             op_shapes=[{"B": 2, "L": 16, "D": 32}],
-            op_quick_D=(32,),
+            op_quick_D=(32, 16),
+            moe_shapes=[{"B": 2, "L": 16, "D": 16}],
             plan_shapes=[{"N": 2, "T": 50, "M": 3, "B": 4, "k": 2, "L": 16}],
             input_sets=2,
             block_sizes=("S/2",),
@@ -79,6 +85,7 @@ def settings_for(mode: str) -> Settings:
             op_dtype=torch.bfloat16,
             op_shapes=[{"B": 32, "L": 256, "D": D} for D in (384, 768, 1152)],  # S, B, XL widths
             op_quick_D=(384, 768, 1152),
+            moe_shapes=[{"B": 32, "L": 256, "D": 1152}],  # the XL width of the DiffMoE target only
             plan_shapes=[{"N": 28, "T": 1000, "M": 3, "B": 256, "k": 2, "L": 256}],
             # XL first: its rows decide the MFU and the XL targets, and a budget cuts the tail
             block_sizes=("XL/2", "B/2"),

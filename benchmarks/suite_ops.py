@@ -1,4 +1,5 @@
-"""Op benchmarks: routed expert linear, mask+LN+modulate, gated residual+LN+modulate, routing plan.
+"""Op benchmarks: routed expert linear, mask+LN+modulate, gated residual+LN+modulate, routing plan,
+DiffMoE's expert MLP.
 
 Variants of every op, side by side in one run (the row's ``extra.role`` says which kind):
   <strategy>              (role "strategy") every strategy ``switch_dit.ops.strategies(op)`` lists,
@@ -11,6 +12,9 @@ Variants of every op, side by side in one run (the row's ``extra.role`` says whi
   official                (baseline; routed linear, routing) the public implementation's algorithm
   dense_linear            (role "floor"; routed linear) one dense D x D F.linear on the same tokens:
                           the floor a routed linear can hope for (docs/design.md §2)
+  dense_mlp               (role "floor"; expert MLP) one dense DiT MLP (D -> 4D -> D, tanh GELU) over
+                          the S pool tokens: at capacity 1 the E experts process E * C = S rows, the
+                          same activated FLOPs (DiffMoE's "dense MLP of equal activated size")
 Speed-ups are taken against the best of a baseline's eager and compiled variants
 (benchmarks/README.md, "Definitions").
 """
@@ -29,11 +33,17 @@ from .settings import DTYPE_NAMES, Settings
 from .timing import rotate
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-# bench name -> (switch_dit.ops function, input maker name, work formula)
+# bench name -> the switch_dit.ops function it times
 NORM_OPS = {
     "mask_ln_modulate": "mask_ln_modulate",
     "gated_residual_ln_modulate": "residual_ln_modulate",
 }
+
+# DiffMoE training (docs/design.md §1.6): E experts, each a DiT MLP of hidden MOE_MLP_RATIO * D, expert
+# choice over the batch's pool of S = B * L tokens with capacity 1, i.e. C = S // E tokens per expert.
+MOE_EXPERTS = 16
+MOE_MLP_RATIO = 4
+MOE_CAPACITY = 1
 
 
 def variants(op: str, max_autotune: bool = True) -> list[tuple[str, str, str | None]]:
@@ -137,7 +147,48 @@ def cases(s: Settings, ctx: Context) -> list[Case]:
                     role=role,
                 )
             )
+
+    # DiffMoE's expert MLP last, the newest rows: a budget that cuts the sweep cuts these first
+    for shape in s.op_shapes if s.moe_shapes is None else s.moe_shapes:
+        moe = moe_shape(shape)
+
+        def moe_work(mode, sh=moe):
+            return flops.expert_mlp_work(sh["S"], sh["D"], sh["H"], sh["E"], sh["C"], elem, mode)
+
+        # max-autotune as the norm ops: not in make gpu's budget, nor in the smoke run
+        moe_variants = [
+            (v, role, _maker(ctx, "expert_mlp", v, strategy))
+            for v, role, strategy in variants("expert_mlp", max_autotune=s.mode not in ("gpu", "smoke"))
+        ]
+        for variant, role, make in moe_variants + [("dense_mlp", "floor", None)]:
+            build = _dense_mlp_build(ctx, s, moe) if make is None else _expert_mlp_build(ctx, s, moe, make)
+            out.append(
+                Case(
+                    "ops",
+                    "expert_mlp",
+                    variant,
+                    moe,
+                    dtype,
+                    MODES,
+                    build,
+                    moe_work,
+                    quick=shape["D"] in s.op_quick_D,
+                    compiled="+" in variant,
+                    role=role,
+                )
+            )
     return out
+
+
+def moe_shape(shape: dict) -> dict:
+    """The expert-MLP shape of an op shape (B, L, D): the pool S = B * L, E experts of hidden H,
+    C = S // E slots per expert (capacity 1). The keys S, D, H, E, C are switch_dit.perf_model's."""
+    B, L, D = shape["B"], shape["L"], shape["D"]
+    S = B * L
+    C = MOE_CAPACITY * S // MOE_EXPERTS
+    if C < 1:
+        raise ValueError(f"expert_mlp: a pool of S = {S} tokens gives {MOE_EXPERTS} experts no token each")
+    return {"B": B, "L": L, "D": D, "S": S, "E": MOE_EXPERTS, "H": MOE_MLP_RATIO * D, "C": C}
 
 
 # ------------------------------------------------------------------ builders
@@ -201,6 +252,67 @@ def _dense_linear_build(ctx: Context, s: Settings, shape: dict):
             for _ in range(s.input_sets)
         ]
         return lambda mode: mode_runner(F.linear, sets, lambda inp: list(inp), mode)
+
+    return build
+
+
+def _linear_init(gen: torch.Generator, shape, fan_in: int, ctx: Context, dtype) -> torch.Tensor:
+    """nn.Linear's initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for a weight or a bias:
+    activations and GELU inputs of the scale a freshly built model has."""
+    bound = fan_in**-0.5
+    t = (torch.rand(shape, generator=gen, device=ctx.device) * 2 - 1) * bound
+    return t.to(dtype).requires_grad_(True)
+
+
+def _expert_mlp_inputs(ctx: Context, s: Settings, sh: dict, seed: int) -> tuple:
+    """(x, index, gating, w1, b1, w2, b2) of one DiffMoE training call, seeded: the router's
+    softmax over the experts per token, then each expert takes its C best tokens of the pool
+    (expert choice: a token may be chosen by several experts, or by none)."""
+    S, D, H, E, C = (sh[k] for k in ("S", "D", "H", "E", "C"))
+    dt = s.op_dtype
+    gen = torch.Generator(device=ctx.device).manual_seed(seed)
+    x = torch.randn((S, D), generator=gen, device=ctx.device).to(dt).requires_grad_(True)
+    scores = torch.softmax(torch.randn((S, E), generator=gen, device=ctx.device), dim=-1).t()  # (E, S)
+    gating, index = torch.topk(scores, C, dim=1)
+    return (
+        x,
+        index,
+        gating.to(dt).requires_grad_(True),  # the router's gradient flows through the scores
+        _linear_init(gen, (E, H, D), D, ctx, dt),
+        _linear_init(gen, (E, H), D, ctx, dt),
+        _linear_init(gen, (E, D, H), H, ctx, dt),
+        _linear_init(gen, (E, D), H, ctx, dt),
+    )
+
+
+def _expert_mlp_build(ctx: Context, s: Settings, sh: dict, make):
+    def build():
+        fn = make()
+        sets = [_expert_mlp_inputs(ctx, s, sh, seed) for seed in range(s.input_sets)]
+        # gradients as in training: the pool, the gate scores and every weight (not the indices)
+        return lambda mode: mode_runner(fn, sets, lambda inp: [inp[0], *inp[2:]], mode)
+
+    return build
+
+
+def _dense_mlp(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+
+def _dense_mlp_build(ctx: Context, s: Settings, sh: dict):
+    """The floor of the expert MLP: one DiT MLP of the same widths over the S pool tokens."""
+
+    def build():
+        S, D, H = sh["S"], sh["D"], sh["H"]
+        dt = s.op_dtype
+        sets = []
+        for seed in range(s.input_sets):
+            gen = torch.Generator(device=ctx.device).manual_seed(seed)
+            x = torch.randn((S, D), generator=gen, device=ctx.device).to(dt).requires_grad_(True)
+            w1, b1 = _linear_init(gen, (H, D), D, ctx, dt), _linear_init(gen, (H,), D, ctx, dt)
+            w2, b2 = _linear_init(gen, (D, H), H, ctx, dt), _linear_init(gen, (D,), H, ctx, dt)
+            sets.append((x, w1, b1, w2, b2))
+        return lambda mode: mode_runner(_dense_mlp, sets, lambda inp: list(inp), mode)
 
     return build
 

@@ -415,6 +415,8 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
         ]
 
     out: list[Step] = []
+    if strategy == "fused":
+        return _fused_expert_mlp_steps(mode, S, D, H, E, C, R, e)
     if strategy not in ("dense", "bmm", "grouped", "reference"):
         valid = ", ".join(STRATEGIES["expert_mlp"])
         raise ValueError(f"strategy: unknown for expert_mlp: {strategy!r} (valid: {valid})")
@@ -431,9 +433,71 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
     return out
 
 
+def _fused_expert_mlp_steps(mode: str, S: int, D: int, H: int, E: int, C: int, R: int, e: int) -> list[Step]:
+    """The Triton kernels of ``switch_dit.kernels.expert_mlp`` as the training path runs them
+    (``switch_dit.ops.expert_mlp._FusedExpertMLP``): the grouped steps without their gather
+    passes, bias and GELU in fc1's epilogue (which also keeps the pre-activation for the
+    backward); fc2 keeps z unscaled for the gate-score gradient, and one elementwise pass scales
+    it. Backward: one gather of dy, the da GEMM with the score and GELU' in its epilogue, two
+    per-expert weight-gradient reductions (float32 results, then cast to the weights' dtype),
+    one gather of x, the dx GEMM, the combine and the gate-score row dots. The custom backward
+    takes dy per token: no backward of the combine."""
+    from switch_dit.kernels import expert_mlp as K  # the GPU tiles, so the model follows the kernels
+
+    bm, bn, bk = (K.GPU_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    # the tile schedule: each expert's rows in blocks of BLOCK_M (every expert's last one partial)
+    tiles = min(E * _cdiv(C, bm), _cdiv(R, bm) + E)
+    w_b = E * D * H * e  # one layer's weights
+    rows_d, rows_h = R * D * e, R * H * e  # packed rows of width D, of width H
+
+    def gemm(name, n, red, a_bytes, c_bytes, vector=0.0):
+        return Step(
+            name,
+            mma_flops=2.0 * R * n * red,
+            vector_flops=float(vector),
+            bytes=float(a_bytes + w_b + c_bytes),
+            programs=tiles * _cdiv(n, bn),
+            steps=_cdiv(red, bk),
+        )
+
+    def wgrad(name, n, k, a_bytes):
+        # one program per (expert, BLOCK_N x BLOCK_K tile of dW) walks the expert's rows in one loop
+        return Step(
+            name,
+            mma_flops=2.0 * R * n * k,
+            vector_flops=2.0 * R * n,  # the bias gradient's row sums
+            bytes=float(a_bytes + E * (n * k + n) * 4),
+            programs=E * _cdiv(n, bn) * _cdiv(k, bk),
+            steps=_cdiv(_cdiv(R, E), bm),
+        )
+
+    combine = _ew("combine", float(E * S * D), (E * S + S) * D * e)
+    out: list[Step] = []
+    if mode in ("fwd", "fwd+bwd"):
+        out += [
+            gemm("fc1 + gelu (gather in the loads)", H, D, rows_d, 2 * rows_h, vector=8.0 * R * H),
+            gemm("fc2 (z kept)", D, H, rows_h, rows_d),
+            _ew("o = score * z", float(R * D), 2 * rows_d),
+            combine,
+        ]
+    if mode in ("bwd", "fwd+bwd"):
+        out += [
+            _ew("gather dy", 0, 2 * rows_d),
+            gemm("da = score dy w2 gelu'(a)", H, D, rows_d + rows_h, rows_h, vector=10.0 * R * H),
+            wgrad("dw2, db2", D, H, rows_d + rows_h),
+            _ew("gather x", 0, 2 * rows_d),
+            wgrad("dw1, db1", H, D, rows_h + rows_d),
+            gemm("dx rows = da w1", D, H, rows_h, rows_d),
+            combine,
+            _ew("dgating = <dy, z> per row", 2.0 * R * D, 2 * rows_d),
+            _ew("dW, db to the weights' dtype", 0, (2 * E * D * H + E * (D + H)) * (4 + e)),  # read fp32, write
+        ]
+    return out
+
+
 STRATEGIES = {
     "mixed_linear": ("fused", "bmm", "grouped", "reference", "shared", "dense"),
-    "expert_mlp": ("bmm", "grouped", "reference", "dense"),
+    "expert_mlp": ("fused", "bmm", "grouped", "reference", "dense"),
     "mask_ln_modulate": ("fused", "compiled", "reference"),
     "residual_ln_modulate": ("fused", "compiled", "reference"),
     "gated_residual": ("fused", "compiled", "reference"),

@@ -56,6 +56,7 @@ def test_smoke_results_follow_the_schema(smoke):
         "mask_ln_modulate",
         "gated_residual_ln_modulate",
         "routing_plan",
+        "expert_mlp",
         "Switch-DiT block",
         "DiT block",
         "train_step",
@@ -77,6 +78,14 @@ def test_smoke_results_follow_the_schema(smoke):
     assert set(ops.strategies("expert_mask")) - {"auto", "triton"} <= variants
     norm_variants = {r["variant"] for r in rows if r["bench"] == "mask_ln_modulate"}
     assert set(adapters.strategies("mask_ln_modulate")) <= norm_variants
+    # DiffMoE's expert MLP: every strategy, auto, the compiled twin and the dense-MLP floor, each
+    # in every mode, at capacity 1 (E * C = S rows: the dense MLP's activated work)
+    moe = [r for r in rows if r["bench"] == "expert_mlp"]
+    moe_variants = set(adapters.strategies("expert_mlp")) | {"auto", "reference+compile", "dense_mlp"}
+    assert {(r["variant"], r["mode"]) for r in moe} == {(v, m) for v in moe_variants for m in ("fwd", "bwd", "fwd+bwd")}
+    assert {r["extra"]["role"] for r in moe if r["variant"] == "dense_mlp"} == {"floor"}
+    for sh in (r["shape"] for r in moe):
+        assert sh["S"] == sh["B"] * sh["L"] == sh["E"] * sh["C"] and sh["H"] == 4 * sh["D"] and sh["E"] == 16
     # The reference code's model after switch_dit.accelerate has its step row.
     assert any(r["variant"] == "patched" and r["status"] == "ok" for r in rows if r["bench"] == "train_step")
 
@@ -107,11 +116,12 @@ def test_smoke_results_have_every_field_make_gpu_needs(smoke):
     del broken["rows"][0]["provenance"]["commit"]
     step = next(r for r in broken["rows"] if r["suite"] == "step" and r["status"] == "ok")
     del step["extra"]["mfu_measured_peak"]
-    broken["rows"] = [r for r in broken["rows"] if r["variant"] != "dense_linear"]
+    broken["rows"] = [r for r in broken["rows"] if r["variant"] not in ("dense_linear", "dense_mlp")]
     missing = gpu.missing_fields(broken)
     assert any(m.endswith("provenance.commit") for m in missing)
     assert any(m.endswith("extra.mfu_measured_peak") for m in missing)
     assert "a ops/routed_linear/dense_linear row" in missing
+    assert "a ops/expert_mlp/dense_mlp row" in missing
     summary = gpu.summary(data, gpu.phases(), dry=True, wall_s=1.0, json_name="x.json")
     for heading in ("## Phases", "## Targets", "## Measured against the analytic model", "## What to do"):
         assert heading in summary
@@ -199,6 +209,11 @@ def _gpu_results(tmp_path: Path) -> Path:
     op = {"B": 32, "L": 256, "D": 1152, "M": 3, "k": 2}
     for variant, ms in (("fast", 1.1), ("dense_linear", 1.0), ("reference", 5.5), ("official", 11.0)):
         add("ops", "routed_linear", variant, "fwd+bwd", op, "bf16", ms)
+    moe = {"B": 32, "L": 256, "D": 1152, "S": 8192, "E": 16, "H": 4608, "C": 512}
+    # the target takes the best fast-path row (bmm here), not the reference strategy
+    for variant, role, ms in (("bmm", "strategy", 1.2), ("fused", "strategy", 1.5), ("reference", "strategy", 0.9)):
+        add("ops", "expert_mlp", variant, "fwd+bwd", moe, "bf16", ms, role=role)
+    add("ops", "expert_mlp", "dense_mlp", "fwd+bwd", moe, "bf16", 1.0, role="floor")
     for fam, variant, ms in (
         ("Switch-DiT", "fast", 8.0),
         ("Switch-DiT", "reference", 16.0),
@@ -260,6 +275,7 @@ def test_report_targets_from_known_numbers(tmp_path):
     assert "D=1152: 1.10x | <= 1.25x | pass" in section  # fast / dense
     assert "D=1152: 5.00x | >= 4.0x | pass" in section  # reference / fast
     assert "D=1152: 10.00x" in section  # official / fast
+    assert "D=1152: 1.20x | <= 1.3x | pass" in section  # best fast expert MLP (bmm) / dense MLP
     assert "XL/2: 0.80x | < 1.0x | pass" in section  # fast Switch block / reference DiT block
     assert "XL/2: 2.00x | >= 1.5x | pass" in section  # reference Switch block / fast
     assert "vs reference+compile: 1.50x | >= 1.3x | pass" in section  # best reference (compiled) / fast
@@ -474,6 +490,15 @@ def test_parameter_count_matches_the_model(name):
     model = models.create(name, hidden_size=64, num_heads=2, depth=2)
     cfg = flops.ModelConfig.from_model(model)
     assert flops.param_count(cfg) == models.count_params(model)["total"]
+
+
+def test_expert_mlp_work_is_the_dense_mlps_at_capacity_one():
+    """E experts taking C = S / E tokens each run S rows: the dense MLP's two GEMMs, backward twice."""
+    S, D, H, E = 256, 32, 128, 16
+    fwd = flops.expert_mlp_work(S, D, H, E, S // E, 2, "fwd")
+    assert fwd["flops"] == 2 * (2 * S * D * H)
+    assert fwd["bytes"] == 2 * (2 * S * D + E * (2 * D * H + H + D))  # x in, y out, every expert's weights
+    assert flops.expert_mlp_work(S, D, H, E, S // E, 2, "fwd+bwd")["flops"] == 3 * fwd["flops"]
 
 
 def test_official_algorithm_equals_the_reference_router():

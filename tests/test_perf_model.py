@@ -179,6 +179,29 @@ def test_expert_mlp_strategies():
         P.estimate("expert_mlp", "bmm", dict(S=1, D=2))
 
 
+def test_expert_mlp_fused_strategy():
+    """ "fused" (the Triton kernels): the grouped GEMM work, the gathers inside the GEMMs' loads
+    (no gather pass forward; backward one gather of dy and one of x), so its forward moves
+    fewer bytes than "grouped"; its weight gradients come out in float32 and are cast."""
+    S, D, H, E = 512, 64, 256, 8
+    sh = dict(S=S, D=D, H=H, E=E, C=S // E)
+
+    def est(strategy, mode, shape=sh):
+        return P.estimate("expert_mlp", strategy, shape, torch.bfloat16, "h100", mode=mode)
+
+    def mma(strategy, shape=sh):
+        return sum(s.mma_flops for s in est(strategy, "fwd+bwd", shape).steps)
+
+    assert mma("fused") == mma("grouped") == mma("dense") == 3 * 2 * (2 * S * D * H)
+    half = dict(sh, rows=S // 2)  # evaluation: half the slots valid, half the GEMM work
+    assert mma("fused", half) == mma("grouped", half) == mma("fused") / 2
+    gathers = {m: [s.name for s in est("fused", m).steps if s.name.startswith("gather")] for m in ("fwd", "bwd")}
+    assert gathers == {"fwd": [], "bwd": ["gather dy", "gather x"]}
+    assert est("fused", "fwd").bytes < est("grouped", "fwd").bytes
+    cast = [s for s in est("fused", "bwd").steps if "dtype" in s.name]
+    assert len(cast) == 1 and cast[0].bytes == (2 * E * D * H + E * (D + H)) * (4 + 2)  # read fp32, write bf16
+
+
 def test_predictions_table():
     text = P.predictions(devices=("h100",))
     for op, strategies in P.STRATEGIES.items():
