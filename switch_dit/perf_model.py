@@ -427,7 +427,9 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
     if fwd:
         out += gather + mlp("fwd", 1) + combine
     if bwd:  # dx and dW of both layers: twice the GEMM work; the gathers and combine again
-        out += combine + mlp("bwd", 2) + gather
+        # bmm and grouped sum the gathered rows' gradients per token by the combine (_GatherRows:
+        # deterministic, no atomics), the reference by index_add, a scatter as cheap as the gather
+        out += combine + mlp("bwd", 2) + (combine if strategy in ("bmm", "grouped") else gather)
     if per_expert > 1:
         out += [_ew("per-expert launches", 0, 0)] * (len(out) * (per_expert - 1))
     return out
