@@ -287,14 +287,15 @@ def fc1_backward(da, w1, tiles, offsets):
     return _launch(da, da, w1.transpose(1, 2), None, None, dx, tiles, offsets, gather=False, gelu=False)
 
 
-def weight_grad(g, scale, a, offsets, with_bias=True):
-    """(dw (E, N, K), db (E, N) or None), float32: dw[e] = sum over e's packed rows r of
-    (g[r] * scale[r])^T a[r] (scale None: unscaled), db[e] the sum of the scaled g rows.
-    g (R, N), a (R, K) packed rows (contiguous), offsets (E + 1,) the packing's."""
+def weight_grad(g, scale, a, offsets, with_bias=True, dtype=torch.float32):
+    """(dw (E, N, K), db (E, N) or None) in ``dtype`` (the weights': accumulated in float32,
+    rounded once at the store): dw[e] = sum over e's packed rows r of (g[r] * scale[r])^T a[r]
+    (scale None: unscaled), db[e] the sum of the scaled g rows. g (R, N), a (R, K) packed rows
+    (contiguous), offsets (E + 1,) the packing's."""
     _check(g)
     E, N, K = offsets.shape[0] - 1, g.shape[1], a.shape[1]
-    dw = torch.empty(E, N, K, device=g.device, dtype=torch.float32)
-    db = torch.empty(E, N, device=g.device, dtype=torch.float32) if with_bias else None
+    dw = torch.empty(E, N, K, device=g.device, dtype=dtype)
+    db = torch.empty(E, N, device=g.device, dtype=dtype) if with_bias else None
     grid = (E, triton.cdiv(N, _BLOCK_N), triton.cdiv(K, _BLOCK_K))
     ieee = _ieee(g.dtype, g.device)
     _grouped_wgrad_kernel[grid](

@@ -441,7 +441,7 @@ def _fused_expert_mlp_steps(mode: str, S: int, D: int, H: int, E: int, C: int, R
     passes, bias and GELU in fc1's epilogue (which also keeps the pre-activation for the
     backward); fc2 keeps z unscaled for the gate-score gradient, and one elementwise pass scales
     it. Backward: one gather of dy, the da GEMM with the score and GELU' in its epilogue, two
-    per-expert weight-gradient reductions (float32 results, then cast to the weights' dtype),
+    per-expert weight-gradient reductions (float32 accumulators stored in the weights' dtype),
     one gather of x, the dx GEMM, the combine and the gate-score row dots. The custom backward
     takes dy per token: no backward of the combine."""
     from switch_dit.kernels import expert_mlp as K  # the GPU tiles, so the model follows the kernels
@@ -468,7 +468,7 @@ def _fused_expert_mlp_steps(mode: str, S: int, D: int, H: int, E: int, C: int, R
             name,
             mma_flops=2.0 * R * n * k,
             vector_flops=2.0 * R * n,  # the bias gradient's row sums
-            bytes=float(a_bytes + E * (n * k + n) * 4),
+            bytes=float(a_bytes + E * (n * k + n) * e),
             programs=E * _cdiv(n, bn) * _cdiv(k, bk),
             steps=_cdiv(_cdiv(R, E), bm),
         )
@@ -492,7 +492,6 @@ def _fused_expert_mlp_steps(mode: str, S: int, D: int, H: int, E: int, C: int, R
             gemm("dx rows = da w1", D, H, rows_h, rows_d),
             combine,
             _ew("dgating = <dy, z> per row", 2.0 * R * D, 2 * rows_d),
-            _ew("dW, db to the weights' dtype", 0, (2 * E * D * H + E * (D + H)) * (4 + e)),  # read fp32, write
         ]
     return out
 

@@ -224,8 +224,8 @@ class _FusedExpertMLP(torch.autograd.Function):
         dy_p = dy.to(x.dtype)[tok].contiguous()  # (R, D): each packed row's output gradient
         with dispatch.on_device(x):
             da = kern.fc2_backward(dy_p, w2, scale, pre, tiles, offsets)
-            dw2, db2 = kern.weight_grad(dy_p, scale, h, offsets)
-            dw1, db1 = kern.weight_grad(da, None, x[tok].contiguous(), offsets)
+            dw2, db2 = kern.weight_grad(dy_p, scale, h, offsets, dtype=w2.dtype)
+            dw1, db1 = kern.weight_grad(da, None, x[tok].contiguous(), offsets, dtype=w1.dtype)
             dx = _combine(torch.where(used.unsqueeze(-1), kern.fc1_backward(da, w1, tiles, offsets), 0), slot)
         ds = torch.where(used, (dy_p.float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
         E, C = gating.shape
@@ -280,6 +280,16 @@ def expert_mlp(
 
     x (S, D); index (E, C) int64; gating (E, C); weights as the module doc; valid (E, C) bool
     or None; backend: a strategy of STRATEGIES, or "auto"/None (``switch_dit.ops.dispatch``).
+    Under autocast, x and the weights take the autocast dtype (as F.linear's do); y comes back in it.
     """
     check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Like F.linear under autocast: x and the weights in the autocast dtype (the kernels and
+        # grouped GEMMs need one dtype), gating as it is; the body then runs without autocast so
+        # that every strategy sees, and differentiates, the same dtypes.
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+        with dispatch.no_autocast(dev):
+            return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)
     return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)
