@@ -154,3 +154,27 @@ def test_x_gradient_has_no_scatter_add(backend):
                 into_x.append(type(node).__name__)
             stack.append(next_fn)
     assert into_x and set(into_x) == {"_GatherRowsBackward"}, into_x
+
+
+@pytest.mark.parametrize("backend", FAST + ["fused"])
+def test_autocast_casts_like_linear(backend):
+    """Under autocast (CPU float16) the op casts x and the weights to float16 like F.linear, whatever
+    the strategy (grouped GEMMs and the kernels need one dtype): y comes back in float16, each
+    gradient in its input's dtype, and every result is within 2x of the reference strategy's own
+    float16 error against float64 (docs/design.md §4)."""
+    x, index, gating, ws, valid = _inputs("fixed", dtype=torch.float64, seed=7)
+    want = _run("reference", x, index, gating, ws, valid)
+
+    def f32(t):
+        return t.detach().float().requires_grad_()
+
+    outs = {}
+    for strategy in ("reference", backend):
+        args = (f32(x), index, f32(gating), [f32(w) for w in ws], valid)
+        with torch.autocast("cpu", dtype=torch.float16):
+            outs[strategy] = _run(strategy, *args)
+    got, base = outs[backend], outs["reference"]
+    assert got[0].dtype == torch.float16 and all(g.dtype == torch.float32 for g in got[1:])
+    for name, a, b, w in zip(["y", "x", "gating", "w1", "b1", "w2", "b2"], got, base, want):
+        err, ref_err = _rel(a, w), _rel(b, w)
+        assert err <= 2 * ref_err, (name, err, ref_err)
