@@ -64,7 +64,8 @@ class ExpertChoiceMoE(nn.Module):
     ``strategy`` picks the expert computation (``switch_dit.ops.expert_mlp``): "reference" runs
     the public code's loops (host syncs at evaluation); "auto" is "bmm" in training and
     "grouped" at evaluation, both free of host syncs, or "reference" in a model whose backend
-    is "reference"; "fused" (evaluation only) runs the Triton kernels.
+    is "reference"; "fused" runs the Triton kernels, forward and backward (chosen by name: the
+    model's "auto" keeps the cuBLAS strategies until a GPU run has checked the kernels).
     """
 
     def __init__(

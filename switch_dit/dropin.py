@@ -348,7 +348,7 @@ class _AcceleratedDiT(_Patched):
         if dmoe:
             if t_all is not None:
                 table = self._switch_dit_gate_probs(t_all)  # (T, N, M)
-                probs = table[t]
+                probs = None  # the batch's rows: table[t], read by the route
             else:
                 probs = self._switch_dit_gate_probs(t_emb)  # (B, N, M)
             idx, w, plan = self._switch_dit_route(probs, table, t, h)  # (N, B, k) each; w not renormalised
@@ -377,7 +377,7 @@ class _AcceleratedDiT(_Patched):
         batch's (B, N, M) probabilities, sample b as "timestep" b. The reference path: no plan."""
         k = self.routers[0].k
         if runs_reference(self._switch_dit_backend, h):
-            idx, w = route_top_k(probs, k)  # (B, N, k)
+            idx, w = route_top_k(table[t] if probs is None else probs, k)  # (B, N, k)
             return idx.transpose(0, 1), w.transpose(0, 1), None
         if table is not None:
             gate, rows = table.transpose(0, 1), t

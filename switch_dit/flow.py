@@ -75,7 +75,10 @@ def flow_times_of_index(index: Tensor, num_timesteps: int, generator: Optional[t
     """Flow times drawn uniformly inside the times of each integer timestep (B,): float32 in
     (0, 1), with ``timestep_index`` of them equal to ``index``. For Remix-DiT's interval sampling
     under the flow objective. The draw keeps 1 % of each step's width from its edges, so that
-    rounding t to float32 (an error of up to 6e-8, i.e. 6e-8 * T steps) never crosses one."""
+    rounding t to float32 (an error of up to 6e-8, i.e. 6e-8 * T steps) never crosses one: that
+    holds for T up to 1e5, and larger T is refused."""
+    if num_timesteps > 100_000:
+        raise ValueError(f"num_timesteps must be <= 100000 for float32 flow times, got {num_timesteps}")
     u = torch.rand(index.shape, device=index.device, generator=generator, dtype=torch.float64) * 0.98 + 0.01
     return (1 - (index.double() + u) / num_timesteps).float()
 

@@ -61,7 +61,8 @@ class DiT(nn.Module):
 
     forward(x (B, C, H, W), t (B,) int64 in [0, T), y (B,) int64) -> (B, C_out, H, W),
     C_out = 2C with learned sigma (epsilon first, then the variance interpolation).
-    t may also be one timestep for the whole batch (a Python int or a 0-d tensor).
+    t may also be one timestep for the whole batch (a Python int or a 0-d tensor). With
+    ``objective="flow"`` t is a float flow time in [0, 1] instead ((B,) or 0-d; switch_dit.flow).
     ``backend``: see ``switch_dit.layers``; ``prior``: Switch-DiT's prior matching, ``PRIOR_MODES``.
     """
 

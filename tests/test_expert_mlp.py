@@ -137,10 +137,10 @@ def test_bad_input():
 
 @pytest.mark.parametrize("backend", FAST)
 def test_x_gradient_has_no_scatter_add(backend):
-    """The gather of the chosen tokens must not differentiate as index_put/index_add (float atomics
-    on CUDA: a token chosen by several experts would get its gradient in a varying order); its
-    backward is the combine's fixed-order sum (_GatherRows). Read from the autograd graph: every
-    node that hands x its gradient is a _GatherRows backward."""
+    """The gather of the chosen tokens must not differentiate as an accumulating index_put (whose
+    order of summation, for a token chosen by several experts, is the backend's); its backward is
+    the combine's expert-order sum (_GatherRows). Read from the autograd graph: every node that
+    hands x its gradient is a _GatherRows backward."""
     x, index, gating, ws, valid = _inputs("fixed")
     assert torch.bincount(index.flatten()).max() > 1  # tokens chosen by several experts
     y = expert_mlp(x, index, gating, *ws, backend=backend)

@@ -30,7 +30,7 @@ Strategies (all compute the same function; autograd flows to x, gating and the w
 The combine is deterministic in every strategy (no float atomics): each token gathers its E
 candidate rows, zero where an expert did not choose it, and sums them over the experts in
 expert order, as the public code's (E*S, D) scatter-and-sum does. The gather of the chosen
-tokens has the same sum as its backward (``_GatherRows``), so x's gradient is deterministic too.
+tokens has the same sum as its backward (``_GatherRows``): x's gradient sums in a fixed order too.
 """
 
 from __future__ import annotations
