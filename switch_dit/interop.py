@@ -133,10 +133,19 @@ def _check_fit(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], 
 
 
 def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
-    """Our model's weights in the reference implementation's layout (loadable by its DiT)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Our model's weights in the reference implementation's layout (loadable by its DiT).
+
+    A flow model other than DiffMoE has no such layout: the public DiT, DTR, Switch-DiT and
+    Remix-DiT code trains Gaussian diffusion on integer timesteps, and would read the weights as
+    a diffusion model's (ValueError)."""
     if isinstance(model, DiffMoE):
-        return _diffmoe_to_official(model, sd)
+        return _diffmoe_to_official(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if getattr(model, "objective", "diffusion") == "flow":
+        raise ValueError(
+            f"{_describe(model)} was built with objective 'flow': the reference code of this family "
+            "is diffusion-only (integer timesteps), so its layout cannot carry the model; keep our checkpoint"
+        )
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = model.pos_embed.device
     if model.routing == "switch":
         sd["full_time"] = torch.arange(model.num_timesteps, device=device)
@@ -265,4 +274,9 @@ def init_remix_from_dit_file(model: RemixDiT, path) -> RemixDiT:
     if not isinstance(dit, DiT) or dit.routing != "none":
         family = {"dtr": "DTR", "switch": "Switch-DiT"}.get(getattr(dit, "routing", None), type(dit).__name__)
         raise ValueError(f"{str(path)!r} holds a {family} model: a Remix-DiT is initialised from a plain DiT")
+    if dit.objective != model.objective:  # a flow DiT's embedder has seen flow times, not steps
+        raise ValueError(
+            f"{str(path)!r} holds a DiT trained with objective {dit.objective!r}; this Remix-DiT has "
+            f"objective {model.objective!r}: initialise it from a DiT of the same objective"
+        )
     return init_remix_from_dit(model, dit.state_dict())

@@ -280,3 +280,28 @@ def test_flow_sampling_passes_one_flow_time_per_step_where_the_model_takes_it():
         finally:
             type(model).accepts_shared_timestep = True
         torch.testing.assert_close(shared, per_sample, rtol=1e-10, atol=1e-12)
+
+
+def test_a_flow_model_is_not_exported_as_a_diffusion_model(tmp_path):
+    """The public DiT, DTR, Switch-DiT and Remix-DiT code is diffusion-only: a flow model of these
+    families has no reference layout (export refuses rather than write weights the public code
+    would read as a diffusion model's), and a Remix-DiT starts only from a DiT of its objective."""
+    from switch_dit import checkpoint, interop
+    from switch_dit.models import create
+
+    for name in FAMILY_NAMES:
+        extra = dict(num_experts=4) if name.startswith("Remix") else {}
+        with pytest.raises(ValueError, match="objective 'flow'.*diffusion-only"):
+            interop.official_state_dict(create(name, objective="flow", **TINY_MODEL, **extra))
+        interop.official_state_dict(create(name, **TINY_MODEL, **extra))  # diffusion: exported as before
+    dit = create("DiT-S/4", objective="flow", **TINY_MODEL)
+    kwargs = dict(name="DiT-S/4", objective="flow", **TINY_MODEL)
+    sd = dit.state_dict()
+    ckpt = {"format": checkpoint.FORMAT, "model_kwargs": kwargs, "model": sd, "ema": sd, "step": 0}
+    path = tmp_path / "dit-flow.pt"
+    torch.save(ckpt, path)
+    assert checkpoint.load_model(path)[0].objective == "flow"  # our format keeps the objective
+    remix = create("Remix-DiT-S/4", num_experts=4, **TINY_MODEL)
+    with pytest.raises(ValueError, match="objective 'flow'; this Remix-DiT has objective 'diffusion'"):
+        interop.init_remix_from_dit_file(remix, path)
+    interop.init_remix_from_dit_file(create("Remix-DiT-S/4", num_experts=4, objective="flow", **TINY_MODEL), path)
