@@ -137,12 +137,17 @@ for dtype in (torch.bfloat16, torch.float32):
 
     # DiffMoE's expert MLPs, training (forward kernels with the pre-activation kept, backward
     # kernels) and evaluation (the score in fc2's epilogue).
+    # (float16 for bfloat16: the interpreter refuses bf16 there, its bf16 dot being wrong; the
+    # compiled code is the same but for the element type)
     from switch_dit.ops.expert_mlp import expert_mlp
+    half = torch.float16 if dtype == torch.bfloat16 else dtype
     S, D, H, E = 24, 32, 48, 4
-    xs = rnd(S, D)
+    def rnd_half(*shape):
+        return (torch.randn(*shape) * 0.1).to(half).requires_grad_(True)
+    xs = rnd_half(S, D)
     gating, index = torch.topk(torch.rand(E, S), 8, dim=1)
-    gating = gating.to(dtype).requires_grad_(True)
-    ws = [rnd(E, H, D), rnd(E, H), rnd(E, D, H), rnd(E, D)]
+    gating = gating.to(half).requires_grad_(True)
+    ws = [rnd_half(E, H, D), rnd_half(E, H), rnd_half(E, D, H), rnd_half(E, D)]
     expert_mlp(xs, index, gating, *ws, backend="fused").float().sum().backward()
     with torch.no_grad():
         expert_mlp(xs, index, gating, *ws, backend="fused")

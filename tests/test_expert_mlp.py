@@ -213,3 +213,44 @@ def test_cuda_fused_matches_reference_in_bf16(kind, shape):
             expert_mlp(xs, idx, g, *w, backend="fused").float().sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fused_bf16_is_refused_under_the_interpreter():
+    """On the CPU the kernels run in Triton's interpreter, whose bf16 dot is wrong: a clear error
+    naming the dtype, not garbage (float16 and float32 run, see above)."""
+    x, index, gating, ws, valid = _inputs("fixed", dtype=torch.float32)
+    bf = [w.detach().bfloat16() for w in ws]
+    with pytest.raises(ValueError, match="bfloat16 under the Triton interpreter"):
+        expert_mlp(x.detach().bfloat16(), index, gating.detach(), *bf, backend="fused")
+
+
+def test_fused_ops_pass_opcheck_and_compile():
+    """The two custom ops: schema, fake kernels and autograd registration (torch.library.opcheck),
+    and the strategy under torch.compile(fullgraph=True): one graph, the eager result."""
+    import importlib
+
+    M = importlib.import_module("switch_dit.ops.expert_mlp")  # (the package re-exports the function)
+
+    for kind in ("fixed", "dynamic"):
+        x, index, gating, ws, valid = _inputs(kind, dtype=torch.float32, seed=9)
+        detached = [t.detach() for t in (x, gating, *ws)]  # keep=False: the no-grad path
+        torch.library.opcheck(M._fused_op, (detached[0], index, *detached[1:2], *detached[2:], valid, False))
+        torch.library.opcheck(M._fused_op, (x, index, gating, *ws, valid, True))
+        kept = M._fused_op(x, index, gating, *ws, valid, True)
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+        args = (dy, x.detach(), gating.detach(), ws[0].detach(), ws[2].detach(), *kept[1:])
+        torch.library.opcheck(M._fused_backward_op, args)
+
+    torch._dynamo.reset()
+    x, index, gating, ws, valid = _inputs("fixed", dtype=torch.float32, seed=12)
+
+    def step(x, gating, *ws):
+        return expert_mlp(x, index, gating, *ws, backend="fused")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    want = _run("fused", x, index, gating, ws, None)
+    y = compiled(x, gating, *ws)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).float()
+    got = [y.detach(), *torch.autograd.grad((y * dy).sum(), [x, gating, *ws])]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -187,74 +187,157 @@ def _fused_plan(index: Tensor, valid: Optional[Tensor], gating: Tensor, x: Tenso
     return plan, used, scale, slot.scatter_(1, index, plan.position)
 
 
-class _FusedExpertMLP(torch.autograd.Function):
-    """The Triton kernels, forward and backward (no float atomics anywhere):
+# The "fused" strategy: the Triton kernels, forward and backward (no float atomics anywhere),
+# as two torch.library custom ops with fake kernels, so that torch.compile(fullgraph=True) and
+# CUDA graphs see one op each way (as the routed linear's and the norm ops' kernels):
+#
+#   forward   a = x[tok] w1^T + b1 (kept), h = gelu(a) (kept)      fc1_gelu, gather in the prologue
+#             z = h w2^T + b2 (kept), o = gating * z               fc2_scale (unscaled), then one multiply
+#             y = sum over experts of o, per token                 _combine (gather and sum)
+#   backward  dgating[pair(r)] = <dy[tok r], z_r>                  a row dot
+#             da = gating * (dy[tok] w2) * gelu'(a)                fc2_backward (dy[tok] packed once)
+#             dw2[e] = sum_r (gating dy[tok])_r^T h_r, db2         weight_grad, the score in the loads
+#             dw1[e] = sum_r da_r^T x[tok r], db1                  weight_grad (x[tok] packed)
+#             dx = sum over experts of da w1                       fc1_backward, then _combine
+#
+# Evaluation (``keep`` false) keeps nothing and scales by the gate score in fc2's epilogue.
 
-    forward   a = x[tok] w1^T + b1 (kept), h = gelu(a) (kept)      fc1_gelu, gather in the prologue
-              z = h w2^T + b2 (kept), o = gating * z               fc2_scale (unscaled), then one multiply
-              y = sum over experts of o, per token                 _combine (gather and sum)
-    backward  dgating[pair(r)] = <dy[tok r], z_r>                  a row dot
-              da = gating * (dy[tok] w2) * gelu'(a)                fc2_backward (dy[tok] packed once)
-              dw2[e] = sum_r (gating dy[tok])_r^T h_r, db2         weight_grad, the score in the loads
-              dw1[e] = sum_r da_r^T x[tok r], db1                  weight_grad (x[tok] packed)
-              dx = sum over experts of da w1                       fc1_backward, then _combine
-    """
+_KEPT = ("tokens", "pair", "offsets", "tiles", "used", "scale", "slot", "pre", "h", "z")
 
-    @staticmethod
-    def forward(ctx, x, gating, w1, b1, w2, b2, index, valid):
-        kern = dispatch.kernels("expert_mlp")
-        x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
-        plan, used, scale, slot = _fused_plan(index, valid, gating, x, kern)
+
+@torch.library.custom_op("switch_dit::expert_mlp_fused", mutates_args=())
+def _fused_op(
+    x: Tensor,
+    index: Tensor,
+    gating: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    valid: Optional[Tensor],
+    keep: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, then the _KEPT tensors for the backward: empty unless ``keep``)."""
+    kern = dispatch.kernels("expert_mlp")
+    x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
+    plan, used, scale, slot = _fused_plan(index, valid, gating, x, kern)
+    with dispatch.on_device(x):
+        if not keep:
+            h = kern.fc1_gelu(x, plan.tokens, w1, b1, plan.tiles, plan.offsets)
+            o = kern.fc2_scale(h, w2, b2, scale, plan.tiles, plan.offsets)
+            return (_combine(o, slot), *(x.new_empty(0) for _ in _KEPT))
         pre = torch.empty(plan.tokens.shape[0], w1.shape[1], device=x.device, dtype=x.dtype)
-        with dispatch.on_device(x):
-            h = kern.fc1_gelu(x, plan.tokens, w1, b1, plan.tiles, plan.offsets, pre=pre)
-            z = kern.fc2_scale(h, w2, b2, None, plan.tiles, plan.offsets)
-        o = torch.where(used.unsqueeze(-1), z * scale.unsqueeze(-1), 0)  # rows past the packing unwritten
-        ctx.save_for_backward(
-            x, gating, w1, w2, plan.tokens, plan.pair, plan.offsets, plan.tiles, used, scale, slot, pre, h, z
-        )
-        return _combine(o, slot)
+        h = kern.fc1_gelu(x, plan.tokens, w1, b1, plan.tiles, plan.offsets, pre=pre)
+        z = kern.fc2_scale(h, w2, b2, None, plan.tiles, plan.offsets)
+    o = torch.where(used.unsqueeze(-1), z * scale.unsqueeze(-1), 0)  # rows past the packing unwritten
+    y = _combine(o, slot)
+    if valid is not None:
+        # Rows past the packing exist only with invalid pairs (every pair is valid in training);
+        # zero them so that the op's outputs are determined (torch.compile compares them).
+        for t in (pre, h, z):
+            t.masked_fill_(~used.unsqueeze(-1), 0)
+    return y, plan.tokens, plan.pair, plan.offsets, plan.tiles, used, scale, slot, pre, h, z
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, gating, w1, w2, tokens, pair, offsets, tiles, used, scale, slot, pre, h, z = ctx.saved_tensors
-        kern = dispatch.kernels("expert_mlp")
-        tok = tokens.clamp(min=0)
-        # The rows packed once (the weight gradients' reductions pipeline only over packed rows).
-        dy_p = dy.to(x.dtype)[tok].contiguous()  # (R, D): each packed row's output gradient
-        with dispatch.on_device(x):
-            da = kern.fc2_backward(dy_p, w2, scale, pre, tiles, offsets)
-            dw2, db2 = kern.weight_grad(dy_p, scale, h, offsets, dtype=w2.dtype)
-            dw1, db1 = kern.weight_grad(da, None, x[tok].contiguous(), offsets, dtype=w1.dtype)
-            dx = _combine(torch.where(used.unsqueeze(-1), kern.fc1_backward(da, w1, tiles, offsets), 0), slot)
-        ds = torch.where(used, (dy_p.float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
-        E, C = gating.shape
-        dgating = ds.new_zeros(E * C + 1).scatter_(0, torch.where(used, pair, E * C), ds)[: E * C]
-        return (
-            dx.to(x.dtype),
-            dgating.view(E, C).to(gating.dtype),
-            dw1.to(w1.dtype),
-            db1.to(w1.dtype),
-            dw2.to(w2.dtype),
-            db2.to(w2.dtype),
-            None,
-            None,
-        )
+
+@_fused_op.register_fake
+def _(x, index, gating, w1, b1, w2, b2, valid, keep):
+    (S, D), (E, C), H = x.shape, index.shape, w1.shape[1]
+    y = x.new_empty(S, D)
+    if not keep:
+        return (y, *(x.new_empty(0) for _ in _KEPT))
+    R = E * C
+    tiles = grouping.max_tiles(E, C, dispatch.kernels("expert_mlp").BLOCK_M)
+    i64 = dict(dtype=torch.int64, device=x.device)
+    return (
+        y,
+        torch.empty(R, **i64),
+        torch.empty(R, **i64),
+        torch.empty(E + 1, **i64),
+        torch.empty(tiles, 2, dtype=torch.int32, device=x.device),
+        torch.empty(R, dtype=torch.bool, device=x.device),
+        x.new_empty(R),
+        torch.empty(E, S, **i64),
+        x.new_empty(R, H),
+        x.new_empty(R, H),
+        x.new_empty(R, D),
+    )
+
+
+@torch.library.custom_op("switch_dit::expert_mlp_fused_backward", mutates_args=())
+def _fused_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    gating: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    tokens: Tensor,
+    pair: Tensor,
+    offsets: Tensor,
+    tiles: Tensor,
+    used: Tensor,
+    scale: Tensor,
+    slot: Tensor,
+    pre: Tensor,
+    h: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dgating, dw1, db1, dw2, db2), each in its input's dtype."""
+    kern = dispatch.kernels("expert_mlp")
+    x, w1, w2 = (t.contiguous() for t in (x, w1, w2))
+    tok = tokens.clamp(min=0)
+    # The rows packed once (the weight gradients' reductions pipeline only over packed rows).
+    dy_p = dy.to(x.dtype)[tok].contiguous()  # (R, D): each packed row's output gradient
+    with dispatch.on_device(x):
+        da = kern.fc2_backward(dy_p, w2, scale, pre, tiles, offsets)
+        dw2, db2 = kern.weight_grad(dy_p, scale, h, offsets, dtype=w2.dtype)
+        dw1, db1 = kern.weight_grad(da, None, x[tok].contiguous(), offsets, dtype=w1.dtype)
+        dx = _combine(torch.where(used.unsqueeze(-1), kern.fc1_backward(da, w1, tiles, offsets), 0), slot)
+    ds = torch.where(used, (dy_p.float() * z.float()).sum(-1), 0)  # rows past the packing: garbage z
+    E, C = gating.shape
+    dgating = ds.new_zeros(E * C + 1).scatter_(0, torch.where(used, pair, E * C), ds)[: E * C]
+    return dx.to(x.dtype), dgating.view(E, C).to(gating.dtype), dw1, db1, dw2, db2
+
+
+@_fused_backward_op.register_fake
+def _(dy, x, gating, w1, w2, tokens, pair, offsets, tiles, used, scale, slot, pre, h, z):
+    E, H = w1.shape[0], w1.shape[1]
+    return (
+        x.new_empty(x.shape),
+        gating.new_empty(gating.shape),
+        w1.new_empty(w1.shape),
+        w1.new_empty(E, H),
+        w2.new_empty(w2.shape),
+        w2.new_empty(E, w2.shape[1]),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    x, _, gating, w1, _, w2, _, _, keep = inputs
+    ctx.keep = keep
+    ctx.save_for_backward(x, gating, w1, w2, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the kept tensors are the backward's, not outputs
+
+
+def _fused_backward(ctx, dy, *_):
+    if not ctx.keep:  # (``_fused`` keeps whenever a gradient may be asked for)
+        raise RuntimeError("switch_dit::expert_mlp_fused ran with keep=False: nothing was kept for a backward")
+    dx, dgating, dw1, db1, dw2, db2 = _fused_backward_op(dy, *ctx.saved_tensors)
+    return dx, None, dgating, dw1, db1, dw2, db2, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def _fused(x, index, gating, w1, b1, w2, b2, valid=None) -> Tensor:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gating, w1, b1, w2, b2)):
-        return _FusedExpertMLP.apply(x, gating, w1, b1, w2, b2, index, valid)
-    # Evaluation and sampling: nothing kept, the gate score in fc2's epilogue.
-    kern = dispatch.kernels("expert_mlp")
-    plan, _, scale, slot = _fused_plan(index, valid, gating, x, kern)
-    with dispatch.on_device(x):
-        h = kern.fc1_gelu(x.contiguous(), plan.tokens, w1.contiguous(), b1.contiguous(), plan.tiles, plan.offsets)
-        o = kern.fc2_scale(h, w2.contiguous(), b2.contiguous(), scale, plan.tiles, plan.offsets)
-    return _combine(o, slot)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gating, w1, b1, w2, b2))
+    return _fused_op(x, index, gating, w1, b1, w2, b2, valid, keep)[0]
 
 
 def _fused_unsupported(x, index, gating, w1, b1, w2, b2, valid=None):
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        # The interpreter's bf16 tl.dot is wrong, not merely inexact (relative error ~1e10 measured
+        # on these kernels with Triton 3.8): refuse rather than return garbage.
+        return "cannot run bfloat16 under the Triton interpreter (its bf16 dot is wrong): use float32 or float16"
     return dispatch.kernels_unavailable("expert_mlp", (torch.float16, torch.bfloat16, torch.float32), x)
 
 
