@@ -345,6 +345,7 @@ dispatch.register("expert_mlp", "reference", expert_mlp_reference)
 dispatch.register("expert_mlp", "bmm", _bmm)
 dispatch.register("expert_mlp", "grouped", _grouped)
 dispatch.register("expert_mlp", "fused", _fused, supports=_fused_unsupported)
+dispatch.kernels("expert_mlp")  # imported now, not while torch.compile traces a first call
 
 
 def expert_mlp(
