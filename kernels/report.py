@@ -57,12 +57,16 @@ def _config_text(r: S.Result) -> str:
         parts.append(f"{c.pop('BLOCK_L')}x{c.pop('BLOCK_N')}x{c.pop('BLOCK_K')}")
     elif "BLOCK_I" in c:
         parts.append(f"{c.pop('BLOCK_I')}x{c.pop('BLOCK_O')}x{c.pop('BLOCK_L', '?')} acc={c.pop('N_ACC', '?')}")
+    elif "BLOCK_M" in c or "BLOCK_R" in c:  # the expert MLP's grouped GEMM (rows) and reduction (rows per step)
+        rows = c.pop("BLOCK_M", None) or f"r{c.pop('BLOCK_R')}"
+        parts.append(f"{rows}x{c.pop('BLOCK_N')}x{c.pop('BLOCK_K')}")
     for key, short in (("num_warps", "w"), ("num_stages", "s"), ("maxnreg", "maxnreg=")):
         if key in c:
             parts.append(f"{short}{c.pop(key)}")
     if c.pop("IEEE", 0):
         parts.append("ieee")
-    flags = {k: v for k, v in r.constants.items() if k in ("TOPK", "ROWS", "HAS_M", "DM_MODE", "NEED_DW", "NEED_DG")}
+    names = ("TOPK", "ROWS", "HAS_M", "DM_MODE", "NEED_DW", "NEED_DG", "GATHER", "GELU", "GELU_GRAD", "SCALE_G")
+    flags = {k: v for k, v in r.constants.items() if k in names}
     parts += [f"{k}={v}" for k, v in flags.items()]
     return " ".join(parts)
 
