@@ -137,9 +137,10 @@ for dtype in (torch.bfloat16, torch.float32):
 
     # DiffMoE's expert MLPs, training (forward kernels with the pre-activation kept, backward
     # kernels) and evaluation (the score in fc2's epilogue).
-    # (float16 for bfloat16: the interpreter refuses bf16 there, its bf16 dot being wrong; the
-    # compiled code is the same but for the element type)
+    # The bfloat16 pass runs them in float16 (the interpreter refuses bf16 for them: its bf16 dot
+    # is wrong) and records the launches as bfloat16 ones, which is what a GPU compiles.
     from switch_dit.ops.expert_mlp import expert_mlp
+    first = len(records)
     half = torch.float16 if dtype == torch.bfloat16 else dtype
     S, D, H, E = 24, 32, 48, 4
     def rnd_half(*shape):
@@ -151,6 +152,11 @@ for dtype in (torch.bfloat16, torch.float32):
     expert_mlp(xs, index, gating, *ws, backend="fused").float().sum().backward()
     with torch.no_grad():
         expert_mlp(xs, index, gating, *ws, backend="fused")
+    if dtype == torch.bfloat16:
+        for rec in records[first:]:
+            for arg in rec["args"].values():
+                if arg.get("tensor") == "float16":
+                    arg["tensor"] = "bfloat16"
 
 json.dump(records, sys.stdout)
 """

@@ -135,10 +135,15 @@ def _check_fit(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], 
 def official_state_dict(model: DiT | RemixDiT) -> dict[str, torch.Tensor]:
     """Our model's weights in the reference implementation's layout (loadable by its DiT).
 
-    A flow model other than DiffMoE has no such layout: the public DiT, DTR, Switch-DiT and
-    Remix-DiT code trains Gaussian diffusion on integer timesteps, and would read the weights as
-    a diffusion model's (ValueError)."""
+    The objective must be the public code's (ValueError otherwise): rectified flow for DiffMoE,
+    Gaussian diffusion on integer timesteps for DiT, DTR, Switch-DiT and Remix-DiT; the public code
+    would read weights trained for the other objective as its own."""
     if isinstance(model, DiffMoE):
+        if model.objective != "flow":
+            raise ValueError(
+                f"{_describe(model)} was built with objective {model.objective!r}: the public DiffMoE code "
+                "trains rectified flow, so its layout cannot carry the model; keep our checkpoint"
+            )
         return _diffmoe_to_official(model, {k: v.detach().clone() for k, v in model.state_dict().items()})
     if getattr(model, "objective", "diffusion") == "flow":
         raise ValueError(
@@ -226,7 +231,9 @@ def init_remix_from_dit(model: RemixDiT, checkpoint: Any, *, ema: bool | None = 
     repeated K times (so every expert starts as the DiT), everything else loads as it
     is, and the coefficient table keeps the model's prior initialisation. ema: take the
     checkpoint's EMA weights (None: the EMA when the checkpoint has one, as the
-    published training does). Raises ValueError naming what does not fit.
+    published training does). Raises ValueError naming what does not fit. A state dict does not
+    say which objective it was trained with: ``init_remix_from_dit_file``, which loads the
+    checkpoint's model, refuses a DiT of another objective; here the caller vouches for it.
     """
     if not isinstance(model, RemixDiT):
         raise TypeError(f"init_remix_from_dit needs a RemixDiT, got {type(model).__name__}")

@@ -437,7 +437,7 @@ def _expert_mlp_steps(strategy: str, mode: str, sh: dict, dtype) -> list[Step]:
 
 def _fused_expert_mlp_steps(mode: str, S: int, D: int, H: int, E: int, C: int, R: int, e: int) -> list[Step]:
     """The Triton kernels of ``switch_dit.kernels.expert_mlp`` as the training path runs them
-    (``switch_dit.ops.expert_mlp._FusedExpertMLP``): the grouped steps without their gather
+    (``switch_dit.ops.expert_mlp._fused_op`` and ``_fused_backward_op``): the grouped steps without their gather
     passes, bias and GELU in fc1's epilogue (which also keeps the pre-activation for the
     backward); fc2 keeps z unscaled for the gate-score gradient, and one elementwise pass scales
     it. Backward: one gather of dy, the da GEMM with the score and GELU' in its epilogue, two

@@ -195,15 +195,24 @@ def test_cuda_fused_matches_reference_in_bf16(kind, shape):
     def cuda(t, dtype=torch.bfloat16):
         return t.detach().to("cuda", dtype).requires_grad_()
 
-    def args(gating_dtype):
+    def args(gating_dtype, dtype=torch.bfloat16):
         v = None if valid is None else valid.cuda()
-        return cuda(x), index.cuda(), cuda(gating, gating_dtype), [cuda(w) for w in ws], v
+        return cuda(x, dtype), index.cuda(), cuda(gating, gating_dtype), [cuda(w, dtype) for w in ws], v
 
     base = _run("reference", *args(torch.float32))
     got = _run("fused", *args(torch.float32))
     for name, a, b, w in zip(["y", "x", "gating", "w1", "b1", "w2", "b2"], got, base, want):
         err, ref_err = _rel(a.cpu(), w), _rel(b.cpu(), w)
         assert err <= 2 * ref_err, (name, err, ref_err)
+    # As the trainer runs it: float32 parameters and input under bf16 autocast; the gradients
+    # reach them in float32.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        base = _run("reference", *args(torch.float32, torch.float32))
+        got = _run("fused", *args(torch.float32, torch.float32))
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
+    for name, a, b, w in zip(["y", "x", "gating", "w1", "b1", "w2", "b2"], got, base, want):
+        err, ref_err = _rel(a.cpu(), w), _rel(b.cpu(), w)
+        assert err <= 2 * ref_err, ("autocast", name, err, ref_err)
     if valid is None:  # training: no host sync in the fused forward and backward
         xs, idx, g, w, _ = args(torch.float32)
         expert_mlp(xs, idx, g, *w, backend="fused").float().sum().backward()  # warm-up: compiles
@@ -241,16 +250,19 @@ def test_fused_ops_pass_opcheck_and_compile():
         args = (dy, x.detach(), gating.detach(), ws[0].detach(), ws[2].detach(), *kept[1:])
         torch.library.opcheck(M._fused_backward_op, args)
 
-    torch._dynamo.reset()
-    x, index, gating, ws, valid = _inputs("fixed", dtype=torch.float32, seed=12)
+    for kind in ("fixed", "dynamic"):  # training (every pair valid) and evaluation (valid given)
+        torch._dynamo.reset()
+        x, index, gating, ws, valid = _inputs(kind, dtype=torch.float32, seed=12)
 
-    def step(x, gating, *ws):
-        return expert_mlp(x, index, gating, *ws, backend="fused")
+        def step(x, gating, *ws, index=index, valid=valid):
+            return expert_mlp(x, index, gating, *ws, valid, backend="fused")
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    want = _run("fused", x, index, gating, ws, None)
-    y = compiled(x, gating, *ws)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).float()
-    got = [y.detach(), *torch.autograd.grad((y * dy).sum(), [x, gating, *ws])]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        want = _run("fused", x, index, gating, ws, valid)
+        y = compiled(x, gating, *ws)
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).float()
+        got = [y.detach(), *torch.autograd.grad((y * dy).sum(), [x, gating, *ws])]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():  # the evaluation kernels (nothing kept, the score in fc2's epilogue)
+            torch.testing.assert_close(compiled(x, gating, *ws), want[0], rtol=1e-6, atol=1e-6)

@@ -294,6 +294,10 @@ def test_a_flow_model_is_not_exported_as_a_diffusion_model(tmp_path):
         with pytest.raises(ValueError, match="objective 'flow'.*diffusion-only"):
             interop.official_state_dict(create(name, objective="flow", **TINY_MODEL, **extra))
         interop.official_state_dict(create(name, **TINY_MODEL, **extra))  # diffusion: exported as before
+    moe = dict(TINY_MODEL, num_experts=4)
+    with pytest.raises(ValueError, match="objective 'diffusion'.*public DiffMoE code trains rectified flow"):
+        interop.official_state_dict(create("DiffMoE-S/4", objective="diffusion", **moe))
+    interop.official_state_dict(create("DiffMoE-S/4", **moe))  # flow, its default: exported
     dit = create("DiT-S/4", objective="flow", **TINY_MODEL)
     kwargs = dict(name="DiT-S/4", objective="flow", **TINY_MODEL)
     sd = dit.state_dict()

@@ -368,7 +368,7 @@ def expert_mlp(
     """
     check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
         # Like F.linear under autocast: x and the weights in the autocast dtype (the kernels and
         # grouped GEMMs need one dtype), gating as it is; the body then runs without autocast so
         # that every strategy sees, and differentiates, the same dtypes.
