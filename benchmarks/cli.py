@@ -282,9 +282,15 @@ def _collect(s, ctx, suites) -> list:
     ordered = quick + [c for c in all_cases if not c.quick]
     if s.mode == "gpu":
         # make gpu: within the quick cases and within the rest, the eager ones before the compiled
-        # ones (a whole-model compile costs a minute on a cold machine), so that a phase's budget
-        # leaves the fast path and the eager baselines measured first.
-        ordered.sort(key=lambda c: (not c.quick, c.compiled))  # stable: the plan's order within each group
+        # ones (a whole-model compile costs a minute on a cold machine), and the ops at the targets'
+        # width (XL) before the narrower ones, so that a phase's budget leaves the rows that decide
+        # the targets (routed linear, norm ops, DiffMoE's expert MLP) measured first.
+        xl = max((sh["D"] for sh in s.op_shapes), default=0)
+
+        def narrower(c) -> bool:
+            return c.suite == "ops" and c.shape.get("D", xl) < xl
+
+        ordered.sort(key=lambda c: (not c.quick, c.compiled, narrower(c)))  # stable: the plan's order within
     return ordered
 
 

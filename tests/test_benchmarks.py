@@ -617,3 +617,26 @@ def test_patched_variant_trains_through_the_reference_models_own_loss():
         adapter.prior_loss(t)
     with pytest.raises(Unavailable, match="Switch-DiT only"):
         build_model("DiT-S/2", tiny, "patched", torch.device("cpu"))
+
+
+def test_make_gpu_measures_the_target_rows_first():
+    """In make gpu's plan the eager cases come before the compiled ones, and among the ops the
+    targets' width (XL) before the narrower ones, so a phase cut by its budget keeps the rows that
+    decide the targets: the routed linear, the norm ops and DiffMoE's expert MLP at D = 1152."""
+    import torch
+
+    from benchmarks import cli as bench_cli
+    from benchmarks.runner import Context
+    from benchmarks.settings import settings_for
+
+    s = settings_for("gpu")
+    ctx = Context(device=torch.device("cpu"), timer=None, results=None, run_id=0, peaks={})
+    plan = [c for c in bench_cli._collect(s, ctx, ("ops",)) if c.quick]
+    eager = [c for c in plan if not c.compiled]
+    assert plan[: len(eager)] == eager  # every eager case before any compiled one
+    widths = [c.shape.get("D") for c in eager]
+    first_narrow = next(i for i, d in enumerate(widths) if d is not None and d < 1152)
+    assert all(d is None or d == 1152 for d in widths[:first_narrow])
+    assert all(d is not None and d < 1152 for d in widths[first_narrow:] if d is not None)
+    benches_at_xl = {c.bench for c in eager[:first_narrow]}
+    assert {"routed_linear", "mask_ln_modulate", "gated_residual_ln_modulate", "expert_mlp"} <= benches_at_xl
