@@ -177,16 +177,6 @@ def _backward(ctx, grad_y, grad_r):
 _forward_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    # Like F.linear under autocast; coef keeps its dtype. A no-op on inputs cast already.
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    return x, weight, bias
-
-
 def _plan_args(strategy: str, groups: Optional[ExpertGroups]) -> tuple:
     # Only "grouped" reads a grouping; the other strategies never see it.
     return tuple(groups) if strategy == "grouped" and groups is not None else (None, None, None)
@@ -212,7 +202,7 @@ def composed_mixed_linear(
     ``groups``: idx grouped by expert (the routing plan's, checked by the caller), read by "grouped".
     """
     _impl(strategy)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = dispatch.autocast_inputs(x, weight, bias)  # coef keeps its dtype
     return _forward_op(x, weight, bias, idx, coef, bool(add_one), False, strategy, *_plan_args(strategy, groups))[0]
 
 
@@ -228,7 +218,7 @@ def composed_expert_mask_and_apply(
 ) -> tuple[Tensor, Tensor]:
     """(m = 1 + mixed_linear(x, ...), r0 = x * m), both (B, L, D); arguments as composed_mixed_linear."""
     _impl(strategy)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = dispatch.autocast_inputs(x, weight, bias)  # coef keeps its dtype
     m, r0 = _forward_op(x, weight, bias, idx, coef, True, True, strategy, *_plan_args(strategy, groups))
     return m, r0
 

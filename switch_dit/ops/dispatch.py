@@ -72,6 +72,7 @@ __all__ = [
     "kernels",
     "on_device",
     "no_autocast",
+    "autocast_inputs",
     "REFERENCE",
     "FUSED",
     "AUTO",
@@ -255,6 +256,17 @@ def kernels_unavailable(name: str, dtypes: tuple, x: Tensor) -> Optional[str]:
 def on_device(t: Tensor):
     """Triton launches on the current CUDA device: make it t's (a no-op for CPU tensors)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def autocast_inputs(x: Tensor, *others: Optional[Tensor]) -> tuple:
+    """(x, *others) as F.linear takes them under autocast on x's device: in the autocast dtype
+    (None stays None; float64 stays, as autocast leaves it); unchanged when autocast is off.
+    The ops then run their strategies with autocast off on tensors of one dtype."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or x.dtype == torch.float64:
+        return (x, *others)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else t.to(dt) for t in (x, *others))
 
 
 def no_autocast(device_type: str):

@@ -367,13 +367,9 @@ def expert_mlp(
     Under autocast, x and the weights take the autocast dtype (as F.linear's do); y comes back in it.
     """
     check_expert_mlp_args(x, index, gating, valid, w1, b1, w2, b2)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
-        # Like F.linear under autocast: x and the weights in the autocast dtype (the kernels and
-        # grouped GEMMs need one dtype), gating as it is; the body then runs without autocast so
-        # that every strategy sees, and differentiates, the same dtypes.
-        dt = torch.get_autocast_dtype(dev)
-        x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-        with dispatch.no_autocast(dev):
-            return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)
-    return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)
+    # Like F.linear under autocast: x and the weights in the autocast dtype (the kernels and grouped
+    # GEMMs need one dtype), gating as it is; the strategies then run without autocast, so that each
+    # sees, and differentiates, the same dtypes.
+    x, w1, b1, w2, b2 = dispatch.autocast_inputs(x, w1, b1, w2, b2)
+    with dispatch.no_autocast(x.device.type):
+        return dispatch.call("expert_mlp", backend, x, index, gating, w1, b1, w2, b2, valid)

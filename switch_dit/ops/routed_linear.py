@@ -259,20 +259,10 @@ def _check_dtypes(x, weight, bias) -> None:
         raise ValueError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
 
 
-def _autocast(x, weight, bias):
-    # Like F.linear under autocast; coef keeps its dtype (the kernel mixes it in fp32).
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype.is_floating_point:
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    return x, weight, bias
-
-
 def _prepare(x, weight, bias, idx, coef, square, groups=None):
     _validate(x, weight, bias, idx, coef, square)
     _validate_groups(groups, idx, weight.shape[0])
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = dispatch.autocast_inputs(x, weight, bias)  # coef keeps its dtype (mixed in fp32)
     _check_dtypes(x, weight, bias)
     return x, weight, bias
 
